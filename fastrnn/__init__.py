@@ -1,0 +1,14 @@
+"""fastrnn: fused RNN, LSTM and GRU kernels (forward and BPTT) for NumPy pipelines.
+
+Layers follow ``torch.nn.RNN/LSTM/GRU`` (argument names, parameter names and
+shapes, gate order); kernels run on the ``numpy`` reference, ``numba`` (CPU)
+or ``cuda`` backends, which share one contract (:mod:`fastrnn.backends`).
+"""
+
+from . import backends
+from .gradcheck import GradcheckReport, gradcheck
+from .layers import GRU, LSTM, RNN
+
+__version__ = "0.1.0"
+
+__all__ = ["RNN", "LSTM", "GRU", "gradcheck", "GradcheckReport", "backends", "__version__"]

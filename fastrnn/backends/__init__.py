@@ -1,0 +1,158 @@
+"""Backends: one kernel contract, several implementations.
+
+Notation (fixed here, once, for every backend and every kernel)
+---------------------------------------------------------------
+``T`` time steps, ``B`` batch, ``I`` input features, ``H`` hidden features,
+``G`` gate rows: ``H`` (RNN), ``4H`` (LSTM, gates ``i, f, g, o``) or ``3H``
+(GRU, gates ``r, z, n``), in PyTorch's order. Arrays are C-ordered: the
+rightmost dimension changes the fastest.
+
+=========  ==============  ==================================================
+name       shape           meaning
+=========  ==============  ==================================================
+x          (T, B, I)       input sequence, time-major
+h0, c0     (B, H)          initial hidden (and LSTM cell) state
+w_ih       (G, I)          input-to-hidden weights (``weight_ih_l{k}``)
+w_hh       (G, H)          hidden-to-hidden weights (``weight_hh_l{k}``)
+b_ih, b_hh (G,) or None    biases; ``None`` when the layer has ``bias=False``
+lengths    (B,) or None    valid steps per sequence, ``0 <= lengths[b] <= T``
+out        (T, B, H)       hidden state after every step; 0 at padded steps
+h_n, c_n   (B, H)          state after each sequence's last valid step
+d_*        shape of *      gradient of the loss with respect to ``*``
+=========  ==============  ==================================================
+
+Every backend exposes, for each cell kind in :data:`CELLS`, one single-layer,
+single-direction pair of stateless functions::
+
+    {cell}_forward(x, h0[, c0], w_ih, w_hh, b_ih, b_hh, lengths=None,
+                   reverse=False, training=True[, reset_after=True])
+        -> out, h_n[, c_n], cache
+    {cell}_backward(d_out, d_h_n[, d_c_n], cache)
+        -> d_x, d_h0[, d_c0], d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+``c0``/``c_n``/``d_c_n``/``d_c0`` exist for the LSTM only, ``reset_after``
+for the GRU only. ``cache`` is ``None`` when ``training`` is false; it is
+opaque to callers and holds what backward needs (post-activation gates and
+states), so backward never recomputes a pre-activation. ``d_b_*`` are
+``None`` when the biases are. Gradients in ``d_out`` at padded steps are
+ignored.
+
+Masking (PyTorch's ``pack_padded_sequence(enforce_sorted=False)``): step
+``t`` of sequence ``b`` is *active* when ``t < lengths[b]``. An inactive
+step leaves the state unchanged and outputs 0. The forward direction visits
+``t = 0 .. T-1``, the reverse direction ``t = T-1 .. 0``; in both the rule
+is the same, so the reverse direction of each sequence starts at its own
+last valid step.
+
+State buffers of ``T + 1`` slots are stored in time order with an offset:
+with ``r = int(reverse)``, the state before step ``t`` is ``hs[t + r]`` and
+the state after it is ``hs[t + 1 - r]``; ``hs[r:T + r]`` are all the
+"previous" states in time order, one contiguous block.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+#: Cell kinds, their gate multiplier and the number of state arrays.
+CELLS = {
+    "rnn_tanh": (1, 1),
+    "rnn_relu": (1, 1),
+    "lstm": (4, 2),
+    "gru": (3, 1),
+}
+
+#: Backends, fastest first; ``auto`` picks the first CPU backend available.
+_MODULES = {
+    "numba": "fastrnn.backends.numba_cpu",
+    "numpy": "fastrnn.backends.reference",
+    "cuda": "fastrnn.backends.cuda",
+}
+_AUTO_ORDER = ("numba", "numpy")
+
+
+def gate_count(cell: str) -> int:
+    """Number of gate blocks of ``cell``: G = gate_count(cell) * H."""
+    return CELLS[cell][0]
+
+
+def state_count(cell: str) -> int:
+    """Number of state arrays of ``cell`` (2 for the LSTM's h and c)."""
+    return CELLS[cell][1]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A loaded backend: its name, array module and kernels."""
+
+    name: str
+    module: ModuleType
+
+    @property
+    def xp(self):
+        """The array module of this backend (numpy or cupy)."""
+        return self.module.xp
+
+    def kernels(self, cell: str):
+        """Return ``(forward, backward)`` for ``cell``."""
+        return (getattr(self.module, f"{cell}_forward"),
+                getattr(self.module, f"{cell}_backward"))
+
+
+_loaded: dict[str, Backend] = {}
+_why_absent: dict[str, str] = {}
+
+
+def _load(name: str) -> Backend | None:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _why_absent:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+        reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+    except ImportError as exc:
+        reason = f"import failed: {exc}"
+    if reason:
+        _why_absent[name] = reason
+        return None
+    _loaded[name] = Backend(name, module)
+    return _loaded[name]
+
+
+def available() -> list[str]:
+    """Names of the backends that can run here."""
+    return [name for name in _MODULES if _load(name) is not None]
+
+
+def why_absent() -> dict[str, str]:
+    """For every backend that cannot run here, the reason."""
+    available()
+    return dict(_why_absent)
+
+
+def auto_name() -> str:
+    """The backend ``backend='auto'`` resolves to: the fastest CPU backend."""
+    for name in _AUTO_ORDER:
+        if _load(name) is not None:
+            return name
+    raise RuntimeError("no CPU backend available")  # numpy is always importable
+
+
+def get(name: str) -> Backend:
+    """Return the backend ``name`` (``'auto'``, ``'numpy'``, ``'numba'``, ``'cuda'``).
+
+    Raises ValueError for an unknown name and RuntimeError, with the reason,
+    for a known backend that cannot run here. Never falls back to another.
+    """
+    if not isinstance(name, str) or (name != "auto" and name not in _MODULES):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _MODULES))}; "
+                         f"got {name!r}")
+    if name == "auto":
+        name = auto_name()
+    backend = _load(name)
+    if backend is None:
+        raise RuntimeError(f"backend {name!r} is not available: {_why_absent[name]}")
+    return backend

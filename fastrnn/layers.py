@@ -1,0 +1,461 @@
+"""Multi-layer, bidirectional RNN, LSTM and GRU layers with PyTorch's conventions.
+
+The layers know nothing of any backend's internals: they validate input,
+walk layers and directions, and call the backend's single-layer kernels
+(:mod:`fastrnn.backends`).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import backends
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_dtype(dtype) -> np.dtype:
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class _Pending:
+    """What a train-mode forward leaves for backward."""
+
+    __slots__ = ("caches", "shape_out", "batched", "T", "B")
+
+    def __init__(self, caches, shape_out, batched, T, B):
+        self.caches, self.shape_out, self.batched, self.T, self.B = caches, shape_out, batched, T, B
+
+
+class _RNNBase:
+    """Shared machinery of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
+
+    def __init__(self, cell, input_size, hidden_size, num_layers=1, *, bias=True,
+                 batch_first=False, bidirectional=False, backend="auto", dtype=np.float32,
+                 seed=None):
+        self.input_size = _check_positive_int("input_size", input_size)
+        self.hidden_size = _check_positive_int("hidden_size", hidden_size)
+        self.num_layers = _check_positive_int("num_layers", num_layers)
+        for name, value in (("bias", bias), ("batch_first", batch_first),
+                            ("bidirectional", bidirectional)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), \
+            bool(bidirectional)
+        self._cell = cell
+        self.dtype = _check_dtype(dtype)
+        self._backend = backends.get(backend)
+        self.training = True
+        self._pending = None
+        self.params = self._init_params(seed)
+        self.grads = {k: self._xp.zeros_like(v) for k, v in self.params.items()}
+
+    # ------------------------------------------------------------ structure
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend that runs this layer (``'auto'`` resolved)."""
+        return self._backend.name
+
+    @property
+    def _xp(self):
+        return self._backend.xp
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _num_states(self) -> int:
+        return backends.state_count(self._cell)
+
+    def _kernel_options(self) -> dict:
+        return {}
+
+    def _param_shapes(self) -> dict:
+        """Torch's parameter names and shapes, in torch's order."""
+        G = backends.gate_count(self._cell) * self.hidden_size
+        H, D = self.hidden_size, self.num_directions
+        shapes = {}
+        for layer in range(self.num_layers):
+            layer_in = self.input_size if layer == 0 else D * H
+            for suffix in ("", "_reverse")[:D]:
+                shapes[f"weight_ih_l{layer}{suffix}"] = (G, layer_in)
+                shapes[f"weight_hh_l{layer}{suffix}"] = (G, H)
+                if self.bias:
+                    shapes[f"bias_ih_l{layer}{suffix}"] = (G,)
+                    shapes[f"bias_hh_l{layer}{suffix}"] = (G,)
+        return shapes
+
+    def _init_params(self, seed) -> dict:
+        # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
+        rng = np.random.default_rng(seed)
+        k = 1.0 / np.sqrt(self.hidden_size)
+        return {name: self._xp.asarray(rng.uniform(-k, k, shape).astype(self.dtype))
+                for name, shape in self._param_shapes().items()}
+
+    def _weights(self, layer, direction):
+        suffix = f"l{layer}{'_reverse' if direction else ''}"
+        p = self.params
+        if self.bias:
+            return (p[f"weight_ih_{suffix}"], p[f"weight_hh_{suffix}"],
+                    p[f"bias_ih_{suffix}"], p[f"bias_hh_{suffix}"])
+        return p[f"weight_ih_{suffix}"], p[f"weight_hh_{suffix}"], None, None
+
+    def __repr__(self):
+        extra = f", num_layers={self.num_layers}" if self.num_layers != 1 else ""
+        for flag in ("batch_first", "bidirectional"):
+            if getattr(self, flag):
+                extra += f", {flag}=True"
+        if not self.bias:
+            extra += ", bias=False"
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}"
+                f"{self._repr_extra()}, backend={self.backend!r}, dtype={self.dtype.name})")
+
+    def _repr_extra(self):
+        return ""
+
+    # --------------------------------------------------------------- modes
+
+    def train(self, mode: bool = True):
+        """Train mode: a forward call records what backward needs."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Eval mode: forward stores nothing; backward is not possible."""
+        return self.train(False)
+
+    def zero_grad(self):
+        """Set every accumulated parameter gradient to zero."""
+        for g in self.grads.values():
+            g[...] = 0
+
+    # ---------------------------------------------------------- state dict
+
+    def state_dict(self) -> dict:
+        """Copies of the parameters under torch's names, in torch's order."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load parameters with torch's names and shapes (torch tensors work too).
+
+        All or nothing: a missing, extra or misshapen key raises (KeyError or
+        ValueError naming it) and leaves the layer unchanged.
+        """
+        shapes = self._param_shapes()
+        missing = [k for k in shapes if k not in state_dict]
+        extra = [k for k in state_dict if k not in shapes]
+        if missing or extra:
+            raise KeyError(f"state_dict does not match {type(self).__name__}: "
+                           f"missing keys {missing}, unexpected keys {extra}")
+        new = {}
+        for name, shape in shapes.items():
+            value = state_dict[name]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            value = self._xp.asarray(value)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
+                                 f"expected {shape}")
+            if value.dtype.kind != "f":
+                raise TypeError(f"state_dict[{name!r}] has dtype {value.dtype}, expected a "
+                                f"floating dtype")
+            new[name] = value.astype(self.dtype, copy=True)
+        self.params = new
+        self._pending = None
+
+    def to(self, backend=None, dtype=None):
+        """Move the layer to another backend and/or dtype, in place; returns self.
+
+        Parameters and gradients are converted; a pending backward is dropped.
+        """
+        new_backend = self._backend if backend is None else backends.get(backend)
+        new_dtype = self.dtype if dtype is None else _check_dtype(dtype)
+
+        def move(a):
+            host = a.get() if hasattr(a, "get") else a   # cupy -> numpy
+            return new_backend.xp.asarray(np.asarray(host).astype(new_dtype))
+
+        params = {k: move(v) for k, v in self.params.items()}
+        grads = {k: move(v) for k, v in self.grads.items()}
+        self._backend, self.dtype, self.params, self.grads = new_backend, new_dtype, params, grads
+        self._pending = None
+        return self
+
+    def copy(self, backend=None, dtype=None):
+        """A new layer with the same configuration and parameters."""
+        import copy as _copy
+        clone = _copy.copy(self)
+        clone.params = {k: v.copy() for k, v in self.params.items()}
+        clone.grads = {k: v.copy() for k, v in self.grads.items()}
+        clone._pending = None
+        return clone.to(backend=backend, dtype=dtype)
+
+    # ---------------------------------------------------------- validation
+
+    def _check_array(self, name, a):
+        xp = self._xp
+        if not isinstance(a, xp.ndarray):
+            raise TypeError(f"{name} must be a {xp.__name__}.ndarray for backend "
+                            f"{self.backend!r}, got {type(a).__name__}")
+        if a.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {a.dtype} but the model's dtype is "
+                            f"{self.dtype}; convert one of them explicitly")
+        return a
+
+    def _check_input(self, x):
+        x = self._check_array("x", x)
+        if x.ndim not in (2, 3):
+            raise ValueError(f"x must have 3 dimensions ({'B, T' if self.batch_first else 'T, B'}"
+                             f", input_size) or 2 (T, input_size) for unbatched input; "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"x has {x.shape[-1]} features in its last dimension, expected "
+                             f"input_size={self.input_size}")
+        batched = x.ndim == 3
+        if not batched:
+            x = x[:, None, :]
+        elif self.batch_first:
+            x = x.transpose(1, 0, 2)
+        if x.shape[0] == 0:
+            raise ValueError("x must have at least one time step")
+        return self._xp.ascontiguousarray(x), batched
+
+    def _check_lengths(self, lengths, T, B, batched):
+        if lengths is None:
+            return None
+        if not batched:
+            raise ValueError("lengths is only accepted with batched (3-D) input")
+        host = lengths.get() if hasattr(lengths, "get") else np.asarray(lengths)
+        if host.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be an integer array, got dtype {host.dtype}")
+        if host.shape != (B,):
+            raise ValueError(f"lengths must have shape (B,) = ({B},), got {host.shape}")
+        if B and (host.min() < 0 or host.max() > T):
+            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values from "
+                             f"{host.min()} to {host.max()}")
+        if (host == T).all():
+            return None  # every sequence is full: no masking needed
+        return self._xp.asarray(host.astype(np.int64))
+
+    def _state_shape(self, B, batched):
+        LD = self.num_layers * self.num_directions
+        return (LD, B, self.hidden_size) if batched else (LD, self.hidden_size)
+
+    def _check_states(self, name, states, B, batched):
+        """Return a tuple of (L*D, B, H) arrays from hx / d_h_n (None gives zeros)."""
+        S = self._num_states
+        shape = self._state_shape(B, batched)
+        if states is None:
+            return tuple(self._xp.zeros((shape[0], B, self.hidden_size), dtype=self.dtype)
+                         for _ in range(S))
+        if S == 2:
+            if not isinstance(states, (tuple, list)) or len(states) != 2:
+                raise ValueError(f"{name} must be a pair (h, c) for an LSTM, got "
+                                 f"{type(states).__name__}")
+            names = (f"{name}[0]", f"{name}[1]")
+        else:
+            states, names = (states,), (name,)
+        out = []
+        for n, s in zip(names, states):
+            s = self._check_array(n, s)
+            if tuple(s.shape) != shape:
+                raise ValueError(f"{n} must have shape {shape} (num_layers * num_directions, "
+                                 f"{'B, ' if batched else ''}hidden_size), got {tuple(s.shape)}")
+            out.append(self._xp.ascontiguousarray(s if batched else s[:, None, :]))
+        return tuple(out)
+
+    # ---------------------------------------------------------- computing
+
+    def __call__(self, x, hx=None, lengths=None):
+        return self.forward(x, hx, lengths)
+
+    def forward(self, x, hx=None, lengths=None):
+        """Run the layer over a sequence.
+
+        Parameters
+        ----------
+        x : array (T, B, input_size), (B, T, input_size) if ``batch_first``, or
+            (T, input_size) unbatched; the model's dtype.
+        hx : initial state (num_layers * D, B, H), or unbatched (num_layers * D, H);
+            a pair ``(h0, c0)`` for the LSTM; None means zeros.
+        lengths : integer array (B,), values in [0, T]; None means all T.
+
+        Returns
+        -------
+        out : (T, B, D * H) (batch_first: (B, T, D * H); unbatched: (T, D * H)),
+            0 at padded steps.
+        h_n : (num_layers * D, B, H); for the LSTM a pair ``(h_n, c_n)``.
+        """
+        xp = self._xp
+        x, batched = self._check_input(x)
+        T, B = x.shape[:2]
+        lengths = self._check_lengths(lengths, T, B, batched)
+        h0s = self._check_states("hx", hx, B, batched)
+        fwd, _ = self._backend.kernels(self._cell)
+        options = self._kernel_options()
+        S, D, H = self._num_states, self.num_directions, self.hidden_size
+        states_n = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
+                         for _ in range(S))
+        caches = []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(D):
+                k = layer * D + direction
+                result = fwd(layer_input, *(s[k] for s in h0s), *self._weights(layer, direction),
+                             lengths=lengths, reverse=bool(direction), training=self.training,
+                             **options)
+                outs.append(result[0])
+                for s_n, s in zip(states_n, result[1:1 + S]):
+                    s_n[k] = s
+                caches.append(result[-1])
+            layer_input = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
+        out = layer_input
+        if not batched:
+            out, states_n = out[:, 0], tuple(s[:, 0] for s in states_n)
+        elif self.batch_first:
+            out = xp.ascontiguousarray(out.transpose(1, 0, 2))
+        self._pending = (_Pending(caches, tuple(out.shape), batched, T, B)
+                         if self.training else None)
+        return out, (states_n if S == 2 else states_n[0])
+
+    def backward(self, d_out, d_h_n=None):
+        """Backpropagate through the last train-mode forward call.
+
+        Parameters
+        ----------
+        d_out : gradient of the loss with respect to ``out``, same shape;
+            values at padded steps are ignored.
+        d_h_n : gradient with respect to ``h_n`` (LSTM: a pair for
+            ``(h_n, c_n)``); None means zeros.
+
+        Returns
+        -------
+        d_x : gradient with respect to ``x``, shape of ``x``.
+        d_hx : gradient with respect to the initial state, shape of ``hx``
+            (LSTM: a pair ``(d_h0, d_c0)``).
+
+        Parameter gradients are added to :attr:`grads`. The pending forward
+        is consumed: a second backward needs a new forward call.
+        """
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("backward needs a pending train-mode forward call: call the "
+                               "model in train mode first (each backward consumes one)")
+        xp = self._xp
+        d_out = self._check_array("d_out", d_out)
+        if tuple(d_out.shape) != pending.shape_out:
+            raise ValueError(f"d_out must have the shape of out, {pending.shape_out}, "
+                             f"got {tuple(d_out.shape)}")
+        T, B, batched = pending.T, pending.B, pending.batched
+        if not batched:
+            d_out = d_out[:, None, :]
+        elif self.batch_first:
+            d_out = d_out.transpose(1, 0, 2)
+        d_states = self._check_states("d_h_n", d_h_n, B, batched)
+        _, bwd = self._backend.kernels(self._cell)
+        S, D, H = self._num_states, self.num_directions, self.hidden_size
+        d_states0 = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
+                          for _ in range(S))
+        new_grads = {}
+        d_layer = d_out
+        for layer in reversed(range(self.num_layers)):
+            d_input = None
+            for direction in range(D):
+                k = layer * D + direction
+                d_out_dir = xp.ascontiguousarray(d_layer[:, :, direction * H:(direction + 1) * H])
+                result = bwd(d_out_dir, *(s[k] for s in d_states), pending.caches[k])
+                d_input = result[0] if d_input is None else d_input + result[0]
+                for s0, s in zip(d_states0, result[1:1 + S]):
+                    s0[k] = s
+                suffix = f"l{layer}{'_reverse' if direction else ''}"
+                names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[:4 if self.bias else 2]
+                for name, g in zip(names, result[1 + S:]):
+                    new_grads[f"{name}_{suffix}"] = g
+            d_layer = d_input
+        # Everything succeeded: now, and only now, change the layer's state.
+        for name, g in new_grads.items():
+            self.grads[name] += g
+        self._pending = None
+        d_x = d_layer
+        if not batched:
+            d_x, d_states0 = d_x[:, 0], tuple(s[:, 0] for s in d_states0)
+        elif self.batch_first:
+            d_x = xp.ascontiguousarray(d_x.transpose(1, 0, 2))
+        return d_x, (d_states0 if S == 2 else d_states0[0])
+
+
+class RNN(_RNNBase):
+    """Elman RNN with tanh or ReLU: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
+
+    Parameters as ``torch.nn.RNN``; plus ``backend`` ('auto', 'numpy',
+    'numba', 'cuda'), ``dtype`` (float32 or float64) and ``seed``.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", *,
+                 bias=True, batch_first=False, bidirectional=False, backend="auto",
+                 dtype=np.float32, seed=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias=bias,
+                         batch_first=batch_first, bidirectional=bidirectional, backend=backend,
+                         dtype=dtype, seed=seed)
+
+    def _repr_extra(self):
+        return ", nonlinearity='relu'" if self.nonlinearity == "relu" else ""
+
+
+class LSTM(_RNNBase):
+    """LSTM with PyTorch's gate order (i, f, g, o); ``hx`` and ``h_n`` are pairs (h, c).
+
+    Parameters as ``torch.nn.LSTM`` (no ``proj_size``); plus ``backend``,
+    ``dtype`` and ``seed``.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, backend="auto", dtype=np.float32, seed=None):
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias=bias,
+                         batch_first=batch_first, bidirectional=bidirectional, backend=backend,
+                         dtype=dtype, seed=seed)
+
+
+class GRU(_RNNBase):
+    """GRU with PyTorch's gate order (r, z, n).
+
+    ``reset_after=True`` (default) is PyTorch's and cuDNN's form,
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); ``reset_after=False`` is
+    Cho et al.'s, n = tanh(W_in x + b_in + W_hn (r * h) + b_hn).
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, backend="auto", dtype=np.float32, seed=None,
+                 reset_after=True):
+        if not isinstance(reset_after, (bool, np.bool_)):
+            raise TypeError(f"reset_after must be a bool, got {reset_after!r}")
+        self.reset_after = bool(reset_after)
+        super().__init__("gru", input_size, hidden_size, num_layers, bias=bias,
+                         batch_first=batch_first, bidirectional=bidirectional, backend=backend,
+                         dtype=dtype, seed=seed)
+
+    def _kernel_options(self):
+        return {"reset_after": self.reset_after}
+
+    def _repr_extra(self):
+        return "" if self.reset_after else ", reset_after=False"
