@@ -8,7 +8,10 @@ or ``cuda`` backends, which share one contract (:mod:`fastrnn.backends`).
 from . import backends
 from .gradcheck import GradcheckReport, gradcheck
 from .layers import GRU, LSTM, RNN
+from . import attention
+from .cells import GRUCell, LSTMCell, RNNCell
 
 __version__ = "0.1.0"
 
 __all__ = ["RNN", "LSTM", "GRU", "gradcheck", "GradcheckReport", "backends", "__version__"]
+__all__ += ["RNNCell", "LSTMCell", "GRUCell", "attention"]
