@@ -1,0 +1,68 @@
+"""Gradient clipping, in place, with ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` semantics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _grad_arrays(models_or_grad_dicts):
+    """Every gradient array of a model, a grad dict, or a list of either."""
+    items = models_or_grad_dicts
+    if hasattr(items, "grads") or isinstance(items, dict):
+        items = [items]
+    arrays = []
+    for i, item in enumerate(items):
+        grads = item.grads if hasattr(item, "grads") else item
+        if not isinstance(grads, dict):
+            raise TypeError(f"models_or_grad_dicts[{i}] must be a model with a 'grads' dict or "
+                            f"a dict of gradient arrays, got {type(item).__name__}")
+        arrays.extend(grads.values())
+    return arrays
+
+
+def clip_grad_norm_(models_or_grad_dicts, max_norm, norm_type=2.0, error_if_nonfinite=False):
+    """Scale all gradients together, in place, so that their joint norm is at most ``max_norm``.
+
+    Parameters
+    ----------
+    models_or_grad_dicts : a model (anything with a ``grads`` dict), a dict of
+        gradient arrays, or a list of either.
+    max_norm : the largest joint norm allowed.
+    norm_type : p of the p-norm; ``inf`` for the largest absolute value.
+    error_if_nonfinite : raise RuntimeError when the norm is nan or inf.
+
+    Returns
+    -------
+    total_norm : float, the joint norm *before* clipping.
+
+    Equations
+    ---------
+    total = (sum over arrays of ||g||_p ** p) ** (1/p);
+    every g is multiplied by min(1, max_norm / (total + 1e-6)), as in torch.
+    """
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    arrays = _grad_arrays(models_or_grad_dicts)
+    if not arrays:
+        return 0.0
+    if norm_type == math.inf:
+        total = max(float(np.abs(g).max()) if g.size else 0.0 for g in arrays)
+    else:
+        total = sum(float((np.abs(g.astype(np.float64)) ** norm_type).sum())
+                    for g in arrays) ** (1.0 / norm_type)
+    if error_if_nonfinite and not math.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total}; "
+                           f"pass error_if_nonfinite=False to clip anyway")
+    coef = max_norm / (total + 1e-6)
+    if not coef >= 1.0:   # true for nan too: as torch, a nan norm propagates into the grads
+        for g in arrays:
+            g *= g.dtype.type(coef)
+    return total
+
+
+def clip_grad_value_(models_or_grad_dicts, clip_value):
+    """Clamp every gradient, in place, to [-clip_value, clip_value], as torch."""
+    clip_value = float(clip_value)
+    for g in _grad_arrays(models_or_grad_dicts):
+        np.clip(g, -clip_value, clip_value, out=g)   # a ufunc: cupy arrays dispatch to cupy
