@@ -1,0 +1,541 @@
+"""The Numba CPU backend: fused forward and BPTT kernels.
+
+Same contract as :mod:`fastrnn.backends` (notation ``T, B, I, H, G``, the
+masking rule, the ``T + 1`` state buffers). Per layer and direction:
+
+* forward: one GEMM for the input projection of every step (biases folded
+  in), then one compiled time loop: per step the recurrent GEMM (BLAS through
+  ``np.dot``) and one fused pointwise pass that applies the gates, updates
+  the state, masks by ``lengths`` and writes the cache. Nothing allocates
+  inside the loop.
+* backward: one compiled time loop (per step a fused pointwise pass and the
+  recurrent GEMM), then whole-sequence GEMMs for ``d_x``, ``d_w_ih`` and
+  ``d_w_hh``.
+
+float32 activations use the vectorizable approximations of
+:mod:`._numba_math` (error below 8 ulp); float64 uses libm.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # reported by unavailable_reason()
+    numba = None
+
+xp = np
+
+
+def unavailable_reason():
+    if numba is None:
+        return "numba is not installed (pip install numba scipy)"
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot needs it)
+    except ImportError:
+        return "scipy is not installed: numba's np.dot needs scipy.linalg.cython_blas"
+    return None
+
+
+if numba is not None:
+    from ._numba_math import FASTMATH, sigmoid, tanh
+
+    _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
+                             error_model="numpy")
+else:  # pragma: no cover - the registry never loads this module's kernels then
+    def _jit(f):
+        return f
+
+
+# ----------------------------------------------------------------- helpers
+
+def _full_lengths(lengths, T, B):
+    return np.full(B, T, dtype=np.int64) if lengths is None else lengths.astype(np.int64,
+                                                                                copy=False)
+
+
+def _project(x, w_ih, bias):
+    """x W_ih^T (+ bias) for every step: one GEMM, (T, B, G)."""
+    T, B, I = x.shape
+    xw = np.empty((T, B, w_ih.shape[0]), dtype=x.dtype)
+    np.matmul(x.reshape(T * B, I), w_ih.T, out=xw.reshape(T * B, -1))
+    if bias is not None:
+        xw += bias
+    return xw
+
+
+def _state_buffers(T, B, H, dtype, training, reverse, *inits):
+    """(T+1, B, H) buffers in training (time order, offset r), (2, B, H) ping-pong else."""
+    bufs = []
+    for init in inits:
+        buf = np.empty((T + 1 if training else 2, B, H), dtype=dtype)
+        buf[int(reverse) * T if training else 0] = init
+        bufs.append(buf)
+    return bufs
+
+
+def _final(buf, T, training, reverse):
+    return buf[(1 - int(reverse)) * T if training else T % 2].copy()
+
+
+def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias):
+    """Whole-sequence GEMMs: d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh (see reference)."""
+    T, B, I = x.shape
+    G = d_a_x.shape[2]
+    d_a_x2 = d_a_x.reshape(T * B, G)
+    d_a_h2 = d_a_h.reshape(T * B, G)
+    d_x = (d_a_x2 @ w_ih).reshape(T, B, I)
+    d_w_ih = d_a_x2.T @ x.reshape(T * B, I)
+    d_w_hh = d_a_h2.T @ h_prev.reshape(T * B, -1)
+    if not has_bias:
+        return d_x, d_w_ih, d_w_hh, None, None
+    d_b_ih = d_a_x2.sum(axis=0)
+    d_b_hh = d_b_ih.copy() if d_a_h is d_a_x else d_a_h2.sum(axis=0)
+    return d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+
+# Index of the state before / after step t (k-th step processed): time order with
+# offset r in training, ping-pong in inference.
+@_jit
+def _slots(t, k, r, training):
+    if training:
+        return t + r, t + 1 - r
+    return k & 1, (k + 1) & 1
+
+
+# ------------------------------------------------------------- vanilla RNN
+
+@_jit
+def _rnn_forward_loop(xw, w_hh_T, lengths, reverse, training, relu, hs, out):
+    T, B, H = xw.shape
+    r = 1 if reverse else 0
+    a = np.empty((B, H), dtype=xw.dtype)
+    for k in range(T):
+        t = T - 1 - k if reverse else k
+        prev, new = _slots(t, k, r, training)
+        h_prev, h_new = hs[prev], hs[new]
+        np.dot(h_prev, w_hh_T, a)
+        for b in range(B):
+            if t < lengths[b]:
+                for j in range(H):
+                    v = a[b, j] + xw[t, b, j]
+                    hv = (v if v > 0 else v * 0) if relu else tanh(v)
+                    h_new[b, j] = hv
+                    out[t, b, j] = hv
+            else:
+                for j in range(H):
+                    h_new[b, j] = h_prev[b, j]
+                    out[t, b, j] = 0
+
+
+@_jit
+def _rnn_backward_loop(d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
+    T, B, H = d_out.shape
+    r = 1 if reverse else 0
+    tmp = np.empty((B, H), dtype=d_out.dtype)
+    for k in range(T):
+        t = k if reverse else T - 1 - k
+        h_new = hs[t + 1 - r]
+        for b in range(B):
+            if t < lengths[b]:
+                for j in range(H):
+                    dh = d_out[t, b, j] + d_h[b, j]
+                    hv = h_new[b, j]
+                    if relu:
+                        d_a[t, b, j] = dh if hv > 0 else dh * 0
+                    else:
+                        d_a[t, b, j] = dh * (1 - hv * hv)
+            else:
+                for j in range(H):
+                    d_a[t, b, j] = 0
+        np.dot(d_a[t], w_hh, tmp)
+        for b in range(B):
+            if t < lengths[b]:
+                for j in range(H):
+                    d_h[b, j] = tmp[b, j]
+
+
+def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu):
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    xw = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)
+    (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
+    out = np.empty((T, B, H), dtype=x.dtype)
+    full = _full_lengths(lengths, T, B)
+    _rnn_forward_loop(xw, w_hh.T, full, reverse, training, relu, hs, out)
+    cache = None
+    if training:
+        cache = (x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu)
+    return out, _final(hs, T, training, reverse), cache
+
+
+def _rnn_backward(d_out, d_h_n, cache):
+    x, hs, w_ih, w_hh, has_bias, full, reverse, relu = cache
+    T, B, _ = x.shape
+    r = int(reverse)
+    d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
+    d_h = d_h_n.astype(x.dtype, copy=True)
+    _rnn_backward_loop(np.ascontiguousarray(d_out), d_h, w_hh, full, reverse, relu, hs, d_a)
+    grads = _param_grads(d_a, d_a, x, hs[r:T + r], w_ih, has_bias)
+    return (grads[0], d_h) + grads[1:]
+
+
+def rnn_tanh_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+    """Elman RNN, tanh: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+    return _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, False)
+
+
+def rnn_relu_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+    """Elman RNN, ReLU: h_t = max(0, W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+    return _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, True)
+
+
+rnn_tanh_backward = rnn_relu_backward = _rnn_backward
+
+
+# -------------------------------------------------------------------- LSTM
+
+@_jit
+def _lstm_forward_loop(xw, w_hh_T, lengths, reverse, training, hs, cs, out, gates, tanh_cs):
+    T, B, G = xw.shape
+    H = G // 4
+    r = 1 if reverse else 0
+    a = np.empty((B, G), dtype=xw.dtype)
+    for k in range(T):
+        t = T - 1 - k if reverse else k
+        prev, new = _slots(t, k, r, training)
+        h_prev, c_prev, h_new, c_new = hs[prev], cs[prev], hs[new], cs[new]
+        np.dot(h_prev, w_hh_T, a)
+        for b in range(B):
+            if t < lengths[b]:
+                a_b, x_b = a[b], xw[t, b]
+                for j in range(H):
+                    i = sigmoid(a_b[j] + x_b[j])
+                    f = sigmoid(a_b[H + j] + x_b[H + j])
+                    g = tanh(a_b[2 * H + j] + x_b[2 * H + j])
+                    o = sigmoid(a_b[3 * H + j] + x_b[3 * H + j])
+                    c = f * c_prev[b, j] + i * g
+                    tc = tanh(c)
+                    h = o * tc
+                    c_new[b, j] = c
+                    h_new[b, j] = h
+                    out[t, b, j] = h
+                    if training:
+                        gates[t, b, j] = i
+                        gates[t, b, H + j] = f
+                        gates[t, b, 2 * H + j] = g
+                        gates[t, b, 3 * H + j] = o
+                        tanh_cs[t, b, j] = tc
+            else:
+                for j in range(H):
+                    h_new[b, j] = h_prev[b, j]
+                    c_new[b, j] = c_prev[b, j]
+                    out[t, b, j] = 0
+
+
+@_jit
+def _lstm_backward_loop(d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, tanh_cs, d_a):
+    T, B, H = d_out.shape
+    r = 1 if reverse else 0
+    tmp = np.empty((B, H), dtype=d_out.dtype)
+    for k in range(T):
+        t = k if reverse else T - 1 - k
+        c_prev = cs[t + r]
+        for b in range(B):
+            g_b, d_b = gates[t, b], d_a[t, b]
+            if t < lengths[b]:
+                for j in range(H):
+                    i, f, g, o = g_b[j], g_b[H + j], g_b[2 * H + j], g_b[3 * H + j]
+                    tc = tanh_cs[t, b, j]
+                    dh = d_out[t, b, j] + d_h[b, j]
+                    dc = d_c[b, j] + dh * o * (1 - tc * tc)
+                    d_b[j] = dc * g * i * (1 - i)
+                    d_b[H + j] = dc * c_prev[b, j] * f * (1 - f)
+                    d_b[2 * H + j] = dc * i * (1 - g * g)
+                    d_b[3 * H + j] = dh * tc * o * (1 - o)
+                    d_c[b, j] = dc * f
+            else:
+                for j in range(4 * H):
+                    d_b[j] = 0
+        np.dot(d_a[t], w_hh, tmp)
+        for b in range(B):
+            if t < lengths[b]:
+                for j in range(H):
+                    d_h[b, j] = tmp[b, j]
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+    """LSTM (gates i, f, g, o): see :func:`fastrnn.backends.reference.lstm_forward`."""
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    xw = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)
+    hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
+    out = np.empty((T, B, H), dtype=x.dtype)
+    shape = (T, B, H) if training else (0, 0, 0)
+    gates = np.empty((shape[0], B if training else 0, 4 * H if training else 0), dtype=x.dtype)
+    tanh_cs = np.empty(shape, dtype=x.dtype)
+    full = _full_lengths(lengths, T, B)
+    _lstm_forward_loop(xw, w_hh.T, full, reverse, training, hs, cs, out, gates, tanh_cs)
+    cache = None
+    if training:
+        cache = (x, hs, cs, gates, tanh_cs, w_ih, w_hh, b_ih is not None, full, reverse)
+    return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
+
+
+def lstm_backward(d_out, d_h_n, d_c_n, cache):
+    """Backward of :func:`lstm_forward`."""
+    x, hs, cs, gates, tanh_cs, w_ih, w_hh, has_bias, full, reverse = cache
+    T, B, _ = x.shape
+    r = int(reverse)
+    d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
+    d_h = d_h_n.astype(x.dtype, copy=True)
+    d_c = d_c_n.astype(x.dtype, copy=True)
+    _lstm_backward_loop(np.ascontiguousarray(d_out), d_h, d_c, w_hh, full, reverse, cs, gates,
+                        tanh_cs, d_a)
+    grads = _param_grads(d_a, d_a, x, hs[r:T + r], w_ih, has_bias)
+    return (grads[0], d_h, d_c) + grads[1:]
+
+
+# --------------------------------------------------------------------- GRU
+
+@_jit
+def _gru_forward_loop(xw, w_hh_T, b_hn, lengths, reverse, training, hs, out, gates, hns):
+    """reset_after=True: per step one GEMM h W_hh^T, then the gates."""
+    T, B, G = xw.shape
+    H = G // 3
+    r_ = 1 if reverse else 0
+    a = np.empty((B, G), dtype=xw.dtype)
+    for k in range(T):
+        t = T - 1 - k if reverse else k
+        prev, new = _slots(t, k, r_, training)
+        h_prev, h_new = hs[prev], hs[new]
+        np.dot(h_prev, w_hh_T, a)
+        for b in range(B):
+            if t < lengths[b]:
+                a_b, x_b = a[b], xw[t, b]
+                for j in range(H):
+                    r = sigmoid(a_b[j] + x_b[j])
+                    z = sigmoid(a_b[H + j] + x_b[H + j])
+                    hn = a_b[2 * H + j] + b_hn[j]
+                    n = tanh(x_b[2 * H + j] + r * hn)
+                    h = (1 - z) * n + z * h_prev[b, j]
+                    h_new[b, j] = h
+                    out[t, b, j] = h
+                    if training:
+                        gates[t, b, j] = r
+                        gates[t, b, H + j] = z
+                        gates[t, b, 2 * H + j] = n
+                        hns[t, b, j] = hn
+            else:
+                for j in range(H):
+                    h_new[b, j] = h_prev[b, j]
+                    out[t, b, j] = 0
+
+
+@_jit
+def _gru_forward_loop_reset_before(xw, w_hrz_T, w_hn_T, lengths, reverse, training, hs, out,
+                                   gates):
+    """reset_after=False: GEMM for r, z; then (r * h) W_hn^T for n."""
+    T, B, G = xw.shape
+    H = G // 3
+    r_ = 1 if reverse else 0
+    a_rz = np.empty((B, 2 * H), dtype=xw.dtype)
+    rh = np.empty((B, H), dtype=xw.dtype)
+    a_n = np.empty((B, H), dtype=xw.dtype)
+    zs = np.empty((B, H), dtype=xw.dtype)
+    for k in range(T):
+        t = T - 1 - k if reverse else k
+        prev, new = _slots(t, k, r_, training)
+        h_prev, h_new = hs[prev], hs[new]
+        np.dot(h_prev, w_hrz_T, a_rz)
+        for b in range(B):
+            for j in range(H):
+                r = sigmoid(a_rz[b, j] + xw[t, b, j])
+                zs[b, j] = sigmoid(a_rz[b, H + j] + xw[t, b, H + j])
+                rh[b, j] = r * h_prev[b, j]
+                if training:
+                    gates[t, b, j] = r
+                    gates[t, b, H + j] = zs[b, j]
+        np.dot(rh, w_hn_T, a_n)
+        for b in range(B):
+            if t < lengths[b]:
+                for j in range(H):
+                    n = tanh(xw[t, b, 2 * H + j] + a_n[b, j])
+                    z = zs[b, j]
+                    h = (1 - z) * n + z * h_prev[b, j]
+                    h_new[b, j] = h
+                    out[t, b, j] = h
+                    if training:
+                        gates[t, b, 2 * H + j] = n
+            else:
+                for j in range(H):
+                    h_new[b, j] = h_prev[b, j]
+                    out[t, b, j] = 0
+
+
+@_jit
+def _gru_backward_loop(d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x, d_a_h):
+    T, B, H = d_out.shape
+    rv = 1 if reverse else 0
+    tmp = np.empty((B, H), dtype=d_out.dtype)
+    direct = np.empty((B, H), dtype=d_out.dtype)
+    for k in range(T):
+        t = k if reverse else T - 1 - k
+        h_prev = hs[t + rv]
+        for b in range(B):
+            g_b, dx_b, dh_b = gates[t, b], d_a_x[t, b], d_a_h[t, b]
+            if t < lengths[b]:
+                for j in range(H):
+                    r, z, n = g_b[j], g_b[H + j], g_b[2 * H + j]
+                    dh = d_out[t, b, j] + d_h[b, j]
+                    d_an = dh * (1 - z) * (1 - n * n)
+                    d_az = dh * (h_prev[b, j] - n) * z * (1 - z)
+                    d_ar = d_an * hns[t, b, j] * r * (1 - r)
+                    dx_b[j] = d_ar
+                    dx_b[H + j] = d_az
+                    dx_b[2 * H + j] = d_an
+                    dh_b[j] = d_ar
+                    dh_b[H + j] = d_az
+                    dh_b[2 * H + j] = d_an * r
+                    direct[b, j] = dh * z
+            else:
+                for j in range(3 * H):
+                    dx_b[j] = 0
+                    dh_b[j] = 0
+        np.dot(d_a_h[t], w_hh, tmp)
+        for b in range(B):
+            if t < lengths[b]:
+                for j in range(H):
+                    d_h[b, j] = direct[b, j] + tmp[b, j]
+
+
+@_jit
+def _gru_backward_loop_reset_before(d_out, d_h, w_hrz, w_hn, lengths, reverse, hs, gates,
+                                    d_a):
+    T, B, H = d_out.shape
+    rv = 1 if reverse else 0
+    d_an = np.empty((B, H), dtype=d_out.dtype)
+    d_arz = np.empty((B, 2 * H), dtype=d_out.dtype)
+    d_rh = np.empty((B, H), dtype=d_out.dtype)
+    tmp = np.empty((B, H), dtype=d_out.dtype)
+    direct = np.empty((B, H), dtype=d_out.dtype)
+    for k in range(T):
+        t = k if reverse else T - 1 - k
+        h_prev = hs[t + rv]
+        for b in range(B):
+            active = t < lengths[b]
+            for j in range(H):
+                z, n = gates[t, b, H + j], gates[t, b, 2 * H + j]
+                dh = d_out[t, b, j] + d_h[b, j]
+                d_an[b, j] = dh * (1 - z) * (1 - n * n) if active else dh * 0
+                d_arz[b, H + j] = dh * (h_prev[b, j] - n) * z * (1 - z) if active else dh * 0
+                direct[b, j] = dh * z
+        np.dot(d_an, w_hn, d_rh)
+        for b in range(B):
+            active = t < lengths[b]
+            for j in range(H):
+                r = gates[t, b, j]
+                d_arz[b, j] = d_rh[b, j] * h_prev[b, j] * r * (1 - r) if active else r * 0
+                direct[b, j] += d_rh[b, j] * r
+        np.dot(d_arz, w_hrz, tmp)
+        for b in range(B):
+            for j in range(2 * H):
+                d_a[t, b, j] = d_arz[b, j]
+            for j in range(H):
+                d_a[t, b, 2 * H + j] = d_an[b, j]
+            if t < lengths[b]:
+                for j in range(H):
+                    d_h[b, j] = direct[b, j] + tmp[b, j]
+
+
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                reset_after=True):
+    """GRU (gates r, z, n): see :func:`fastrnn.backends.reference.gru_forward`."""
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
+    out = np.empty((T, B, H), dtype=x.dtype)
+    gates = np.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
+    full = _full_lengths(lengths, T, B)
+    hns = None
+    if reset_after:
+        bias = None
+        if b_ih is not None:  # b_hr, b_hz join the x side; b_hn stays inside r * (.)
+            bias = b_ih.copy()
+            bias[:2 * H] += b_hh[:2 * H]
+        xw = _project(x, w_ih, bias)
+        b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
+        hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+        _gru_forward_loop(xw, w_hh.T, b_hn, full, reverse, training, hs, out, gates, hns)
+    else:
+        xw = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)
+        _gru_forward_loop_reset_before(xw, w_hh[:2 * H].T, w_hh[2 * H:].T, full, reverse,
+                                       training, hs, out, gates)
+    cache = None
+    if training:
+        cache = (x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, reset_after)
+    return out, _final(hs, T, training, reverse), cache
+
+
+def gru_backward(d_out, d_h_n, cache):
+    """Backward of :func:`gru_forward`."""
+    x, hs, gates, hns, w_ih, w_hh, has_bias, full, reverse, reset_after = cache
+    T, B, _ = x.shape
+    H = hs.shape[2]
+    rv = int(reverse)
+    d_h = d_h_n.astype(x.dtype, copy=True)
+    d_out = np.ascontiguousarray(d_out)
+    h_prev = hs[rv:T + rv]
+    if reset_after:
+        d_a_x = np.empty((T, B, 3 * H), dtype=x.dtype)
+        d_a_h = np.empty((T, B, 3 * H), dtype=x.dtype)
+        _gru_backward_loop(d_out, d_h, w_hh, full, reverse, hs, gates, hns, d_a_x, d_a_h)
+        grads = _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias)
+    else:
+        d_a = np.empty((T, B, 3 * H), dtype=x.dtype)
+        _gru_backward_loop_reset_before(d_out, d_h, w_hh[:2 * H], w_hh[2 * H:], full, reverse,
+                                        hs, gates, d_a)
+        grads = _param_grads(d_a, d_a, x, h_prev, w_ih, has_bias)
+        # n's recurrent GEMM input is r * h_{t-1}.
+        rh = (gates[:, :, :H] * h_prev).reshape(T * B, H)
+        grads[2][2 * H:] = d_a[:, :, 2 * H:].reshape(T * B, H).T @ rh
+    return (grads[0], d_h) + grads[1:]
+
+
+# ------------------------------------------------------------------ warm-up
+
+def warmup(dtypes=(np.float32, np.float64), cells=None):
+    """Compile (or load from Numba's cache) the kernels for ``dtypes`` now.
+
+    Numba compiles on first use; the compiled code is cached on disk
+    (``cache=True``; ``NUMBA_CACHE_DIR`` moves the cache), so later processes
+    only load it. Calling this at start-up moves that cost out of the first
+    real call.
+    """
+    cells = cells or ("rnn_tanh", "rnn_relu", "lstm", "gru")
+    rng = np.random.default_rng(0)
+    for dtype in dtypes:
+        x = rng.standard_normal((2, 2, 3)).astype(dtype)
+        lengths = np.array([2, 1])
+        for cell in cells:
+            G = {"lstm": 4, "gru": 3}.get(cell, 1) * 2
+            w_ih, w_hh = np.ones((G, 3), dtype), np.ones((G, 2), dtype)
+            b = np.ones(G, dtype)
+            states = (np.zeros((2, 2), dtype),) * (2 if cell == "lstm" else 1)
+            fwd, bwd = globals()[f"{cell}_forward"], globals()[f"{cell}_backward"]
+            for options in ({"reset_after": True}, {"reset_after": False}) if cell == "gru" \
+                    else ({},):
+                for training in (True, False):
+                    for reverse in (False, True):
+                        res = fwd(x, *states, w_ih, w_hh, b, b, lengths=lengths,
+                                  reverse=reverse, training=training, **options)
+                        if training:
+                            bwd(res[0], *res[1:-1], res[-1])
+
+
+if os.environ.get("FASTRNN_NUMBA_WARMUP"):  # pragma: no cover
+    warmup()
