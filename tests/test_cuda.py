@@ -1,0 +1,369 @@
+"""The cuda backend, checked three ways.
+
+1. Without a GPU, when g++ is present: the kernels of ``csrc/`` are compiled as
+   plain C++ (a few macros stand in for CUDA's keywords, and the grid-stride
+   loops then run on one "thread"), and the backend's host loop
+   (:mod:`fastrnn.backends.cuda`) runs on NumPy arrays through them. This
+   checks the kernels' maths, the masking, the state-buffer offsets, the
+   private cache layout and every GEMM of the host loop against the float64
+   reference, on every cell and option.
+2. Without a GPU, when nvcc is present: every ``.cu`` compiles for sm_90 with
+   ``-Xptxas -v`` and no spills; when libnvrtc can be loaded, the inlined
+   source compiles under NVRTC too.
+3. With a GPU (``pytest -m cuda``): the same comparisons through CuPy, the
+   layers with ``backend="cuda"``, the loader, streams and TF32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn.backends import cuda, reference
+
+CSRC = cuda.csrc_dir()
+UNITS = sorted(set(cuda.UNITS.values()))
+HAS_GPU = "cuda" in fastrnn.backends.available()
+gpu = pytest.mark.skipif(not HAS_GPU, reason=f"no cuda backend here: "
+                         f"{fastrnn.backends.why_absent().get('cuda')}")
+
+# (cell, gru reset_after) pairs: every kernel path.
+CASES = [("rnn_tanh", None), ("rnn_relu", None), ("lstm", None), ("gru", True), ("gru", False)]
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+# ------------------------------------------------------------------ problem set-up
+
+def make_problem(cell, T=6, B=5, I=4, H=7, bias=True, lengths=False, seed=0):
+    """float64 NumPy arguments of ``{cell}_forward`` and a random d_out, d_states."""
+    rng = np.random.default_rng(seed)
+    G = fastrnn.backends.gate_count(cell) * H
+    S = fastrnn.backends.state_count(cell)
+    k = 1 / np.sqrt(H)
+    args = dict(
+        x=rng.standard_normal((T, B, I)),
+        states=[0.5 * rng.standard_normal((B, H)) for _ in range(S)],
+        w_ih=rng.uniform(-k, k, (G, I)), w_hh=rng.uniform(-k, k, (G, H)),
+        b_ih=rng.uniform(-k, k, G) if bias else None,
+        b_hh=rng.uniform(-k, k, G) if bias else None,
+        lengths=None)
+    if lengths:
+        lens = rng.integers(0, T + 1, size=B)
+        lens[0], lens[-1] = T, 0   # a full sequence and an empty one
+        args["lengths"] = lens.astype(np.int64)
+    d_out = rng.standard_normal((T, B, H))
+    d_states = [rng.standard_normal((B, H)) for _ in range(S)]
+    return args, d_out, d_states
+
+
+def run(module, cell, args, d_out, d_states, reverse, training, reset_after, convert):
+    """Forward (and backward when training) of ``module``; every result as NumPy float64."""
+    fwd = getattr(module, f"{cell}_forward")
+    bwd = getattr(module, f"{cell}_backward")
+    extra = {} if reset_after is None else {"reset_after": reset_after}
+    c = convert
+    lengths = args["lengths"]
+    result = fwd(c(args["x"]), *map(c, args["states"]), c(args["w_ih"]), c(args["w_hh"]),
+                 None if args["b_ih"] is None else c(args["b_ih"]),
+                 None if args["b_hh"] is None else c(args["b_hh"]),
+                 lengths=lengths, reverse=reverse, training=training, **extra)
+    *outputs, cache = result
+    if not training:
+        assert cache is None
+        return outputs
+    grads = bwd(c(d_out), *map(c, d_states), cache)
+    return outputs + list(grads)
+
+
+def assert_close(got, want, tol, what):
+    assert len(got) == len(want), what
+    for index, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None, f"{what}: result {index} should be None"
+            continue
+        g = g.get() if hasattr(g, "get") else np.asarray(g)
+        assert g.shape == w.shape, f"{what}: result {index} has shape {g.shape}, not {w.shape}"
+        scale = max(np.abs(w).max(initial=0.0), 1e-30)
+        err = np.abs(g.astype(np.float64) - w).max(initial=0.0) / scale
+        assert err <= tol, f"{what}: result {index} relative error {err:.3g} > {tol:g}"
+
+
+def check_against_reference(convert_for, dtype, cell, reset_after, reverse, bias, lengths,
+                            training, **shape):
+    args, d_out, d_states = make_problem(cell, bias=bias, lengths=lengths, **shape)
+    want = run(reference, cell, args, d_out, d_states, reverse, training, reset_after,
+               lambda a: a)
+    got = run(cuda, cell, args, d_out, d_states, reverse, training, reset_after,
+              convert_for(dtype))
+    assert_close(got, want, TOL[dtype],
+                 f"{cell} reset_after={reset_after} reverse={reverse} bias={bias} "
+                 f"lengths={lengths} training={training} {np.dtype(dtype).name}")
+
+
+OPTIONS = [(reverse, bias, lengths) for reverse in (False, True) for bias in (True, False)
+           for lengths in (False, True)]
+
+
+# ------------------------------------------------------------------ 1. host emulation
+
+HOST_SHIM = """
+// CUDA's keywords for a host build: the grid-stride loops run on one thread.
+#include <math.h>
+#define __device__
+#define __global__
+#define __forceinline__ inline
+struct fastrnn_host_dim3 { unsigned x, y, z; };
+static const fastrnn_host_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
+static const fastrnn_host_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+"""
+
+
+@pytest.fixture(scope="session")
+def host_libs(tmp_path_factory):
+    """csrc/*.cu compiled as C++ shared libraries, one per unit."""
+    gxx = shutil.which("g++")
+    if gxx is None or CSRC is None:
+        pytest.skip("g++ or csrc/ not found")
+    folder = tmp_path_factory.mktemp("fastrnn_host")
+    (folder / "shim.h").write_text(HOST_SHIM)
+    libs = {}
+    for unit in UNITS:
+        lib = folder / f"fastrnn_{unit}.so"
+        subprocess.run([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror",
+                        "-include", str(folder / "shim.h"), "-x", "c++",
+                        str(CSRC / f"fastrnn_{unit}.cu"), "-o", str(lib)],
+                       check=True, capture_output=True, text=True)
+        libs[unit] = ctypes.CDLL(str(lib))
+    return libs
+
+
+class HostRuntime(cuda._Runtime):
+    """The backend's host loop on NumPy arrays, with the kernels compiled for the CPU."""
+
+    xp = np
+
+    def __init__(self, libs):
+        self.libs = libs
+        self.launches = []
+
+    def _launch(self, unit, name, n, args):
+        self.launches.append(name)
+        c_args = [ctypes.c_int(a) if isinstance(a, int) else ctypes.c_void_p(a.ctypes.data)
+                  for a in args]
+        getattr(self.libs[unit], name)(*c_args)
+
+
+@pytest.fixture
+def host_runtime(host_libs, monkeypatch):
+    rt = HostRuntime(host_libs)
+    monkeypatch.setattr(cuda, "_runtime_override", rt)
+    return rt
+
+
+def to_host(dtype):
+    return lambda a: np.ascontiguousarray(a, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell, reset_after", CASES)
+def test_host_loop_matches_reference(host_runtime, cell, reset_after, dtype):
+    for reverse, bias, lengths in OPTIONS:
+        for training in (True, False):
+            check_against_reference(to_host, dtype, cell, reset_after, reverse, bias, lengths,
+                                    training)
+
+
+def test_host_loop_single_step_and_unit_batch(host_runtime):
+    for cell, reset_after in CASES:
+        for T, B in ((1, 1), (1, 3), (4, 1)):
+            check_against_reference(to_host, np.float64, cell, reset_after, True, True, False,
+                                    True, T=T, B=B)
+
+
+def test_every_kernel_exists_in_the_sources(host_libs):
+    for unit in UNITS:
+        for name in cuda.kernel_names(unit):
+            assert hasattr(host_libs[unit], name), f"{name} missing from fastrnn_{unit}.cu"
+
+
+def test_launch_rejects_wrong_arrays(host_runtime):
+    with pytest.raises(TypeError, match="argument 0"):
+        host_runtime.launch("rnn", "fastrnn_rnn_tanh_bwd_f32", 1, np.zeros(3, np.float64))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        host_runtime.launch("rnn", "fastrnn_rnn_tanh_bwd_f64", 1, np.zeros((3, 4))[:, ::2])
+
+
+def test_forward_validates_arguments(host_runtime):
+    args, _, _ = make_problem("lstm")
+    x, (h0, c0) = args["x"], args["states"]
+    with pytest.raises(ValueError, match="w_hh must have shape"):
+        cuda.lstm_forward(x, h0, c0, args["w_ih"], args["w_hh"][:, :3], None, None)
+    with pytest.raises(TypeError, match="h0 has dtype"):
+        cuda.lstm_forward(x, h0.astype(np.float32), c0, args["w_ih"], args["w_hh"], None, None)
+    with pytest.raises(ValueError, match="both"):
+        cuda.lstm_forward(x, h0, c0, args["w_ih"], args["w_hh"], args["b_ih"], None)
+
+
+# ------------------------------------------------------------------ 2. compilers
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None or CSRC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("unit", UNITS)
+def test_nvcc_compiles_without_spills(unit, tmp_path):
+    result = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "-cubin",
+                             "-o", str(tmp_path / f"{unit}.cubin"),
+                             str(CSRC / f"fastrnn_{unit}.cu")],
+                            capture_output=True, text=True)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "warning" not in log.lower(), log
+    entries = set(re.findall(r"Compiling entry function '(\w+)'", log))
+    assert entries == set(cuda.kernel_names(unit)), log
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
+    assert len(spills) == 2 * len(entries), log
+    assert all(int(s) == 0 for s in spills), log
+    stacks = re.findall(r"(\d+) bytes stack frame", log)
+    assert all(int(s) == 0 for s in stacks), log
+
+
+def _nvrtc_library():
+    candidates = [os.environ.get("FASTRNN_NVRTC_LIB"), ctypes.util.find_library("nvrtc"),
+                  "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+    for name in filter(None, candidates):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_nvrtc_source_is_self_contained(unit):
+    if CSRC is None:
+        pytest.skip("csrc/ not found")
+    source = cuda.nvrtc_source(unit)
+    assert "#include" not in source, "NVRTC sees no host headers and no include path"
+    assert "fastrnn_common.cuh" not in re.sub(r"//.*", "", source)
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_nvrtc_compiles(unit):
+    lib = _nvrtc_library()
+    if lib is None or CSRC is None:
+        pytest.skip("libnvrtc not found (set FASTRNN_NVRTC_LIB to its path)")
+    program = ctypes.c_void_p()
+    source = cuda.nvrtc_source(unit).encode()
+    assert lib.nvrtcCreateProgram(ctypes.byref(program), source, f"fastrnn_{unit}.cu".encode(),
+                                  0, None, None) == 0
+    options = [b"-std=c++17", b"-arch=compute_90"]   # what CuPy passes, minus its include path
+    array = (ctypes.c_char_p * len(options))(*options)
+    status = lib.nvrtcCompileProgram(program, len(options), array)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(program, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(program))
+    assert status == 0, log.value.decode(errors="replace")
+    assert "warning" not in log.value.decode(errors="replace").lower(), log.value
+
+
+# ------------------------------------------------------------------ 3. on a GPU
+
+def to_device(dtype):
+    import cupy
+    return lambda a: cupy.asarray(np.asarray(a, dtype=dtype))
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell, reset_after", CASES)
+def test_gpu_matches_reference(cell, reset_after, dtype):
+    for reverse, bias, lengths in OPTIONS:
+        for training in (True, False):
+            check_against_reference(to_device, dtype, cell, reset_after, reverse, bias, lengths,
+                                    training)
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("cell, reset_after", CASES)
+def test_gpu_larger_shapes(cell, reset_after):
+    """Several blocks and a grid-stride loop: B * H above 65535 * 256 is not needed."""
+    check_against_reference(to_device, np.float32, cell, reset_after, True, True, True, True,
+                            T=9, B=33, I=40, H=130)
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_on_a_non_default_stream():
+    import cupy
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        check_against_reference(to_device, np.float32, "lstm", None, False, True, True, True)
+        stream.synchronize()
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_tf32_switch_restores_cupy_setting():
+    from cupy._core import _routines_linalg as linalg
+    before = linalg.get_compute_type(np.float32)
+    cuda.allow_tf32(True)
+    try:
+        assert cuda.tf32_allowed()
+        args, d_out, d_states = make_problem("gru")
+        run(cuda, "gru", args, d_out, d_states, False, True, True, to_device(np.float32))
+    finally:
+        cuda.allow_tf32(False)
+    assert linalg.get_compute_type(np.float32) == before
+    check_against_reference(to_device, np.float32, "gru", True, False, True, False, True)
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_info_reports_kernel_origin():
+    report = cuda.info(load=True)
+    assert report["available"]
+    assert len(report["modules"]) == len(UNITS)
+    for origin in report["modules"].values():
+        assert origin.startswith(("fatbin", "NVRTC"))
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm", "gru", "gru_reset_before"])
+def test_gpu_layers_match_numpy_layers(kind):
+    import cupy
+
+    from conftest import make_layer, random_lengths
+    rng = np.random.default_rng(1)
+    T, B, I, H = 5, 4, 3, 6
+    ref = make_layer(kind, I, H, num_layers=2, bidirectional=True, backend="numpy",
+                     dtype=np.float64, seed=3)
+    dev = ref.copy(backend="cuda")
+    assert all(isinstance(v, cupy.ndarray) for v in dev.state_dict().values())
+    x = rng.standard_normal((T, B, I))
+    lengths = random_lengths(rng, T, B)
+    out_ref, _ = ref(x, lengths=lengths)
+    out_dev, _ = dev(cupy.asarray(x), lengths=lengths)
+    np.testing.assert_allclose(out_dev.get(), out_ref, rtol=1e-10, atol=1e-12)
+    d_out = rng.standard_normal(out_ref.shape)
+    d_x_ref, _ = ref.backward(d_out)
+    d_x_dev, _ = dev.backward(cupy.asarray(d_out))
+    np.testing.assert_allclose(d_x_dev.get(), d_x_ref, rtol=1e-9, atol=1e-12)
+    for name, g in ref.grads.items():
+        np.testing.assert_allclose(dev.grads[name].get(), g, rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+    back = dev.copy(backend="numpy")
+    assert all(isinstance(v, np.ndarray) for v in back.state_dict().values())
