@@ -58,11 +58,27 @@ def _full_lengths(lengths, T, B):
                                                                                 copy=False)
 
 
+@_jit
+def _gemm(a, b, out):
+    """out = a @ b through the BLAS that Numba's np.dot calls (scipy's).
+
+    Every GEMM of this backend goes through the same BLAS, so only one BLAS
+    thread pool is busy: two pools (numpy's and scipy's) fight over the cores.
+    """
+    np.dot(a, b, out)
+
+
+def _matmul(a, b):
+    out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+    _gemm(a if a.flags.c_contiguous or a.flags.f_contiguous else np.ascontiguousarray(a),
+          b if b.flags.c_contiguous or b.flags.f_contiguous else np.ascontiguousarray(b), out)
+    return out
+
+
 def _project(x, w_ih, bias):
     """x W_ih^T (+ bias) for every step: one GEMM, (T, B, G)."""
     T, B, I = x.shape
-    xw = np.empty((T, B, w_ih.shape[0]), dtype=x.dtype)
-    np.matmul(x.reshape(T * B, I), w_ih.T, out=xw.reshape(T * B, -1))
+    xw = _matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, -1)
     if bias is not None:
         xw += bias
     return xw
@@ -88,9 +104,9 @@ def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias):
     G = d_a_x.shape[2]
     d_a_x2 = d_a_x.reshape(T * B, G)
     d_a_h2 = d_a_h.reshape(T * B, G)
-    d_x = (d_a_x2 @ w_ih).reshape(T, B, I)
-    d_w_ih = d_a_x2.T @ x.reshape(T * B, I)
-    d_w_hh = d_a_h2.T @ h_prev.reshape(T * B, -1)
+    d_x = _matmul(d_a_x2, w_ih).reshape(T, B, I)
+    d_w_ih = _matmul(d_a_x2.T, x.reshape(T * B, I))
+    d_w_hh = _matmul(d_a_h2.T, h_prev.reshape(T * B, -1))
     if not has_bias:
         return d_x, d_w_ih, d_w_hh, None, None
     d_b_ih = d_a_x2.sum(axis=0)
@@ -502,7 +518,7 @@ def gru_backward(d_out, d_h_n, cache):
         grads = _param_grads(d_a, d_a, x, h_prev, w_ih, has_bias)
         # n's recurrent GEMM input is r * h_{t-1}.
         rh = (gates[:, :, :H] * h_prev).reshape(T * B, H)
-        grads[2][2 * H:] = d_a[:, :, 2 * H:].reshape(T * B, H).T @ rh
+        grads[2][2 * H:] = _matmul(d_a[:, :, 2 * H:].reshape(T * B, H).T, rh)
     return (grads[0], d_h) + grads[1:]
 
 
