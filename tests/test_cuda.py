@@ -300,7 +300,7 @@ def test_gpu_matches_reference(cell, reset_after, dtype):
 @gpu
 @pytest.mark.parametrize("cell, reset_after", CASES)
 def test_gpu_larger_shapes(cell, reset_after):
-    """Several blocks and a grid-stride loop: B * H above 65535 * 256 is not needed."""
+    """Several blocks per launch and H not a multiple of the block size."""
     check_against_reference(to_device, np.float32, cell, reset_after, True, True, True, True,
                             T=9, B=33, I=40, H=130)
 
@@ -367,3 +367,30 @@ def test_gpu_layers_match_numpy_layers(kind):
                                    err_msg=name)
     back = dev.copy(backend="numpy")
     assert all(isinstance(v, np.ndarray) for v in back.state_dict().values())
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm", "gru", "gru_reset_before"])
+def test_host_loop_under_the_layers(host_runtime, monkeypatch, kind):
+    """Layers with backend="cuda" (arrays stay NumPy here): 2 layers, both directions, lengths."""
+    from conftest import make_layer, random_lengths
+    monkeypatch.setattr(cuda, "xp", np)
+    monkeypatch.setitem(fastrnn.backends._loaded, "cuda", fastrnn.backends.Backend("cuda", cuda))
+    rng = np.random.default_rng(2)
+    T, B, I, H = 5, 4, 3, 6
+    ref = make_layer(kind, I, H, num_layers=2, bidirectional=True, backend="numpy",
+                     dtype=np.float64, seed=3)
+    dev = ref.copy(backend="cuda")
+    x = rng.standard_normal((T, B, I))
+    lengths = random_lengths(rng, T, B)
+    out_ref, h_ref = ref(x, lengths=lengths)
+    out_dev, h_dev = dev(x, lengths=lengths)
+    np.testing.assert_allclose(out_dev, out_ref, rtol=1e-10, atol=1e-12)
+    as_tuple = lambda h: h if isinstance(h, tuple) else (h,)  # noqa: E731 - LSTM: (h, c)
+    for a, b in zip(as_tuple(h_dev), as_tuple(h_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    d_out = rng.standard_normal(out_ref.shape)
+    d_x_ref, _ = ref.backward(d_out)
+    d_x_dev, _ = dev.backward(d_out)
+    np.testing.assert_allclose(d_x_dev, d_x_ref, rtol=1e-9, atol=1e-12)
+    for name, g in ref.grads.items():
+        np.testing.assert_allclose(dev.grads[name], g, rtol=1e-9, atol=1e-12, err_msg=name)
