@@ -207,7 +207,7 @@ class _CellBase:
         else:
             raise ValueError(f"x must have shape (B, input_size) or (input_size,) with "
                              f"input_size={self.input_size}, got {tuple(shape)}")
-        x = x.reshape(1, shape[0] if batched else 1, self.input_size)
+        x = x[None] if batched else x.reshape(1, 1, self.input_size)
         if self.training:
             # The tape keeps x until backward: a copy protects it from a loop that
             # refills one input buffer in place at every step.
@@ -228,10 +228,9 @@ class _CellBase:
         elif s.shape != (H,):
             raise ValueError(f"{name} must have shape (hidden_size,) = ({H},) for unbatched x, "
                              f"got {tuple(s.shape)}")
-        s = s.reshape(B, H)
-        if not s.flags.c_contiguous:
-            s = self._xp.ascontiguousarray(s)
-        return s
+        if not batched:
+            s = s[None]
+        return s if s.flags.c_contiguous else self._xp.ascontiguousarray(s)
 
     def _check_states(self, name, hx, B, batched):
         """Return the state tuple ((B, H),) or ((B, H), (B, H)); None gives zeros."""
@@ -247,9 +246,6 @@ class _CellBase:
                 self._check_state(f"{name}[1]", hx[1], B, batched))
 
     # ---------------------------------------------------------- computing
-
-    def __call__(self, x, hx=None):
-        return self.forward(x, hx)
 
     def forward(self, x, hx=None):
         """Run one step.
@@ -327,6 +323,8 @@ class _CellBase:
             return (d_x, d_h0) if batched else (d_x[0], d_h0[0])
         d_h0, d_c0 = result[1], result[2]
         return (d_x, (d_h0, d_c0)) if batched else (d_x[0], (d_h0[0], d_c0[0]))
+
+    __call__ = forward
 
 
 class RNNCell(_CellBase):
