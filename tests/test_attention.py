@@ -123,12 +123,13 @@ def test_bad_inputs():
         dot_attention_backward(np.ones((3, 6), np.float32), cache)
 
 
-def test_seq2seq_example_quick():
+def test_seq2seq_example_quick(backend):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "seq2seq_attention.py"),
-                           "--quick"], capture_output=True, text=True, env=env, timeout=120,
-                          cwd=ROOT)
+                           "--quick", "--backend", backend], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
+    assert f"backend: {backend}" in proc.stdout
     assert last.startswith("final accuracy: ")
     assert 0.0 <= float(last.split(": ")[1]) <= 1.0
