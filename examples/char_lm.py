@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--steps", type=int, default=250, help="training chunks (default 250)")
     p.add_argument("--chunk", type=int, default=32, help="truncation length (default 32)")
-    p.add_argument("--batch", type=int, default=24, help="parallel streams (default 24)")
+    p.add_argument("--batch", type=int, default=16, help="parallel streams (default 16)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
