@@ -200,13 +200,13 @@ class _CellBase:
         if not isinstance(x, self._ndarray) or x.dtype != self.dtype:
             raise self._bad_array("x", x)
         shape = x.shape
-        if len(shape) == 2 and shape[1] == self.input_size:
+        if len(shape) == 2 and shape[1] == self.input_size and shape[0]:
             batched = True
         elif len(shape) == 1 and shape[0] == self.input_size:
             batched = False
         else:
-            raise ValueError(f"x must have shape (B, input_size) or (input_size,) with "
-                             f"input_size={self.input_size}, got {tuple(shape)}")
+            raise ValueError(f"x must have shape (B, input_size) with B >= 1 or (input_size,), "
+                             f"with input_size={self.input_size}; got {tuple(shape)}")
         x = x[None] if batched else x.reshape(1, 1, self.input_size)
         if self.training:
             # The tape keeps x until backward: a copy protects it from a loop that
@@ -387,10 +387,14 @@ class GRUCell(_CellBase):
                  dtype=np.float32, seed=None, reset_after=True):
         if not isinstance(reset_after, (bool, np.bool_)):
             raise TypeError(f"reset_after must be a bool, got {reset_after!r}")
-        self.reset_after = bool(reset_after)
-        self._options = (self.reset_after,)
+        self._options = (bool(reset_after),)
         super().__init__("gru", input_size, hidden_size, bias, backend=backend, dtype=dtype,
                          seed=seed)
+
+    @property
+    def reset_after(self) -> bool:
+        """Which form of the candidate n this cell computes (fixed at construction)."""
+        return self._options[0]
 
     def _repr_extra(self):
         return "" if self.reset_after else ", reset_after=False"

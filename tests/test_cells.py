@@ -259,6 +259,8 @@ def test_bad_input_errors_and_failed_calls_change_nothing():
         cell(np.ones((2, 5), np.float32))
     with pytest.raises(ValueError, match="x must have shape"):
         cell(np.ones((1, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="B >= 1"):
+        cell(np.ones((0, 3), np.float32))
     with pytest.raises(ValueError, match=r"hx\[1\] must have shape"):
         cell(x, (h, np.ones((3, 4), np.float32)))
     with pytest.raises(ValueError, match="pair"):
