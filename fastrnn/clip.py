@@ -47,9 +47,9 @@ def clip_grad_norm_(models_or_grad_dicts, max_norm, norm_type=2.0, error_if_nonf
     if not arrays:
         return 0.0
     if norm_type == math.inf:
-        total = max(float(np.abs(g).max()) if g.size else 0.0 for g in arrays)
+        total = max(float(abs(g).max()) if g.size else 0.0 for g in arrays)
     else:
-        total = sum(float((np.abs(g.astype(np.float64)) ** norm_type).sum())
+        total = sum(float((abs(g.astype(np.float64)) ** norm_type).sum())
                     for g in arrays) ** (1.0 / norm_type)
     if error_if_nonfinite and not math.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total}; "
@@ -65,4 +65,4 @@ def clip_grad_value_(models_or_grad_dicts, clip_value):
     """Clamp every gradient, in place, to [-clip_value, clip_value], as torch."""
     clip_value = float(clip_value)
     for g in _grad_arrays(models_or_grad_dicts):
-        np.clip(g, -clip_value, clip_value, out=g)   # a ufunc: cupy arrays dispatch to cupy
+        g.clip(-clip_value, clip_value, out=g)

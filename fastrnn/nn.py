@@ -90,6 +90,30 @@ class _Module:
         self.params = new
         self._pending = None
 
+    def to(self, backend=None, dtype=None):
+        """Move the module to another backend and/or dtype, in place; returns self."""
+        new_backend = self._backend if backend is None else backends.get(backend)
+        new_dtype = self.dtype if dtype is None else _check_dtype(dtype)
+
+        def move(a):
+            host = a.get() if hasattr(a, "get") else a   # cupy -> numpy
+            return new_backend.xp.asarray(np.asarray(host).astype(new_dtype))
+
+        params = {k: move(v) for k, v in self.params.items()}
+        grads = {k: move(v) for k, v in self.grads.items()}
+        self._backend, self.dtype, self.params, self.grads = new_backend, new_dtype, params, grads
+        self._pending = None
+        return self
+
+    def copy(self, backend=None, dtype=None):
+        """A new module with the same configuration, parameters and gradients."""
+        import copy as _copy
+        clone = _copy.copy(self)
+        clone.params = {k: v.copy() for k, v in self.params.items()}
+        clone.grads = {k: v.copy() for k, v in self.grads.items()}
+        clone._pending = None
+        return clone.to(backend=backend, dtype=dtype)
+
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 

@@ -64,6 +64,9 @@ def test_linear_init_range_grads_accumulate_and_errors(backend):
         lin.load_state_dict({"weight": before["weight"]})
     lin.load_state_dict({k: v * 2 for k, v in before.items()})
     np.testing.assert_allclose(lin.params["weight"], before["weight"] * 2)
+    twin = lin.copy(dtype=np.float64)
+    assert twin.params["weight"].dtype == np.float64 and lin.params["weight"].dtype == np.float32
+    np.testing.assert_allclose(twin(x.astype(np.float64)), lin(x), rtol=1e-5, atol=1e-5)
 
 
 def test_embedding_matches_torch(backend):
