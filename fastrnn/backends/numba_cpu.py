@@ -3,9 +3,9 @@
 Same contract as :mod:`fastrnn.backends` (notation ``T, B, I, H, G``, the
 masking rule, the ``T + 1`` state buffers). Per layer and direction:
 
-* forward: one GEMM for the input projection of every step (biases folded
-  in), then one compiled time loop: per step the recurrent GEMM (BLAS through
-  ``np.dot``) and one fused pointwise pass that applies the gates, updates
+* forward: one GEMM for the input projection of every step, then one
+  compiled time loop: per step the recurrent GEMM (BLAS through
+  NumPy's CBLAS, see :mod:`._cblas`) and one fused pointwise pass that applies the gates, updates
   the state, masks by ``lengths`` and writes the cache. Nothing allocates
   inside the loop.
 * backward: one compiled time loop (per step a fused pointwise pass and the
@@ -30,15 +30,20 @@ except ImportError:  # reported by unavailable_reason()
 
 xp = np
 
+from ._cblas import DESCRIPTION, SGEMM, gemm_for  # noqa: E402
+
 
 def unavailable_reason():
     if numba is None:
         return "numba is not installed (pip install numba scipy)"
-    try:
-        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot needs it)
-    except ImportError:
-        return "scipy is not installed: numba's np.dot needs scipy.linalg.cython_blas"
+    if SGEMM is None:
+        return "no CBLAS sgemm/dgemm found in NumPy's or SciPy's BLAS"
     return None
+
+
+def blas_info() -> str:
+    """Which BLAS the kernels call."""
+    return DESCRIPTION or "none found"
 
 
 if numba is not None:
@@ -59,29 +64,78 @@ def _full_lengths(lengths, T, B):
 
 
 @_jit
-def _gemm(a, b, out):
-    """out = a @ b through the BLAS that Numba's np.dot calls (scipy's).
+def _mm(gemm, a, trans_a, b, trans_b, out, beta):
+    """out = op(a) @ op(b) + beta * out through NumPy's CBLAS (see :mod:`._cblas`).
 
-    Every GEMM of this backend goes through the same BLAS, so only one BLAS
-    thread pool is busy: two pools (numpy's and scipy's) fight over the cores.
+    ``op`` transposes when its flag is set. Rows must be contiguous; any row
+    stride is allowed, so column blocks of a wider array need no copy.
     """
-    np.dot(a, b, out)
+    M, N = out.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        for i in range(M):
+            for j in range(N):
+                out[i, j] = out[i, j] * beta if beta != 0 else 0
+        return
+    if M <= _SMALL_ROWS and not trans_a and not trans_b:
+        _mm_small(a, b, out, beta)
+        return
+    size = a.itemsize
+    gemm(101, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K, 1.0,
+         a.ctypes.data, max(a.strides[0] // size, a.shape[1], 1),
+         b.ctypes.data, max(b.strides[0] // size, b.shape[1], 1), beta,
+         out.ctypes.data, max(out.strides[0] // size, N, 1))
 
 
-def _matmul(a, b):
-    out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    _gemm(a if a.flags.c_contiguous or a.flags.f_contiguous else np.ascontiguousarray(a),
-          b if b.flags.c_contiguous or b.flags.f_contiguous else np.ascontiguousarray(b), out)
+#: Up to this many rows (batch size) a compiled loop beats the BLAS call: the
+#: recurrent product is then a matrix-vector product, dominated by call overhead.
+_SMALL_ROWS = 2
+
+
+@_jit
+def _mm_small(a, b, out, beta):
+    """out = a @ b + beta * out for few rows: out[i, :] += a[i, k] * b[k, :]."""
+    M, N = out.shape
+    K = a.shape[1]
+    for i in range(M):
+        if beta == 0:
+            for j in range(N):
+                out[i, j] = 0
+        elif beta != 1:
+            for j in range(N):
+                out[i, j] *= beta
+        for k in range(K):
+            aik = a[i, k]
+            for j in range(N):
+                out[i, j] += aik * b[k, j]
+
+
+def _recurrent_weight(w, B):
+    """(w, transpose flag) for the per-step product h @ w^T: for few rows the
+    small-product loop wants w^T in rows, so it is transposed once per call."""
+    return (np.ascontiguousarray(w.T), False) if B <= _SMALL_ROWS else (w, True)
+
+
+def _matmul(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) into a new array."""
+    M = a.shape[1] if trans_a else a.shape[0]
+    N = b.shape[0] if trans_b else b.shape[1]
+    out = np.empty((M, N), dtype=a.dtype)
+    _mm(gemm_for(a.dtype), a, trans_a, b, trans_b, out, 0.0)
     return out
 
 
-def _project(x, w_ih, bias):
-    """x W_ih^T (+ bias) for every step: one GEMM, (T, B, G)."""
+def _project(x, w_ih):
+    """x W_ih^T for every step: one GEMM, (T, B, G). The time loops add the biases."""
     T, B, I = x.shape
-    xw = _matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, -1)
-    if bias is not None:
-        xw += bias
-    return xw
+    return _matmul(x.reshape(T * B, I), w_ih, trans_b=True).reshape(T, B, -1)
+
+
+def _bias(b_ih, b_hh, G, dtype):
+    """b_ih + b_hh, or zeros without biases: added inside the fused pointwise pass."""
+    return np.zeros(G, dtype) if b_ih is None else b_ih + b_hh
 
 
 def _state_buffers(T, B, H, dtype, training, reverse, *inits):
@@ -105,8 +159,8 @@ def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias):
     d_a_x2 = d_a_x.reshape(T * B, G)
     d_a_h2 = d_a_h.reshape(T * B, G)
     d_x = _matmul(d_a_x2, w_ih).reshape(T, B, I)
-    d_w_ih = _matmul(d_a_x2.T, x.reshape(T * B, I))
-    d_w_hh = _matmul(d_a_h2.T, h_prev.reshape(T * B, -1))
+    d_w_ih = _matmul(d_a_x2, x.reshape(T * B, I), trans_a=True)
+    d_w_hh = _matmul(d_a_h2, h_prev.reshape(T * B, -1), trans_a=True)
     if not has_bias:
         return d_x, d_w_ih, d_w_hh, None, None
     d_b_ih = d_a_x2.sum(axis=0)
@@ -126,7 +180,7 @@ def _slots(t, k, r, training):
 # ------------------------------------------------------------- vanilla RNN
 
 @_jit
-def _rnn_forward_loop(xw, w_hh_T, lengths, reverse, training, relu, hs, out):
+def _rnn_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training, relu, hs, out):
     T, B, H = xw.shape
     r = 1 if reverse else 0
     a = np.empty((B, H), dtype=xw.dtype)
@@ -134,11 +188,11 @@ def _rnn_forward_loop(xw, w_hh_T, lengths, reverse, training, relu, hs, out):
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r, training)
         h_prev, h_new = hs[prev], hs[new]
-        np.dot(h_prev, w_hh_T, a)
+        _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
         for b in range(B):
             if t < lengths[b]:
                 for j in range(H):
-                    v = a[b, j] + xw[t, b, j]
+                    v = a[b, j] + xw[t, b, j] + bias[j]
                     hv = (v if v > 0 else v * 0) if relu else tanh(v)
                     h_new[b, j] = hv
                     out[t, b, j] = hv
@@ -149,7 +203,7 @@ def _rnn_forward_loop(xw, w_hh_T, lengths, reverse, training, relu, hs, out):
 
 
 @_jit
-def _rnn_backward_loop(d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
+def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
     T, B, H = d_out.shape
     r = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
@@ -168,7 +222,7 @@ def _rnn_backward_loop(d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
             else:
                 for j in range(H):
                     d_a[t, b, j] = 0
-        np.dot(d_a[t], w_hh, tmp)
+        _mm(gemm, d_a[t], False, w_hh, False, tmp, 0.0)
         for b in range(B):
             if t < lengths[b]:
                 for j in range(H):
@@ -178,11 +232,13 @@ def _rnn_backward_loop(d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
 def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu):
     T, B, _ = x.shape
     H = h0.shape[1]
-    xw = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)
+    xw = _project(x, w_ih)
+    bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
     out = np.empty((T, B, H), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _rnn_forward_loop(xw, w_hh.T, full, reverse, training, relu, hs, out)
+    _rnn_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B), full, reverse,
+                      training, relu, hs, out)
     cache = None
     if training:
         cache = (x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu)
@@ -195,7 +251,8 @@ def _rnn_backward(d_out, d_h_n, cache):
     r = int(reverse)
     d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
-    _rnn_backward_loop(np.ascontiguousarray(d_out), d_h, w_hh, full, reverse, relu, hs, d_a)
+    _rnn_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, w_hh, full, reverse,
+                       relu, hs, d_a)
     grads = _param_grads(d_a, d_a, x, hs[r:T + r], w_ih, has_bias)
     return (grads[0], d_h) + grads[1:]
 
@@ -216,7 +273,8 @@ rnn_tanh_backward = rnn_relu_backward = _rnn_backward
 # -------------------------------------------------------------------- LSTM
 
 @_jit
-def _lstm_forward_loop(xw, w_hh_T, lengths, reverse, training, hs, cs, out, gates, tanh_cs):
+def _lstm_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training, hs, cs, out,
+                       gates, tanh_cs):
     T, B, G = xw.shape
     H = G // 4
     r = 1 if reverse else 0
@@ -225,15 +283,15 @@ def _lstm_forward_loop(xw, w_hh_T, lengths, reverse, training, hs, cs, out, gate
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r, training)
         h_prev, c_prev, h_new, c_new = hs[prev], cs[prev], hs[new], cs[new]
-        np.dot(h_prev, w_hh_T, a)
+        _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
         for b in range(B):
             if t < lengths[b]:
                 a_b, x_b = a[b], xw[t, b]
                 for j in range(H):
-                    i = sigmoid(a_b[j] + x_b[j])
-                    f = sigmoid(a_b[H + j] + x_b[H + j])
-                    g = tanh(a_b[2 * H + j] + x_b[2 * H + j])
-                    o = sigmoid(a_b[3 * H + j] + x_b[3 * H + j])
+                    i = sigmoid(a_b[j] + x_b[j] + bias[j])
+                    f = sigmoid(a_b[H + j] + x_b[H + j] + bias[H + j])
+                    g = tanh(a_b[2 * H + j] + x_b[2 * H + j] + bias[2 * H + j])
+                    o = sigmoid(a_b[3 * H + j] + x_b[3 * H + j] + bias[3 * H + j])
                     c = f * c_prev[b, j] + i * g
                     tc = tanh(c)
                     h = o * tc
@@ -254,7 +312,7 @@ def _lstm_forward_loop(xw, w_hh_T, lengths, reverse, training, hs, cs, out, gate
 
 
 @_jit
-def _lstm_backward_loop(d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, tanh_cs, d_a):
+def _lstm_backward_loop(gemm, d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, tanh_cs, d_a):
     T, B, H = d_out.shape
     r = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
@@ -277,7 +335,7 @@ def _lstm_backward_loop(d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, tanh
             else:
                 for j in range(4 * H):
                     d_b[j] = 0
-        np.dot(d_a[t], w_hh, tmp)
+        _mm(gemm, d_a[t], False, w_hh, False, tmp, 0.0)
         for b in range(B):
             if t < lengths[b]:
                 for j in range(H):
@@ -288,14 +346,16 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     """LSTM (gates i, f, g, o): see :func:`fastrnn.backends.reference.lstm_forward`."""
     T, B, _ = x.shape
     H = h0.shape[1]
-    xw = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)
+    xw = _project(x, w_ih)
+    bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
     out = np.empty((T, B, H), dtype=x.dtype)
     shape = (T, B, H) if training else (0, 0, 0)
     gates = np.empty((shape[0], B if training else 0, 4 * H if training else 0), dtype=x.dtype)
     tanh_cs = np.empty(shape, dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _lstm_forward_loop(xw, w_hh.T, full, reverse, training, hs, cs, out, gates, tanh_cs)
+    _lstm_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B), full, reverse,
+                       training, hs, cs, out, gates, tanh_cs)
     cache = None
     if training:
         cache = (x, hs, cs, gates, tanh_cs, w_ih, w_hh, b_ih is not None, full, reverse)
@@ -310,7 +370,8 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
     d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
     d_c = d_c_n.astype(x.dtype, copy=True)
-    _lstm_backward_loop(np.ascontiguousarray(d_out), d_h, d_c, w_hh, full, reverse, cs, gates,
+    _lstm_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, d_c, w_hh, full,
+                        reverse, cs, gates,
                         tanh_cs, d_a)
     grads = _param_grads(d_a, d_a, x, hs[r:T + r], w_ih, has_bias)
     return (grads[0], d_h, d_c) + grads[1:]
@@ -319,7 +380,8 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
 # --------------------------------------------------------------------- GRU
 
 @_jit
-def _gru_forward_loop(xw, w_hh_T, b_hn, lengths, reverse, training, hs, out, gates, hns):
+def _gru_forward_loop(gemm, xw, bias, w_hh, trans_w, b_hn, lengths, reverse, training, hs, out,
+                      gates, hns):
     """reset_after=True: per step one GEMM h W_hh^T, then the gates."""
     T, B, G = xw.shape
     H = G // 3
@@ -329,15 +391,15 @@ def _gru_forward_loop(xw, w_hh_T, b_hn, lengths, reverse, training, hs, out, gat
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r_, training)
         h_prev, h_new = hs[prev], hs[new]
-        np.dot(h_prev, w_hh_T, a)
+        _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
         for b in range(B):
             if t < lengths[b]:
                 a_b, x_b = a[b], xw[t, b]
                 for j in range(H):
-                    r = sigmoid(a_b[j] + x_b[j])
-                    z = sigmoid(a_b[H + j] + x_b[H + j])
+                    r = sigmoid(a_b[j] + x_b[j] + bias[j])
+                    z = sigmoid(a_b[H + j] + x_b[H + j] + bias[H + j])
                     hn = a_b[2 * H + j] + b_hn[j]
-                    n = tanh(x_b[2 * H + j] + r * hn)
+                    n = tanh(x_b[2 * H + j] + bias[2 * H + j] + r * hn)
                     h = (1 - z) * n + z * h_prev[b, j]
                     h_new[b, j] = h
                     out[t, b, j] = h
@@ -353,8 +415,8 @@ def _gru_forward_loop(xw, w_hh_T, b_hn, lengths, reverse, training, hs, out, gat
 
 
 @_jit
-def _gru_forward_loop_reset_before(xw, w_hrz_T, w_hn_T, lengths, reverse, training, hs, out,
-                                   gates):
+def _gru_forward_loop_reset_before(gemm, xw, bias, w_hrz, w_hn, trans_w, lengths, reverse, training,
+                                   hs, out, gates):
     """reset_after=False: GEMM for r, z; then (r * h) W_hn^T for n."""
     T, B, G = xw.shape
     H = G // 3
@@ -367,20 +429,20 @@ def _gru_forward_loop_reset_before(xw, w_hrz_T, w_hn_T, lengths, reverse, traini
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r_, training)
         h_prev, h_new = hs[prev], hs[new]
-        np.dot(h_prev, w_hrz_T, a_rz)
+        _mm(gemm, h_prev, False, w_hrz, trans_w, a_rz, 0.0)
         for b in range(B):
             for j in range(H):
-                r = sigmoid(a_rz[b, j] + xw[t, b, j])
-                zs[b, j] = sigmoid(a_rz[b, H + j] + xw[t, b, H + j])
+                r = sigmoid(a_rz[b, j] + xw[t, b, j] + bias[j])
+                zs[b, j] = sigmoid(a_rz[b, H + j] + xw[t, b, H + j] + bias[H + j])
                 rh[b, j] = r * h_prev[b, j]
                 if training:
                     gates[t, b, j] = r
                     gates[t, b, H + j] = zs[b, j]
-        np.dot(rh, w_hn_T, a_n)
+        _mm(gemm, rh, False, w_hn, trans_w, a_n, 0.0)
         for b in range(B):
             if t < lengths[b]:
                 for j in range(H):
-                    n = tanh(xw[t, b, 2 * H + j] + a_n[b, j])
+                    n = tanh(xw[t, b, 2 * H + j] + bias[2 * H + j] + a_n[b, j])
                     z = zs[b, j]
                     h = (1 - z) * n + z * h_prev[b, j]
                     h_new[b, j] = h
@@ -394,7 +456,7 @@ def _gru_forward_loop_reset_before(xw, w_hrz_T, w_hn_T, lengths, reverse, traini
 
 
 @_jit
-def _gru_backward_loop(d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x, d_a_h):
+def _gru_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x, d_a_h):
     T, B, H = d_out.shape
     rv = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
@@ -422,7 +484,7 @@ def _gru_backward_loop(d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x
                 for j in range(3 * H):
                     dx_b[j] = 0
                     dh_b[j] = 0
-        np.dot(d_a_h[t], w_hh, tmp)
+        _mm(gemm, d_a_h[t], False, w_hh, False, tmp, 0.0)
         for b in range(B):
             if t < lengths[b]:
                 for j in range(H):
@@ -430,7 +492,7 @@ def _gru_backward_loop(d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x
 
 
 @_jit
-def _gru_backward_loop_reset_before(d_out, d_h, w_hrz, w_hn, lengths, reverse, hs, gates,
+def _gru_backward_loop_reset_before(gemm, d_out, d_h, w_hrz, w_hn, lengths, reverse, hs, gates,
                                     d_a):
     T, B, H = d_out.shape
     rv = 1 if reverse else 0
@@ -450,14 +512,14 @@ def _gru_backward_loop_reset_before(d_out, d_h, w_hrz, w_hn, lengths, reverse, h
                 d_an[b, j] = dh * (1 - z) * (1 - n * n) if active else dh * 0
                 d_arz[b, H + j] = dh * (h_prev[b, j] - n) * z * (1 - z) if active else dh * 0
                 direct[b, j] = dh * z
-        np.dot(d_an, w_hn, d_rh)
+        _mm(gemm, d_an, False, w_hn, False, d_rh, 0.0)
         for b in range(B):
             active = t < lengths[b]
             for j in range(H):
                 r = gates[t, b, j]
                 d_arz[b, j] = d_rh[b, j] * h_prev[b, j] * r * (1 - r) if active else r * 0
                 direct[b, j] += d_rh[b, j] * r
-        np.dot(d_arz, w_hrz, tmp)
+        _mm(gemm, d_arz, False, w_hrz, False, tmp, 0.0)
         for b in range(B):
             for j in range(2 * H):
                 d_a[t, b, j] = d_arz[b, j]
@@ -479,18 +541,20 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     full = _full_lengths(lengths, T, B)
     hns = None
     if reset_after:
-        bias = None
-        if b_ih is not None:  # b_hr, b_hz join the x side; b_hn stays inside r * (.)
-            bias = b_ih.copy()
-            bias[:2 * H] += b_hh[:2 * H]
-        xw = _project(x, w_ih, bias)
+        xw = _project(x, w_ih)
+        bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
+        bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
         b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
         hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
-        _gru_forward_loop(xw, w_hh.T, b_hn, full, reverse, training, hs, out, gates, hns)
+        _gru_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B), b_hn, full,
+                          reverse, training, hs, out, gates, hns)
     else:
-        xw = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)
-        _gru_forward_loop_reset_before(xw, w_hh[:2 * H].T, w_hh[2 * H:].T, full, reverse,
-                                       training, hs, out, gates)
+        xw = _project(x, w_ih)
+        bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
+        w_hrz, trans_w = _recurrent_weight(w_hh[:2 * H], B)
+        w_hn, _ = _recurrent_weight(w_hh[2 * H:], B)
+        _gru_forward_loop_reset_before(gemm_for(x.dtype), xw, bias, w_hrz, w_hn, trans_w, full,
+                                       reverse, training, hs, out, gates)
     cache = None
     if training:
         cache = (x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, reset_after)
@@ -509,16 +573,19 @@ def gru_backward(d_out, d_h_n, cache):
     if reset_after:
         d_a_x = np.empty((T, B, 3 * H), dtype=x.dtype)
         d_a_h = np.empty((T, B, 3 * H), dtype=x.dtype)
-        _gru_backward_loop(d_out, d_h, w_hh, full, reverse, hs, gates, hns, d_a_x, d_a_h)
+        _gru_backward_loop(gemm_for(x.dtype), d_out, d_h, w_hh, full, reverse, hs, gates, hns,
+                           d_a_x, d_a_h)
         grads = _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias)
     else:
         d_a = np.empty((T, B, 3 * H), dtype=x.dtype)
-        _gru_backward_loop_reset_before(d_out, d_h, w_hh[:2 * H], w_hh[2 * H:], full, reverse,
+        _gru_backward_loop_reset_before(gemm_for(x.dtype), d_out, d_h, w_hh[:2 * H], w_hh[2 * H:],
+                                        full, reverse,
                                         hs, gates, d_a)
         grads = _param_grads(d_a, d_a, x, h_prev, w_ih, has_bias)
         # n's recurrent GEMM input is r * h_{t-1}.
         rh = (gates[:, :, :H] * h_prev).reshape(T * B, H)
-        grads[2][2 * H:] = _matmul(d_a[:, :, 2 * H:].reshape(T * B, H).T, rh)
+        _mm(gemm_for(x.dtype), d_a.reshape(T * B, 3 * H)[:, 2 * H:], True, rh, False,
+            grads[2][2 * H:], 0.0)
     return (grads[0], d_h) + grads[1:]
 
 
