@@ -272,74 +272,114 @@ rnn_tanh_backward = rnn_relu_backward = _rnn_backward
 
 # -------------------------------------------------------------------- LSTM
 
+# The fused pointwise passes work on one batch row at a time, on 1-D slices,
+# and store to as few arrays as possible: every extra output array adds
+# run-time alias checks, and past a handful LLVM stops vectorizing the loop
+# (measured: 3.7 ns per LSTM element vectorized, 18 ns scalar).
+
+@_jit
+def _lstm_row(a, x, bias, c_prev, c_new, h_new, H, keep_gates):
+    """One row: pre-activations a (4H,) in, gates after activation back into a
+    (when ``keep_gates``: ``a`` is then the cache row), new c and h out."""
+    if keep_gates:
+        for j in range(H):
+            i = sigmoid(a[j] + x[j] + bias[j])
+            f = sigmoid(a[H + j] + x[H + j] + bias[H + j])
+            g = tanh(a[2 * H + j] + x[2 * H + j] + bias[2 * H + j])
+            o = sigmoid(a[3 * H + j] + x[3 * H + j] + bias[3 * H + j])
+            c = f * c_prev[j] + i * g
+            c_new[j] = c
+            h_new[j] = o * tanh(c)
+            a[j] = i
+            a[H + j] = f
+            a[2 * H + j] = g
+            a[3 * H + j] = o
+    else:
+        for j in range(H):
+            i = sigmoid(a[j] + x[j] + bias[j])
+            f = sigmoid(a[H + j] + x[H + j] + bias[H + j])
+            g = tanh(a[2 * H + j] + x[2 * H + j] + bias[2 * H + j])
+            o = sigmoid(a[3 * H + j] + x[3 * H + j] + bias[3 * H + j])
+            c = f * c_prev[j] + i * g
+            c_new[j] = c
+            h_new[j] = o * tanh(c)
+
+
+@_jit
+def _copy_row(src, dst):
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
+
+
+@_jit
+def _carry_row(h_prev, h_new, out_row):
+    """An inactive step: the state is carried, the output is 0."""
+    for j in range(h_prev.shape[0]):
+        h_new[j] = h_prev[j]
+        out_row[j] = 0
+
+
 @_jit
 def _lstm_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training, hs, cs, out,
-                       gates, tanh_cs):
+                       gates):
     T, B, G = xw.shape
     H = G // 4
     r = 1 if reverse else 0
-    a = np.empty((B, G), dtype=xw.dtype)
+    scratch = np.empty((B, G), dtype=xw.dtype)
     for k in range(T):
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r, training)
         h_prev, c_prev, h_new, c_new = hs[prev], cs[prev], hs[new], cs[new]
+        # In training the recurrent GEMM writes straight into this step's cache rows.
+        a = gates[t] if training else scratch
         _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
         for b in range(B):
             if t < lengths[b]:
-                a_b, x_b = a[b], xw[t, b]
-                for j in range(H):
-                    i = sigmoid(a_b[j] + x_b[j] + bias[j])
-                    f = sigmoid(a_b[H + j] + x_b[H + j] + bias[H + j])
-                    g = tanh(a_b[2 * H + j] + x_b[2 * H + j] + bias[2 * H + j])
-                    o = sigmoid(a_b[3 * H + j] + x_b[3 * H + j] + bias[3 * H + j])
-                    c = f * c_prev[b, j] + i * g
-                    tc = tanh(c)
-                    h = o * tc
-                    c_new[b, j] = c
-                    h_new[b, j] = h
-                    out[t, b, j] = h
-                    if training:
-                        gates[t, b, j] = i
-                        gates[t, b, H + j] = f
-                        gates[t, b, 2 * H + j] = g
-                        gates[t, b, 3 * H + j] = o
-                        tanh_cs[t, b, j] = tc
+                _lstm_row(a[b], xw[t, b], bias, c_prev[b], c_new[b], h_new[b], H, training)
+                _copy_row(h_new[b], out[t, b])
             else:
-                for j in range(H):
-                    h_new[b, j] = h_prev[b, j]
-                    c_new[b, j] = c_prev[b, j]
-                    out[t, b, j] = 0
+                _carry_row(h_prev[b], h_new[b], out[t, b])
+                _copy_row(c_prev[b], c_new[b])
 
 
 @_jit
-def _lstm_backward_loop(gemm, d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, tanh_cs, d_a):
+def _lstm_backward_row(g, c_prev, c_new, d_out, d_h, d_c, d_a, H):
+    for j in range(H):
+        i, f, gg, o = g[j], g[H + j], g[2 * H + j], g[3 * H + j]
+        tc = tanh(c_new[j])   # tanh of a cached state, cheaper to redo than to store
+        dh = d_out[j] + d_h[j]
+        dc = d_c[j] + dh * o * (1 - tc * tc)
+        d_a[j] = dc * gg * i * (1 - i)
+        d_a[H + j] = dc * c_prev[j] * f * (1 - f)
+        d_a[2 * H + j] = dc * i * (1 - gg * gg)
+        d_a[3 * H + j] = dh * tc * o * (1 - o)
+        d_c[j] = dc * f
+
+
+@_jit
+def _zero_row(row):
+    for j in range(row.shape[0]):
+        row[j] = 0
+
+
+@_jit
+def _lstm_backward_loop(gemm, d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, d_a):
     T, B, H = d_out.shape
     r = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
     for k in range(T):
         t = k if reverse else T - 1 - k
-        c_prev = cs[t + r]
+        c_prev, c_new = cs[t + r], cs[t + 1 - r]
         for b in range(B):
-            g_b, d_b = gates[t, b], d_a[t, b]
             if t < lengths[b]:
-                for j in range(H):
-                    i, f, g, o = g_b[j], g_b[H + j], g_b[2 * H + j], g_b[3 * H + j]
-                    tc = tanh_cs[t, b, j]
-                    dh = d_out[t, b, j] + d_h[b, j]
-                    dc = d_c[b, j] + dh * o * (1 - tc * tc)
-                    d_b[j] = dc * g * i * (1 - i)
-                    d_b[H + j] = dc * c_prev[b, j] * f * (1 - f)
-                    d_b[2 * H + j] = dc * i * (1 - g * g)
-                    d_b[3 * H + j] = dh * tc * o * (1 - o)
-                    d_c[b, j] = dc * f
+                _lstm_backward_row(gates[t, b], c_prev[b], c_new[b], d_out[t, b], d_h[b], d_c[b],
+                                   d_a[t, b], H)
             else:
-                for j in range(4 * H):
-                    d_b[j] = 0
+                _zero_row(d_a[t, b])
         _mm(gemm, d_a[t], False, w_hh, False, tmp, 0.0)
         for b in range(B):
             if t < lengths[b]:
-                for j in range(H):
-                    d_h[b, j] = tmp[b, j]
+                _copy_row(tmp[b], d_h[b])
 
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
@@ -350,29 +390,26 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    shape = (T, B, H) if training else (0, 0, 0)
-    gates = np.empty((shape[0], B if training else 0, 4 * H if training else 0), dtype=x.dtype)
-    tanh_cs = np.empty(shape, dtype=x.dtype)
+    gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     _lstm_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B), full, reverse,
-                       training, hs, cs, out, gates, tanh_cs)
+                       training, hs, cs, out, gates)
     cache = None
     if training:
-        cache = (x, hs, cs, gates, tanh_cs, w_ih, w_hh, b_ih is not None, full, reverse)
+        cache = (x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse)
     return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
 
 
 def lstm_backward(d_out, d_h_n, d_c_n, cache):
     """Backward of :func:`lstm_forward`."""
-    x, hs, cs, gates, tanh_cs, w_ih, w_hh, has_bias, full, reverse = cache
+    x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse = cache
     T, B, _ = x.shape
     r = int(reverse)
     d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
     d_c = d_c_n.astype(x.dtype, copy=True)
     _lstm_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, d_c, w_hh, full,
-                        reverse, cs, gates,
-                        tanh_cs, d_a)
+                        reverse, cs, gates, d_a)
     grads = _param_grads(d_a, d_a, x, hs[r:T + r], w_ih, has_bias)
     return (grads[0], d_h, d_c) + grads[1:]
 
