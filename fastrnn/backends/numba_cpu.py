@@ -417,38 +417,49 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
 # --------------------------------------------------------------------- GRU
 
 @_jit
+def _gru_row(a, x, bias, b_hn, h_prev, h_new, hn_out, H, keep_gates):
+    """reset_after, one row: a = h W_hh^T (3H,) in; r, z, n back into a and
+    hn = W_hn h + b_hn into hn_out when ``keep_gates``; the new h out."""
+    if keep_gates:
+        for j in range(H):
+            r = sigmoid(a[j] + x[j] + bias[j])
+            z = sigmoid(a[H + j] + x[H + j] + bias[H + j])
+            hn = a[2 * H + j] + b_hn[j]
+            n = tanh(x[2 * H + j] + bias[2 * H + j] + r * hn)
+            h_new[j] = (1 - z) * n + z * h_prev[j]
+            a[j] = r
+            a[H + j] = z
+            a[2 * H + j] = n
+            hn_out[j] = hn
+    else:
+        for j in range(H):
+            r = sigmoid(a[j] + x[j] + bias[j])
+            z = sigmoid(a[H + j] + x[H + j] + bias[H + j])
+            n = tanh(x[2 * H + j] + bias[2 * H + j] + r * (a[2 * H + j] + b_hn[j]))
+            h_new[j] = (1 - z) * n + z * h_prev[j]
+
+
+@_jit
 def _gru_forward_loop(gemm, xw, bias, w_hh, trans_w, b_hn, lengths, reverse, training, hs, out,
                       gates, hns):
     """reset_after=True: per step one GEMM h W_hh^T, then the gates."""
     T, B, G = xw.shape
     H = G // 3
     r_ = 1 if reverse else 0
-    a = np.empty((B, G), dtype=xw.dtype)
+    scratch = np.empty((B, G), dtype=xw.dtype)
     for k in range(T):
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r_, training)
         h_prev, h_new = hs[prev], hs[new]
+        a = gates[t] if training else scratch
         _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
         for b in range(B):
             if t < lengths[b]:
-                a_b, x_b = a[b], xw[t, b]
-                for j in range(H):
-                    r = sigmoid(a_b[j] + x_b[j] + bias[j])
-                    z = sigmoid(a_b[H + j] + x_b[H + j] + bias[H + j])
-                    hn = a_b[2 * H + j] + b_hn[j]
-                    n = tanh(x_b[2 * H + j] + bias[2 * H + j] + r * hn)
-                    h = (1 - z) * n + z * h_prev[b, j]
-                    h_new[b, j] = h
-                    out[t, b, j] = h
-                    if training:
-                        gates[t, b, j] = r
-                        gates[t, b, H + j] = z
-                        gates[t, b, 2 * H + j] = n
-                        hns[t, b, j] = hn
+                _gru_row(a[b], xw[t, b], bias, b_hn, h_prev[b], h_new[b],
+                         hns[t, b] if training else h_new[b], H, training)
+                _copy_row(h_new[b], out[t, b])
             else:
-                for j in range(H):
-                    h_new[b, j] = h_prev[b, j]
-                    out[t, b, j] = 0
+                _carry_row(h_prev[b], h_new[b], out[t, b])
 
 
 @_jit
@@ -493,39 +504,48 @@ def _gru_forward_loop_reset_before(gemm, xw, bias, w_hrz, w_hn, trans_w, lengths
 
 
 @_jit
+def _gru_backward_row(g, hn, h_prev, d_out, d_h, d_ax, d_ah, H):
+    """reset_after, one row; d_h becomes its direct part dh * z (the GEMM adds the rest)."""
+    for j in range(H):
+        r, z, n = g[j], g[H + j], g[2 * H + j]
+        dh = d_out[j] + d_h[j]
+        d_an = dh * (1 - z) * (1 - n * n)
+        d_az = dh * (h_prev[j] - n) * z * (1 - z)
+        d_ar = d_an * hn[j] * r * (1 - r)
+        d_ax[j] = d_ar
+        d_ax[H + j] = d_az
+        d_ax[2 * H + j] = d_an
+        d_ah[j] = d_ar
+        d_ah[H + j] = d_az
+        d_ah[2 * H + j] = d_an * r
+        d_h[j] = dh * z
+
+
+@_jit
+def _add_row(src, dst):
+    for j in range(src.shape[0]):
+        dst[j] += src[j]
+
+
+@_jit
 def _gru_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x, d_a_h):
     T, B, H = d_out.shape
     rv = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
-    direct = np.empty((B, H), dtype=d_out.dtype)
     for k in range(T):
         t = k if reverse else T - 1 - k
         h_prev = hs[t + rv]
         for b in range(B):
-            g_b, dx_b, dh_b = gates[t, b], d_a_x[t, b], d_a_h[t, b]
             if t < lengths[b]:
-                for j in range(H):
-                    r, z, n = g_b[j], g_b[H + j], g_b[2 * H + j]
-                    dh = d_out[t, b, j] + d_h[b, j]
-                    d_an = dh * (1 - z) * (1 - n * n)
-                    d_az = dh * (h_prev[b, j] - n) * z * (1 - z)
-                    d_ar = d_an * hns[t, b, j] * r * (1 - r)
-                    dx_b[j] = d_ar
-                    dx_b[H + j] = d_az
-                    dx_b[2 * H + j] = d_an
-                    dh_b[j] = d_ar
-                    dh_b[H + j] = d_az
-                    dh_b[2 * H + j] = d_an * r
-                    direct[b, j] = dh * z
+                _gru_backward_row(gates[t, b], hns[t, b], h_prev[b], d_out[t, b], d_h[b],
+                                  d_a_x[t, b], d_a_h[t, b], H)
             else:
-                for j in range(3 * H):
-                    dx_b[j] = 0
-                    dh_b[j] = 0
+                _zero_row(d_a_x[t, b])
+                _zero_row(d_a_h[t, b])
         _mm(gemm, d_a_h[t], False, w_hh, False, tmp, 0.0)
         for b in range(B):
             if t < lengths[b]:
-                for j in range(H):
-                    d_h[b, j] = direct[b, j] + tmp[b, j]
+                _add_row(tmp[b], d_h[b])
 
 
 @_jit
