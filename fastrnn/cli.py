@@ -301,9 +301,12 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    # Idle OpenMP threads (torch's) spin for a while by default and steal the cores
+    # from whatever runs next in the same process; interleaved timings need them asleep.
+    import os
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", 1) is None:
-        import os
         args.threads = os.cpu_count() or 1
     return args.func(args)
 
