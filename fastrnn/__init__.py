@@ -17,7 +17,22 @@ from .tbptt import truncated_bptt
 
 __version__ = "0.1.0"
 
-__all__ = ["RNN", "LSTM", "GRU", "gradcheck", "GradcheckReport", "backends", "__version__"]
+
+def warmup(backend="auto", dtypes=("float32", "float64"), cells=None):
+    """Compile (or load from the on-disk cache) a backend's kernels now.
+
+    The numba backend compiles on first use and caches the machine code
+    (``NUMBA_CACHE_DIR`` moves the cache); calling this at start-up takes
+    that cost out of the first real call. Other backends have nothing to do.
+    Returns the name of the backend warmed up.
+    """
+    b = backends.get(backend)
+    if hasattr(b.module, "warmup"):
+        b.module.warmup(dtypes=dtypes, cells=cells)
+    return b.name
+
+__all__ = ["RNN", "LSTM", "GRU", "gradcheck", "GradcheckReport", "backends", "warmup",
+           "__version__"]
 __all__ += ["RNNCell", "LSTMCell", "GRUCell", "attention"]
 __all__ += ["Linear", "Embedding", "losses", "optim", "tbptt", "truncated_bptt", "diagnostics",
             "clip_grad_norm_", "clip_grad_value_"]

@@ -79,8 +79,8 @@ def _mm(gemm, a, trans_a, b, trans_b, out, beta):
             for j in range(N):
                 out[i, j] = out[i, j] * beta if beta != 0 else 0
         return
-    if M <= _SMALL_ROWS and not trans_a and not trans_b:
-        _mm_small(a, b, out, beta)
+    if M <= _SMALL or K <= _SMALL:
+        _mm_small(a, trans_a, b, trans_b, out, beta)
         return
     size = a.itemsize
     gemm(101, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K, 1.0,
@@ -89,33 +89,43 @@ def _mm(gemm, a, trans_a, b, trans_b, out, beta):
          out.ctypes.data, max(out.strides[0] // size, N, 1))
 
 
-#: Up to this many rows (batch size) a compiled loop beats the BLAS call: the
-#: recurrent product is then a matrix-vector product, dominated by call overhead.
-_SMALL_ROWS = 2
+#: With this few rows (batch size, or T*B for the whole-sequence products) or
+#: this short an inner dimension, a compiled loop beats the BLAS call, whose
+#: overhead dominates a matrix-vector or outer product.
+_SMALL = 2
+#: Transposing W_hh once for the small-row loop pays off from this many steps.
+_TRANSPOSE_FROM_T = 16
 
 
 @_jit
-def _mm_small(a, b, out, beta):
-    """out = a @ b + beta * out for few rows: out[i, :] += a[i, k] * b[k, :]."""
+def _mm_small(a, trans_a, b, trans_b, out, beta):
+    """out = op(a) @ op(b) + beta * out as plain loops, contiguous innermost."""
     M, N = out.shape
-    K = a.shape[1]
+    K = a.shape[0] if trans_a else a.shape[1]
     for i in range(M):
-        if beta == 0:
+        for j in range(N):
+            out[i, j] = out[i, j] * beta if beta != 0 else 0
+    if trans_b:          # out[i, j] += sum_k op(a)[i, k] * b[j, k]
+        for i in range(M):
             for j in range(N):
-                out[i, j] = 0
-        elif beta != 1:
-            for j in range(N):
-                out[i, j] *= beta
+                acc = out[i, j]
+                for k in range(K):
+                    acc += (a[k, i] if trans_a else a[i, k]) * b[j, k]
+                out[i, j] = acc
+    else:                # out[i, :] += op(a)[i, k] * b[k, :]
         for k in range(K):
-            aik = a[i, k]
-            for j in range(N):
-                out[i, j] += aik * b[k, j]
+            for i in range(M):
+                aik = a[k, i] if trans_a else a[i, k]
+                for j in range(N):
+                    out[i, j] += aik * b[k, j]
 
 
-def _recurrent_weight(w, B):
-    """(w, transpose flag) for the per-step product h @ w^T: for few rows the
-    small-product loop wants w^T in rows, so it is transposed once per call."""
-    return (np.ascontiguousarray(w.T), False) if B <= _SMALL_ROWS else (w, True)
+def _recurrent_weight(w, B, T):
+    """(w, transpose flag) for the per-step product h @ w^T. The small-row loop
+    reads w^T fastest in rows, so for long enough sequences it is transposed once."""
+    if B <= _SMALL and T >= _TRANSPOSE_FROM_T:
+        return np.ascontiguousarray(w.T), False
+    return w, True
 
 
 def _matmul(a, b, trans_a=False, trans_b=False):
@@ -152,19 +162,42 @@ def _final(buf, T, training, reverse):
     return buf[(1 - int(reverse)) * T if training else T % 2].copy()
 
 
+@_jit
+def _column_sums(a, out):
+    for j in range(out.shape[0]):
+        out[j] = 0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            out[j] += a[i, j]
+
+
+@_jit
+def _param_grads_kernel(gemm, d_a_x, d_a_h, x, h_prev, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih,
+                        d_b_hh, has_bias):
+    _mm(gemm, d_a_x, False, w_ih, False, d_x, 0.0)
+    _mm(gemm, d_a_x, True, x, False, d_w_ih, 0.0)
+    _mm(gemm, d_a_h, True, h_prev, False, d_w_hh, 0.0)
+    if has_bias:
+        _column_sums(d_a_x, d_b_ih)
+        _column_sums(d_a_h, d_b_hh)
+
+
 def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias):
-    """Whole-sequence GEMMs: d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh (see reference)."""
+    """Whole-sequence GEMMs: d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh (see reference).
+
+    One compiled call: at T = 1 (cells) the per-call overhead is what counts.
+    """
     T, B, I = x.shape
-    G = d_a_x.shape[2]
-    d_a_x2 = d_a_x.reshape(T * B, G)
-    d_a_h2 = d_a_h.reshape(T * B, G)
-    d_x = _matmul(d_a_x2, w_ih).reshape(T, B, I)
-    d_w_ih = _matmul(d_a_x2, x.reshape(T * B, I), trans_a=True)
-    d_w_hh = _matmul(d_a_h2, h_prev.reshape(T * B, -1), trans_a=True)
+    G, H = d_a_x.shape[2], h_prev.shape[2]
+    dtype = x.dtype
+    d_x = np.empty((T, B, I), dtype)
+    d_w_ih, d_w_hh = np.empty((G, I), dtype), np.empty((G, H), dtype)
+    d_b_ih, d_b_hh = np.empty(G if has_bias else 0, dtype), np.empty(G if has_bias else 0, dtype)
+    _param_grads_kernel(gemm_for(dtype), d_a_x.reshape(T * B, G), d_a_h.reshape(T * B, G),
+                        x.reshape(T * B, I), h_prev.reshape(T * B, H), w_ih,
+                        d_x.reshape(T * B, I), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias)
     if not has_bias:
         return d_x, d_w_ih, d_w_hh, None, None
-    d_b_ih = d_a_x2.sum(axis=0)
-    d_b_hh = d_b_ih.copy() if d_a_h is d_a_x else d_a_h2.sum(axis=0)
     return d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh
 
 
@@ -237,7 +270,7 @@ def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
     out = np.empty((T, B, H), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _rnn_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B), full, reverse,
+    _rnn_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
                       training, relu, hs, out)
     cache = None
     if training:
@@ -392,7 +425,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     out = np.empty((T, B, H), dtype=x.dtype)
     gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _lstm_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B), full, reverse,
+    _lstm_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
                        training, hs, cs, out, gates)
     cache = None
     if training:
@@ -603,13 +636,13 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
         b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
         hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
-        _gru_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B), b_hn, full,
+        _gru_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), b_hn, full,
                           reverse, training, hs, out, gates, hns)
     else:
         xw = _project(x, w_ih)
         bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
-        w_hrz, trans_w = _recurrent_weight(w_hh[:2 * H], B)
-        w_hn, _ = _recurrent_weight(w_hh[2 * H:], B)
+        w_hrz, trans_w = _recurrent_weight(w_hh[:2 * H], B, T)
+        w_hn, _ = _recurrent_weight(w_hh[2 * H:], B, T)
         _gru_forward_loop_reset_before(gemm_for(x.dtype), xw, bias, w_hrz, w_hn, trans_w, full,
                                        reverse, training, hs, out, gates)
     cache = None
