@@ -311,31 +311,21 @@ rnn_tanh_backward = rnn_relu_backward = _rnn_backward
 # (measured: 3.7 ns per LSTM element vectorized, 18 ns scalar).
 
 @_jit
-def _lstm_row(a, x, bias, c_prev, c_new, h_new, H, keep_gates):
+def _lstm_row(a, x, bias, c_prev, c_new, h_new, H):
     """One row: pre-activations a (4H,) in, gates after activation back into a
-    (when ``keep_gates``: ``a`` is then the cache row), new c and h out."""
-    if keep_gates:
-        for j in range(H):
-            i = sigmoid(a[j] + x[j] + bias[j])
-            f = sigmoid(a[H + j] + x[H + j] + bias[H + j])
-            g = tanh(a[2 * H + j] + x[2 * H + j] + bias[2 * H + j])
-            o = sigmoid(a[3 * H + j] + x[3 * H + j] + bias[3 * H + j])
-            c = f * c_prev[j] + i * g
-            c_new[j] = c
-            h_new[j] = o * tanh(c)
-            a[j] = i
-            a[H + j] = f
-            a[2 * H + j] = g
-            a[3 * H + j] = o
-    else:
-        for j in range(H):
-            i = sigmoid(a[j] + x[j] + bias[j])
-            f = sigmoid(a[H + j] + x[H + j] + bias[H + j])
-            g = tanh(a[2 * H + j] + x[2 * H + j] + bias[2 * H + j])
-            o = sigmoid(a[3 * H + j] + x[3 * H + j] + bias[3 * H + j])
-            c = f * c_prev[j] + i * g
-            c_new[j] = c
-            h_new[j] = o * tanh(c)
+    (in training ``a`` is the cache row; in inference, scratch), new c and h out."""
+    for j in range(H):
+        i = sigmoid(a[j] + x[j] + bias[j])
+        f = sigmoid(a[H + j] + x[H + j] + bias[H + j])
+        g = tanh(a[2 * H + j] + x[2 * H + j] + bias[2 * H + j])
+        o = sigmoid(a[3 * H + j] + x[3 * H + j] + bias[3 * H + j])
+        c = f * c_prev[j] + i * g
+        c_new[j] = c
+        h_new[j] = o * tanh(c)
+        a[j] = i
+        a[H + j] = f
+        a[2 * H + j] = g
+        a[3 * H + j] = o
 
 
 @_jit
@@ -368,7 +358,7 @@ def _lstm_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training
         _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
         for b in range(B):
             if t < lengths[b]:
-                _lstm_row(a[b], xw[t, b], bias, c_prev[b], c_new[b], h_new[b], H, training)
+                _lstm_row(a[b], xw[t, b], bias, c_prev[b], c_new[b], h_new[b], H)
                 _copy_row(h_new[b], out[t, b])
             else:
                 _carry_row(h_prev[b], h_new[b], out[t, b])
@@ -450,26 +440,20 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
 # --------------------------------------------------------------------- GRU
 
 @_jit
-def _gru_row(a, x, bias, b_hn, h_prev, h_new, hn_out, H, keep_gates):
+def _gru_row(a, x, bias, b_hn, h_prev, h_new, hn_out, H):
     """reset_after, one row: a = h W_hh^T (3H,) in; r, z, n back into a and
-    hn = W_hn h + b_hn into hn_out when ``keep_gates``; the new h out."""
-    if keep_gates:
-        for j in range(H):
-            r = sigmoid(a[j] + x[j] + bias[j])
-            z = sigmoid(a[H + j] + x[H + j] + bias[H + j])
-            hn = a[2 * H + j] + b_hn[j]
-            n = tanh(x[2 * H + j] + bias[2 * H + j] + r * hn)
-            h_new[j] = (1 - z) * n + z * h_prev[j]
-            a[j] = r
-            a[H + j] = z
-            a[2 * H + j] = n
-            hn_out[j] = hn
-    else:
-        for j in range(H):
-            r = sigmoid(a[j] + x[j] + bias[j])
-            z = sigmoid(a[H + j] + x[H + j] + bias[H + j])
-            n = tanh(x[2 * H + j] + bias[2 * H + j] + r * (a[2 * H + j] + b_hn[j]))
-            h_new[j] = (1 - z) * n + z * h_prev[j]
+    hn = W_hn h + b_hn into hn_out (cache rows in training, scratch in
+    inference); the new h out."""
+    for j in range(H):
+        r = sigmoid(a[j] + x[j] + bias[j])
+        z = sigmoid(a[H + j] + x[H + j] + bias[H + j])
+        hn = a[2 * H + j] + b_hn[j]
+        n = tanh(x[2 * H + j] + bias[2 * H + j] + r * hn)
+        h_new[j] = (1 - z) * n + z * h_prev[j]
+        a[j] = r
+        a[H + j] = z
+        a[2 * H + j] = n
+        hn_out[j] = hn
 
 
 @_jit
@@ -480,16 +464,16 @@ def _gru_forward_loop(gemm, xw, bias, w_hh, trans_w, b_hn, lengths, reverse, tra
     H = G // 3
     r_ = 1 if reverse else 0
     scratch = np.empty((B, G), dtype=xw.dtype)
+    scratch_hn = np.empty((B, H), dtype=xw.dtype)
     for k in range(T):
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r_, training)
         h_prev, h_new = hs[prev], hs[new]
-        a = gates[t] if training else scratch
+        a, hn = (gates[t], hns[t]) if training else (scratch, scratch_hn)
         _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
         for b in range(B):
             if t < lengths[b]:
-                _gru_row(a[b], xw[t, b], bias, b_hn, h_prev[b], h_new[b],
-                         hns[t, b] if training else h_new[b], H, training)
+                _gru_row(a[b], xw[t, b], bias, b_hn, h_prev[b], h_new[b], hn[b], H)
                 _copy_row(h_new[b], out[t, b])
             else:
                 _carry_row(h_prev[b], h_new[b], out[t, b])
