@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from .layers import _check_dtype, _check_positive_int
+from .layers import _check_bool, _check_dtype, _check_positive_int, _load_params, _rng
 
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
@@ -42,9 +42,7 @@ class _CellBase:
                  dtype=np.float32, seed=None):
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
-        self.bias = bool(bias)
+        self.bias = _check_bool("bias", bias)
         self._cell = cell
         self._num_states = backends.state_count(cell)
         self.dtype = _check_dtype(dtype)
@@ -85,7 +83,7 @@ class _CellBase:
 
     def _init_params(self, seed) -> dict:
         # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
         k = 1.0 / np.sqrt(self.hidden_size)
         return {name: self._xp.asarray(rng.uniform(-k, k, shape).astype(self.dtype))
                 for name, shape in self._param_shapes().items()}
@@ -108,7 +106,7 @@ class _CellBase:
 
     def train(self, mode: bool = True):
         """Train mode: every call records its step on the tape for :meth:`backward`."""
-        self.training = bool(mode)
+        self.training = _check_bool("mode", mode)
         return self
 
     def eval(self):
@@ -143,26 +141,8 @@ class _CellBase:
         ValueError or TypeError naming it) and leaves the cell unchanged.
         A successful load clears the tape.
         """
-        shapes = self._param_shapes()
-        missing = [k for k in shapes if k not in state_dict]
-        extra = [k for k in state_dict if k not in shapes]
-        if missing or extra:
-            raise KeyError(f"state_dict does not match {type(self).__name__}: "
-                           f"missing keys {missing}, unexpected keys {extra}")
-        new = {}
-        for name, shape in shapes.items():
-            value = state_dict[name]
-            if hasattr(value, "detach"):  # a torch tensor
-                value = value.detach().cpu().numpy()
-            value = self._xp.asarray(value)
-            if tuple(value.shape) != shape:
-                raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
-                                 f"expected {shape}")
-            if value.dtype.kind != "f":
-                raise TypeError(f"state_dict[{name!r}] has dtype {value.dtype}, expected a "
-                                f"floating dtype")
-            new[name] = value.astype(self.dtype, copy=True)
-        self.params = new
+        self.params = _load_params(type(self).__name__, self._param_shapes(), state_dict,
+                                   self._xp, self.dtype)
         self._tape.clear()
 
     def to(self, backend=None, dtype=None):

@@ -118,6 +118,28 @@ def verify_backend(backend, cells, dtype) -> tuple[bool, float]:
     return worst <= tol, worst
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def parse_sizes(text):
     sizes = []
     for item in text.split(","):
@@ -281,10 +303,10 @@ def build_parser():
                    default=["inference", "training"])
     b.add_argument("--sizes", type=parse_sizes, help="TxBxIxH,... e.g. 100x64x256x256")
     b.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    b.add_argument("--repeats", type=int, help="timed runs per contender (median taken)")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
+    b.add_argument("--repeats", type=positive_int, help="timed runs per contender (median taken)")
+    b.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: cores)")
     b.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
-    b.add_argument("--max-reference-work", type=float, default=5e8,
+    b.add_argument("--max-reference-work", type=positive_float, default=5e8,
                    help="skip the numpy reference above this T*B*I*H")
     b.add_argument("--json", metavar="FILE", help="write machine info and rows as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="draw the comparison (needs matplotlib)")

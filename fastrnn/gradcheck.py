@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .layers import _RNNBase, _rng
 
 
 @dataclass
@@ -47,6 +51,44 @@ def _host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
+def _check_float(name, a):
+    if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+        raise TypeError(f"{name} must be a floating numpy or cupy array, got {type(a).__name__}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating dtype, got {a.dtype}")
+
+
+def _check_arguments(model, x, hx, eps, atol, rtol, max_elements):
+    """Errors that name the argument, raised before anything is computed."""
+    if not isinstance(model, _RNNBase):
+        raise TypeError(f"model must be a fastrnn RNN, LSTM or GRU layer, got "
+                        f"{type(model).__name__}")
+    _check_float("x", x)
+    if hx is not None:
+        if model._num_states == 2:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ValueError(f"hx must be a pair (h0, c0) for an LSTM, got "
+                                 f"{type(hx).__name__}")
+            _check_float("hx[0]", hx[0])
+            _check_float("hx[1]", hx[1])
+        else:
+            _check_float("hx", hx)
+    for name, value, low_open in (("eps", eps, True), ("atol", atol, False),
+                                  ("rtol", rtol, False)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {value!r}")
+        if not math.isfinite(value) or value < 0 or (low_open and value == 0):
+            raise ValueError(f"{name} must be finite and {'>' if low_open else '>='} 0, "
+                             f"got {value!r}")
+    if max_elements is not None:
+        if isinstance(max_elements, bool) or not isinstance(max_elements, numbers.Integral):
+            raise TypeError(f"max_elements must be None or a positive integer, got "
+                            f"{max_elements!r}")
+        if max_elements < 1:
+            raise ValueError(f"max_elements must be None or a positive integer, got "
+                             f"{max_elements!r}")
+
+
 def gradcheck(model, x, hx=None, lengths=None, *, eps=1e-6, atol=1e-7, rtol=1e-5,
               max_elements=None, seed=0) -> GradcheckReport:
     """Check a layer's backward against central finite differences, in float64.
@@ -59,10 +101,15 @@ def gradcheck(model, x, hx=None, lengths=None, *, eps=1e-6, atol=1e-7, rtol=1e-5
     Parameters
     ----------
     model : RNN, LSTM or GRU (any dtype: the check runs on a float64 copy).
-    x, hx, lengths : as for ``model(x, hx, lengths)``.
-    eps : finite-difference step.
-    atol, rtol : an element passes when ``|analytic - numeric| <= atol + rtol * |numeric|``.
-    max_elements : if given, check at most this many random elements per tensor.
+    x, hx, lengths : as for ``model(x, hx, lengths)``; floating arrays of any
+        precision (they are converted to float64).
+    eps : finite-difference step, > 0.
+    atol, rtol : an element passes when ``|analytic - numeric| <= atol + rtol * |numeric|``
+        (both >= 0).
+    max_elements : if given, check at most this many random elements per tensor (>= 1).
+
+    Bad arguments raise TypeError or ValueError naming them; ``model`` is
+    never changed (the check runs on a copy).
     seed : seed of the loss weights and of the element sample.
 
     Returns
@@ -70,10 +117,11 @@ def gradcheck(model, x, hx=None, lengths=None, *, eps=1e-6, atol=1e-7, rtol=1e-5
     GradcheckReport : ``report.passed``, ``report.errors[name]`` (``max_abs``,
         ``max_rel``, ``checked``, ``passed``); ``print(report)`` shows a table.
     """
+    _check_arguments(model, x, hx, eps, atol, rtol, max_elements)
+    rng = _rng(seed)
     m = model.copy(dtype=np.float64).train()
     m.zero_grad()
     xp = m._xp
-    rng = np.random.default_rng(seed)
 
     def to64(a):
         return None if a is None else xp.asarray(_host(a).astype(np.float64))

@@ -32,6 +32,58 @@ def _check_positive_int(name, value):
     return int(value)
 
 
+def _check_bool(name, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _rng(seed):
+    """``np.random.default_rng(seed)`` with an error that names ``seed``."""
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}")
+    try:
+        return np.random.default_rng(seed)
+    except TypeError as exc:
+        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}") from exc
+    except ValueError as exc:
+        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}") from exc
+
+
+def _load_params(owner, shapes, state_dict, xp, dtype) -> dict:
+    """Validated copies of ``state_dict``'s arrays for :meth:`load_state_dict` (all or nothing).
+
+    A non-mapping raises TypeError; missing or extra keys KeyError (naming
+    them); a non-float value TypeError; a wrong shape ValueError (naming the key).
+    """
+    if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+        raise TypeError(f"state_dict must be a mapping of names to arrays, got "
+                        f"{type(state_dict).__name__}")
+    missing = [k for k in shapes if k not in state_dict]
+    extra = [k for k in state_dict.keys() if k not in shapes]
+    if missing or extra:
+        raise KeyError(f"state_dict does not match {owner}: "
+                       f"missing keys {missing}, unexpected keys {extra}")
+    new = {}
+    for name, shape in shapes.items():
+        value = state_dict[name]
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        try:
+            value = xp.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"state_dict[{name!r}] must be an array, got "
+                            f"{type(value).__name__}") from exc
+        if value.dtype.kind != "f":
+            raise TypeError(f"state_dict[{name!r}] has dtype {value.dtype}, expected a "
+                            f"floating dtype")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
+                             f"expected {shape}")
+        new[name] = value.astype(dtype, copy=True)
+    return new
+
+
 class _Pending:
     """What a train-mode forward leaves for backward."""
 
@@ -50,12 +102,9 @@ class _RNNBase:
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.num_layers = _check_positive_int("num_layers", num_layers)
-        for name, value in (("bias", bias), ("batch_first", batch_first),
-                            ("bidirectional", bidirectional)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
-        self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), \
-            bool(bidirectional)
+        self.bias = _check_bool("bias", bias)
+        self.batch_first = _check_bool("batch_first", batch_first)
+        self.bidirectional = _check_bool("bidirectional", bidirectional)
         self._cell = cell
         self.dtype = _check_dtype(dtype)
         self._backend = backends.get(backend)
@@ -103,7 +152,7 @@ class _RNNBase:
 
     def _init_params(self, seed) -> dict:
         # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
         k = 1.0 / np.sqrt(self.hidden_size)
         return {name: self._xp.asarray(rng.uniform(-k, k, shape).astype(self.dtype))
                 for name, shape in self._param_shapes().items()}
@@ -133,7 +182,7 @@ class _RNNBase:
 
     def train(self, mode: bool = True):
         """Train mode: a forward call records what backward needs."""
-        self.training = bool(mode)
+        self.training = _check_bool("mode", mode)
         return self
 
     def eval(self):
@@ -157,26 +206,8 @@ class _RNNBase:
         All or nothing: a missing, extra or misshapen key raises (KeyError or
         ValueError naming it) and leaves the layer unchanged.
         """
-        shapes = self._param_shapes()
-        missing = [k for k in shapes if k not in state_dict]
-        extra = [k for k in state_dict if k not in shapes]
-        if missing or extra:
-            raise KeyError(f"state_dict does not match {type(self).__name__}: "
-                           f"missing keys {missing}, unexpected keys {extra}")
-        new = {}
-        for name, shape in shapes.items():
-            value = state_dict[name]
-            if hasattr(value, "detach"):  # a torch tensor
-                value = value.detach().cpu().numpy()
-            value = self._xp.asarray(value)
-            if tuple(value.shape) != shape:
-                raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
-                                 f"expected {shape}")
-            if value.dtype.kind != "f":
-                raise TypeError(f"state_dict[{name!r}] has dtype {value.dtype}, expected a "
-                                f"floating dtype")
-            new[name] = value.astype(self.dtype, copy=True)
-        self.params = new
+        self.params = _load_params(type(self).__name__, self._param_shapes(), state_dict,
+                                   self._xp, self.dtype)
         self._pending = None
 
     def to(self, backend=None, dtype=None):
@@ -234,6 +265,8 @@ class _RNNBase:
             x = x.transpose(1, 0, 2)
         if x.shape[0] == 0:
             raise ValueError("x must have at least one time step")
+        if x.shape[1] == 0:
+            raise ValueError("x must have at least one sequence (B >= 1)")
         return self._xp.ascontiguousarray(x), batched
 
     def _check_lengths(self, lengths, T, B, batched):
@@ -303,29 +336,48 @@ class _RNNBase:
         h_n : (num_layers * D, B, H); for the LSTM a pair ``(h_n, c_n)``.
         """
         xp = self._xp
+        x_in = x
         x, batched = self._check_input(x)
         T, B = x.shape[:2]
         lengths = self._check_lengths(lengths, T, B, batched)
         h0s = self._check_states("hx", hx, B, batched)
+        if self.training and (x is x_in or xp.may_share_memory(x, x_in)):
+            # The caches keep x until backward: a copy protects them from a caller
+            # that refills its input buffer in place before calling backward.
+            x = x.copy()
         fwd, _ = self._backend.kernels(self._cell)
         options = self._kernel_options()
         S, D, H = self._num_states, self.num_directions, self.hidden_size
+        # Inference over a long sequence runs the kernels chunk by chunk, so the
+        # temporaries (input projection (T, B, G), state buffers) are chunk-sized.
+        chunk = None if self.training or T <= self.eval_chunk else int(self.eval_chunk)
         states_n = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
                          for _ in range(S))
         caches = []
         layer_input = x
         for layer in range(self.num_layers):
             outs = []
+            layer_out = None if chunk is None else xp.empty((T, B, D * H), dtype=self.dtype)
             for direction in range(D):
                 k = layer * D + direction
-                result = fwd(layer_input, *(s[k] for s in h0s), *self._weights(layer, direction),
-                             lengths=lengths, reverse=bool(direction), training=self.training,
-                             **options)
-                outs.append(result[0])
-                for s_n, s in zip(states_n, result[1:1 + S]):
+                init = tuple(s[k] for s in h0s)
+                weights = self._weights(layer, direction)
+                if chunk is None:
+                    result = fwd(layer_input, *init, *weights, lengths=lengths,
+                                 reverse=bool(direction), training=self.training, **options)
+                    outs.append(result[0])
+                    finals = result[1:1 + S]
+                    caches.append(result[-1])
+                else:
+                    finals = self._forward_chunked(
+                        fwd, layer_input, init, weights, lengths, bool(direction), chunk,
+                        options, layer_out[:, :, direction * H:(direction + 1) * H])
+                for s_n, s in zip(states_n, finals):
                     s_n[k] = s
-                caches.append(result[-1])
-            layer_input = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
+            if chunk is not None:
+                layer_input = layer_out
+            else:
+                layer_input = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
         out = layer_input
         if not batched:
             out, states_n = out[:, 0], tuple(s[:, 0] for s in states_n)
@@ -334,6 +386,56 @@ class _RNNBase:
         self._pending = (_Pending(caches, tuple(out.shape), batched, T, B)
                          if self.training else None)
         return out, (states_n if S == 2 else states_n[0])
+
+    #: Inference (eval mode) over more steps than this runs each layer and
+    #: direction in chunks of this many steps, with the state carried across
+    #: chunks: peak memory is then the output plus chunk-sized temporaries,
+    #: instead of T times the gate width. Training never chunks (backward
+    #: needs the whole cache).
+    eval_chunk = 1024
+
+    def _forward_chunked(self, fwd, x, states, weights, lengths, reverse, chunk, options, out):
+        """Inference of one layer and direction over ``x`` (T, B, I), ``chunk`` steps at a time.
+
+        Chunks run in time order (reverse: from the end), each starting from
+        the state the previous one ended with. Step ``t`` is active iff
+        ``t < lengths[b]``, i.e. ``t - t0 < lengths[b] - t0``: each chunk
+        ``[t0, t1)`` gets ``clip(lengths - t0, 0, t1 - t0)``. Writes ``out``
+        (T, B, H), a view; returns the final state tuple.
+        """
+        xp = self._xp
+        T = x.shape[0]
+        S = self._num_states
+        starts = range(0, T, chunk)
+        for t0 in (reversed(starts) if reverse else starts):
+            t1 = min(t0 + chunk, T)
+            lens = None if lengths is None else xp.clip(lengths - t0, 0, t1 - t0)
+            result = fwd(x[t0:t1], *states, *weights, lengths=lens, reverse=reverse,
+                         training=False, **options)
+            out[t0:t1] = result[0]
+            states = tuple(result[1:1 + S])
+        return states
+
+    def pending_nbytes(self) -> int:
+        """Bytes held for backward by the pending train-mode forward call (0 if none).
+
+        Sums ``nbytes`` of every array in the backends' caches, each array
+        once; the parameters, which the caches reference but do not copy, are
+        not counted. Divided by ``T * B`` it is the training memory per step
+        and sequence (see docs/hardening.md).
+        """
+        if self._pending is None:
+            return 0
+        skip = {id(p) for p in self.params.values()}
+        seen, total = set(), 0
+        for cache in self._pending.caches:
+            values = cache.values() if isinstance(cache, dict) else cache
+            for v in values:
+                if hasattr(v, "nbytes") and hasattr(v, "shape") and id(v) not in skip \
+                        and id(v) not in seen:
+                    seen.add(id(v))
+                    total += int(v.nbytes)
+        return total
 
     def backward(self, d_out, d_h_n=None):
         """Backpropagate through the last train-mode forward call.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 
 def _xp_of(a):
     """The array module of ``a``: numpy, or cupy for a cupy array."""
@@ -12,8 +14,28 @@ def _xp_of(a):
     return numpy
 
 
+def _check_float_array(name, a, min_ndim=0):
+    """``a`` must be a numpy/cupy array of a floating dtype with at least ``min_ndim`` axes."""
+    if not hasattr(a, "dtype") or not hasattr(a, "shape") or isinstance(a, (int, float)):
+        raise TypeError(f"{name} must be a floating numpy or cupy array, got {type(a).__name__}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating dtype, got {a.dtype}")
+    if a.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape "
+                         f"{tuple(a.shape)}")
+
+
+def _check_reduction(reduction):
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
 def log_softmax(logits):
     """Log-softmax over the last axis, computed stably: z - max(z) - log(sum(exp(z - max(z))))."""
+    _check_float_array("logits", logits, 1)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have at least one class on its last axis, got shape "
+                         f"{tuple(logits.shape)}")
     xp = _xp_of(logits)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
@@ -41,13 +63,19 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     log p = log_softmax(z);  loss = -(1/N) sum_{n not ignored} log p[n, y_n];
     d_z[n] = (softmax(z[n]) - onehot(y_n)) / N for kept n, 0 for ignored n.
     """
+    _check_reduction(reduction)
+    _check_float_array("logits", logits, 1)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have at least one class on its last axis, got shape "
+                         f"{tuple(logits.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
     xp = _xp_of(logits)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if logits.ndim < 1 or logits.dtype.kind != "f":
-        raise TypeError(f"logits must be a floating array with classes on the last axis, got "
-                        f"dtype {logits.dtype} and shape {tuple(logits.shape)}")
-    targets = xp.asarray(targets)
+    try:
+        targets = xp.asarray(targets)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"targets must be an integer array, got {type(targets).__name__}") \
+            from exc
     if targets.dtype.kind not in "iu":
         raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
@@ -82,8 +110,11 @@ def mse_loss(pred, target, reduction="mean"):
     loss = mean((pred - target)**2) ('mean') or its sum ('sum');
     d_pred = 2 (pred - target) / N ('mean', N = pred.size) or 2 (pred - target).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_reduction(reduction)
+    _check_float_array("pred", pred)
+    if not hasattr(target, "dtype") or target.dtype.kind not in "fiu":
+        raise TypeError(f"target must be a real numeric array, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} "
                          f"and {tuple(target.shape)}")

@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from . import backends
-from .layers import _check_dtype, _check_positive_int
+from .layers import _check_bool, _check_dtype, _check_positive_int, _load_params, _rng
 
 
 class _Module:
@@ -46,7 +46,7 @@ class _Module:
 
     def train(self, mode: bool = True):
         """Train mode: a forward call records what backward needs."""
-        self.training = bool(mode)
+        self.training = _check_bool("mode", mode)
         return self
 
     def eval(self):
@@ -68,26 +68,8 @@ class _Module:
         All or nothing: a missing, extra or misshapen key raises and leaves the
         module unchanged.
         """
-        shapes = self._param_shapes()
-        missing = [k for k in shapes if k not in state_dict]
-        extra = [k for k in state_dict if k not in shapes]
-        if missing or extra:
-            raise KeyError(f"state_dict does not match {type(self).__name__}: "
-                           f"missing keys {missing}, unexpected keys {extra}")
-        new = {}
-        for name, shape in shapes.items():
-            value = state_dict[name]
-            if hasattr(value, "detach"):  # a torch tensor
-                value = value.detach().cpu().numpy()
-            value = self._xp.asarray(value)
-            if tuple(value.shape) != shape:
-                raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
-                                 f"expected {shape}")
-            if value.dtype.kind != "f":
-                raise TypeError(f"state_dict[{name!r}] has dtype {value.dtype}, expected a "
-                                f"floating dtype")
-            new[name] = value.astype(self.dtype, copy=True)
-        self.params = new
+        self.params = _load_params(type(self).__name__, self._param_shapes(), state_dict,
+                                   self._xp, self.dtype)
         self._pending = None
 
     def to(self, backend=None, dtype=None):
@@ -123,6 +105,18 @@ class _Module:
                                "module in train mode first (each backward consumes one)")
         return self._pending
 
+    def _check_grad(self, name, a, shape):
+        """``a`` must be an array of the module's dtype and of ``shape``."""
+        xp = self._xp
+        if not isinstance(a, xp.ndarray):
+            raise TypeError(f"{name} must be a {xp.__name__}.ndarray, got {type(a).__name__}")
+        if a.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {a.dtype} but the module's dtype is {self.dtype}; "
+                            f"convert one of them explicitly")
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{name} must have the shape of y, {tuple(shape)}, got "
+                             f"{tuple(a.shape)}")
+
 
 class Linear(_Module):
     """Affine map over the last axis: ``y = x W^T + b``, as ``torch.nn.Linear``.
@@ -149,10 +143,8 @@ class Linear(_Module):
         super().__init__(backend, dtype)
         self.in_features = _check_positive_int("in_features", in_features)
         self.out_features = _check_positive_int("out_features", out_features)
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
-        self.bias = bool(bias)
-        rng = np.random.default_rng(seed)
+        self.bias = _check_bool("bias", bias)
+        rng = _rng(seed)
         k = 1.0 / np.sqrt(self.in_features)
         params = {"weight": rng.uniform(-k, k, (self.out_features, self.in_features))}
         if self.bias:
@@ -177,15 +169,14 @@ class Linear(_Module):
         y = x @ self.params["weight"].T
         if self.bias:
             y += self.params["bias"]
-        self._pending = x if self.training else None
+        # Backward needs x: a copy, so that refilling the caller's buffer cannot change it.
+        self._pending = x.copy() if self.training else None
         return y
 
     def backward(self, d_y):
         """Gradient of ``x`` from ``d_y`` (shape of ``y``); parameter gradients are added to :attr:`grads`."""
         x = self._take_pending()
-        if tuple(d_y.shape) != x.shape[:-1] + (self.out_features,):
-            raise ValueError(f"d_y must have the shape of y, {x.shape[:-1] + (self.out_features,)}"
-                             f", got {tuple(d_y.shape)}")
+        self._check_grad("d_y", d_y, x.shape[:-1] + (self.out_features,))
         d_y2 = d_y.reshape(-1, self.out_features)
         self.grads["weight"] += d_y2.T @ x.reshape(-1, self.in_features)
         if self.bias:
@@ -215,13 +206,13 @@ class Embedding(_Module):
         self.num_embeddings = _check_positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = _check_positive_int("embedding_dim", embedding_dim)
         if padding_idx is not None:
-            if not isinstance(padding_idx, numbers.Integral) or \
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral) or \
                     not -self.num_embeddings <= padding_idx < self.num_embeddings:
                 raise ValueError(f"padding_idx must be an integer in [-{self.num_embeddings}, "
                                  f"{self.num_embeddings}), got {padding_idx!r}")
             padding_idx = int(padding_idx) % self.num_embeddings
         self.padding_idx = padding_idx
-        weight = np.random.default_rng(seed).standard_normal((self.num_embeddings,
+        weight = _rng(seed).standard_normal((self.num_embeddings,
                                                               self.embedding_dim))
         if padding_idx is not None:
             weight[padding_idx] = 0
@@ -235,7 +226,11 @@ class Embedding(_Module):
     def forward(self, indices):
         """Integer ``indices`` (any shape) -> ``y`` (indices.shape + (embedding_dim,))."""
         xp = self._xp
-        indices = xp.asarray(indices)
+        try:
+            indices = xp.array(indices)   # a copy: backward must see the indices of this call
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"indices must be an integer array, got {type(indices).__name__}") \
+                from exc
         if indices.dtype.kind not in "iu":
             raise TypeError(f"indices must be integers, got dtype {indices.dtype}")
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
@@ -247,9 +242,7 @@ class Embedding(_Module):
     def backward(self, d_y):
         """Add ``d_y`` (indices.shape + (embedding_dim,)) into the looked-up rows of the gradient; returns None."""
         indices = self._take_pending()
-        if tuple(d_y.shape) != indices.shape + (self.embedding_dim,):
-            raise ValueError(f"d_y must have shape {indices.shape + (self.embedding_dim,)}, "
-                             f"got {tuple(d_y.shape)}")
+        self._check_grad("d_y", d_y, indices.shape + (self.embedding_dim,))
         d_w = self._xp.zeros_like(self.grads["weight"])
         self._xp.add.at(d_w, indices.reshape(-1), d_y.reshape(-1, self.embedding_dim))
         if self.padding_idx is not None:

@@ -12,6 +12,7 @@ model position and parameter name.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -19,7 +20,13 @@ import numpy as np
 def _as_models(models):
     if hasattr(models, "params") and hasattr(models, "grads"):
         return [models]
-    models = list(models)
+    try:
+        models = list(models)
+    except TypeError as exc:
+        raise TypeError(f"models must be a model (with 'params' and 'grads' dicts) or a list "
+                        f"of models, got {type(models).__name__}") from exc
+    if not models:
+        raise ValueError("models is empty: the optimizer needs at least one model")
     for i, m in enumerate(models):
         if not (hasattr(m, "params") and hasattr(m, "grads")):
             raise TypeError(f"models[{i}] must have 'params' and 'grads' dicts, got "
@@ -27,10 +34,26 @@ def _as_models(models):
     return models
 
 
+def _check_number(name, value, low=0.0, high=math.inf, high_open=False):
+    """A finite real in [low, high] ([low, high) with ``high_open``), as a float.
+
+    A non-number raises TypeError; nan, an infinity or a value out of range ValueError.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or value < low or above:
+        if math.isfinite(high):
+            where = f"lie in [{low:g}, {high:g}{')' if high_open else ']'}"
+        else:
+            where = f"be finite and >= {low:g}" if math.isfinite(low) else "be finite"
+        raise ValueError(f"{name} must {where}, got {value!r}")
+    return value
+
+
 def _check_nonnegative(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
+    return _check_number(name, value)
 
 
 class Optimizer:
@@ -52,9 +75,26 @@ class Optimizer:
             g[...] = 0
 
     def step(self):
-        """Update every parameter in place from its gradient."""
-        for key, p, g in self._pairs():
+        """Update every parameter in place from its gradient.
+
+        Every parameter is checked first (a gradient for each, of its shape):
+        a failed step raises KeyError or ValueError and updates nothing.
+        """
+        pairs = list(self._check_pairs())
+        for key, p, g in pairs:
             self._update(self.state.setdefault(key, {}), p, g)
+
+    def _check_pairs(self):
+        for i, m in enumerate(self.models):
+            for name, p in m.params.items():
+                if name not in m.grads:
+                    raise KeyError(f"models[{i}].grads has no entry {name!r} for the parameter "
+                                   f"of that name")
+                g = m.grads[name]
+                if tuple(g.shape) != tuple(p.shape):
+                    raise ValueError(f"models[{i}].grads[{name!r}] has shape {tuple(g.shape)}, "
+                                     f"expected the parameter's {tuple(p.shape)}")
+                yield (i, name), p, g
 
     def _update(self, state, p, g):
         raise NotImplementedError
@@ -76,7 +116,7 @@ class SGD(Optimizer):
         super().__init__(models)
         self.lr = _check_nonnegative("lr", lr)
         self.momentum = _check_nonnegative("momentum", momentum)
-        self.dampening = float(dampening)
+        self.dampening = _check_number("dampening", dampening, -math.inf)
         self.weight_decay = _check_nonnegative("weight_decay", weight_decay)
         if nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov momentum requires a momentum > 0 and zero dampening")
@@ -114,11 +154,10 @@ class Adam(Optimizer):
                  amsgrad=False, *, maximize=False):
         super().__init__(models)
         self.lr = _check_nonnegative("lr", lr)
-        beta1, beta2 = betas
-        for name, beta in (("betas[0]", beta1), ("betas[1]", beta2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {beta!r}")
-        self.betas = (float(beta1), float(beta2))
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = (_check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True),
+                      _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True))
         self.eps = _check_nonnegative("eps", eps)
         self.weight_decay = _check_nonnegative("weight_decay", weight_decay)
         self.amsgrad, self.maximize = bool(amsgrad), bool(maximize)

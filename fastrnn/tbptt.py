@@ -22,12 +22,14 @@ per-chunk update.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 
 def _check_size(size):
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
+    return int(size)
 
 
 def chunks(*arrays, size, axis=0, drop_last=False):
@@ -44,9 +46,16 @@ def chunks(*arrays, size, axis=0, drop_last=False):
     ------
     The chunk of the single array, or a tuple of chunks (views, not copies).
     """
-    _check_size(size)
+    size = _check_size(size)
     if not arrays:
         raise ValueError("chunks needs at least one array")
+    for i, a in enumerate(arrays):
+        if not hasattr(a, "shape"):
+            raise TypeError(f"arrays[{i}] must be an array, got {type(a).__name__}")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or \
+            not 0 <= axis < min(a.ndim for a in arrays):
+        raise ValueError(f"axis must be an integer in [0, {min(a.ndim for a in arrays)}), got "
+                         f"{axis!r}")
     T = arrays[0].shape[axis]
     for i, a in enumerate(arrays[1:], 1):
         if a.shape[axis] != T:
@@ -85,14 +94,36 @@ def truncated_bptt(model, x, size, loss_fn: Callable, hx=None, after_chunk: Call
 
     The gradient of each chunk stops at the chunk's start: exactly the
     gradients of the same loop in torch with ``h = h.detach()`` between chunks.
+
+    The arguments (model in train mode, ``x``, ``hx``, ``size``, the
+    callables) are checked before the first chunk runs. An error raised
+    inside the loop (by ``loss_fn``, ``after_chunk`` or a backward) leaves
+    the chunks already processed as they are.
     """
-    _check_size(size)
+    size = _check_size(size)
+    if not (hasattr(model, "backward") and hasattr(model, "_check_input")):
+        raise TypeError(f"model must be a fastrnn RNN, LSTM or GRU layer, got "
+                        f"{type(model).__name__}")
+    if not model.training:
+        raise RuntimeError("truncated_bptt needs the model in train mode (call model.train())")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if after_chunk is not None and not callable(after_chunk):
+        raise TypeError(f"after_chunk must be None or callable, got {type(after_chunk).__name__}")
+    # x (and hx, by the model's first call) are checked before any chunk runs.
+    x_time_major, batched = model._check_input(x)
+    if hx is not None:
+        model._check_states("hx", hx, x_time_major.shape[1], batched)
     axis = 1 if getattr(model, "batch_first", False) and x.ndim == 3 else 0
     state, losses = hx, []
     for index, start in enumerate(range(0, x.shape[axis], size)):
         steps = slice(start, min(start + size, x.shape[axis]))
         out, state = model(x[(slice(None),) * axis + (steps,)], state)
-        loss, *grads = loss_fn(out, steps)
+        result = loss_fn(out, steps)
+        if not isinstance(result, tuple) or len(result) not in (2, 3):
+            raise TypeError(f"loss_fn must return (loss, d_out) or (loss, d_out, d_h_n), got "
+                            f"{type(result).__name__}")
+        loss, *grads = result
         model.backward(*grads)   # its d_hx is dropped: the gradient is cut here
         losses.append(loss)
         if after_chunk is not None:
