@@ -87,10 +87,12 @@ def _load_params(owner, shapes, state_dict, xp, dtype) -> dict:
 class _Pending:
     """What a train-mode forward leaves for backward."""
 
-    __slots__ = ("caches", "shape_out", "batched", "T", "B")
+    __slots__ = ("caches", "shape_out", "batched", "T", "B", "padded")
 
-    def __init__(self, caches, shape_out, batched, T, B):
+    def __init__(self, caches, shape_out, batched, T, B, padded=None):
         self.caches, self.shape_out, self.batched, self.T, self.B = caches, shape_out, batched, T, B
+        #: (T, B) bool, True at padded steps; None without lengths.
+        self.padded = padded
 
 
 class _RNNBase:
@@ -345,6 +347,12 @@ class _RNNBase:
             # The caches keep x until backward: a copy protects them from a caller
             # that refills its input buffer in place before calling backward.
             x = x.copy()
+        padded = None
+        if self.training and lengths is not None:
+            # Padded steps must not reach d_w_ih = sum_t d_a[t]^T x[t]: d_a is 0 there,
+            # but 0 * nan (or inf) padding is nan. Their outputs are 0 anyway.
+            padded = xp.arange(T)[:, None] >= lengths[None, :]
+            x[padded] = 0
         fwd, _ = self._backend.kernels(self._cell)
         options = self._kernel_options()
         S, D, H = self._num_states, self.num_directions, self.hidden_size
@@ -383,7 +391,7 @@ class _RNNBase:
             out, states_n = out[:, 0], tuple(s[:, 0] for s in states_n)
         elif self.batch_first:
             out = xp.ascontiguousarray(out.transpose(1, 0, 2))
-        self._pending = (_Pending(caches, tuple(out.shape), batched, T, B)
+        self._pending = (_Pending(caches, tuple(out.shape), batched, T, B, padded)
                          if self.training else None)
         return out, (states_n if S == 2 else states_n[0])
 
@@ -471,6 +479,11 @@ class _RNNBase:
         elif self.batch_first:
             d_out = d_out.transpose(1, 0, 2)
         d_states = self._check_states("d_h_n", d_h_n, B, batched)
+        if pending.padded is not None:
+            # Gradients at padded steps are ignored; zeroed here (in a copy) so that a
+            # nan or inf there cannot reach any kernel's arithmetic.
+            d_out = d_out.copy()
+            d_out[pending.padded] = 0
         _, bwd = self._backend.kernels(self._cell)
         S, D, H = self._num_states, self.num_directions, self.hidden_size
         d_states0 = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
