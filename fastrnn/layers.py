@@ -358,7 +358,10 @@ class _RNNBase:
         S, D, H = self._num_states, self.num_directions, self.hidden_size
         # Inference over a long sequence runs the kernels chunk by chunk, so the
         # temporaries (input projection (T, B, G), state buffers) are chunk-sized.
-        chunk = None if self.training or T <= self.eval_chunk else int(self.eval_chunk)
+        chunk = None
+        if not self.training:
+            chunk = _check_positive_int("eval_chunk", self.eval_chunk)
+            chunk = None if T <= chunk else chunk
         states_n = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
                          for _ in range(S))
         caches = []
