@@ -116,21 +116,11 @@ def test_nonfinite_padding_is_ignored(backend, kind):
     np.testing.assert_array_equal(saved[1], d_bad)
 
 
-NUMBA_GRU_RB_PADDING = ("numba gru_backward (reset_after=False) multiplies a padded step's "
-                        "gradient by 0 (dh * 0) instead of selecting 0, so nan/inf in d_out "
-                        "there leak into every gradient; the layers zero padded d_out before "
-                        "calling the kernels, so layers are not affected")
-
-
 @pytest.mark.parametrize("reset_after", [True, False])
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=pytest.mark.xfail(reason=NUMBA_GRU_RB_PADDING))
-    if b == "numba" else b for b in CPU_BACKENDS])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kernel_ignores_nonfinite_d_out_at_padded_steps(backend, reset_after):
     """The kernel contract itself: d_out at padded steps is ignored (the layers also
     zero it before calling the kernels, so this checks the kernels alone)."""
-    if backend == "numba" and reset_after:
-        pytest.skip("passes; only reset_after=False is affected")
     fwd, bwd = backends.get(backend).kernels("gru")
     rng = np.random.default_rng(0)
     T, B, I, H = 4, 2, 3, 2

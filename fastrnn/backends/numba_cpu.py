@@ -226,7 +226,7 @@ def _rnn_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training,
             if t < lengths[b]:
                 for j in range(H):
                     v = a[b, j] + xw[t, b, j] + bias[j]
-                    hv = (v if v > 0 else v * 0) if relu else tanh(v)
+                    hv = (v if not v <= 0 else 0.0) if relu else tanh(v)  # NaN stays NaN
                     h_new[b, j] = hv
                     out[t, b, j] = hv
             else:
@@ -249,7 +249,7 @@ def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
                     dh = d_out[t, b, j] + d_h[b, j]
                     hv = h_new[b, j]
                     if relu:
-                        d_a[t, b, j] = dh if hv > 0 else dh * 0
+                        d_a[t, b, j] = dh if hv > 0 else 0.0
                     else:
                         d_a[t, b, j] = dh * (1 - hv * hv)
             else:
@@ -583,15 +583,19 @@ def _gru_backward_loop_reset_before(gemm, d_out, d_h, w_hrz, w_hn, lengths, reve
             for j in range(H):
                 z, n = gates[t, b, H + j], gates[t, b, 2 * H + j]
                 dh = d_out[t, b, j] + d_h[b, j]
-                d_an[b, j] = dh * (1 - z) * (1 - n * n) if active else dh * 0
-                d_arz[b, H + j] = dh * (h_prev[b, j] - n) * z * (1 - z) if active else dh * 0
+                if active:
+                    d_an[b, j] = dh * (1 - z) * (1 - n * n)
+                    d_arz[b, H + j] = dh * (h_prev[b, j] - n) * z * (1 - z)
+                else:  # padded: d_out there is ignored, even when not finite
+                    d_an[b, j] = 0
+                    d_arz[b, H + j] = 0
                 direct[b, j] = dh * z
         _mm(gemm, d_an, False, w_hn, False, d_rh, 0.0)
         for b in range(B):
             active = t < lengths[b]
             for j in range(H):
                 r = gates[t, b, j]
-                d_arz[b, j] = d_rh[b, j] * h_prev[b, j] * r * (1 - r) if active else r * 0
+                d_arz[b, j] = d_rh[b, j] * h_prev[b, j] * r * (1 - r) if active else 0.0
                 direct[b, j] += d_rh[b, j] * r
         _mm(gemm, d_arz, False, w_hrz, False, tmp, 0.0)
         for b in range(B):
