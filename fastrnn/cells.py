@@ -30,12 +30,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from .layers import _check_bool, _check_dtype, _check_positive_int, _load_params, _rng
+from ._module import Module, _check_bool, _check_positive_int, _init_uniform
 
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
-class _CellBase:
+class _CellBase(Module):
     """Shared machinery of :class:`RNNCell`, :class:`LSTMCell` and :class:`GRUCell`."""
 
     def __init__(self, cell, input_size, hidden_size, bias=True, *, backend="auto",
@@ -45,13 +45,18 @@ class _CellBase:
         self.bias = _check_bool("bias", bias)
         self._cell = cell
         self._num_states = backends.state_count(cell)
-        self.dtype = _check_dtype(dtype)
-        self._backend = backends.get(backend)
+        super().__init__(backend, dtype)
         self._set_kernels()
-        self.training = True
         self._tape = []
-        self.params = self._init_params(seed)
-        self.grads = {k: self._xp.zeros_like(v) for k, v in self.params.items()}
+        # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
+        self._set_params(_init_uniform(self._param_shapes(), 1.0 / np.sqrt(hidden_size), seed,
+                                       np, self.dtype))
+
+    def _forget(self):
+        self._tape = []
+
+    def _on_move(self):
+        self._set_kernels()
 
     def _set_kernels(self):
         # Resolved once: the per-step path does no lookups.
@@ -59,15 +64,6 @@ class _CellBase:
         self._ndarray = self._backend.xp.ndarray
 
     # ------------------------------------------------------------ structure
-
-    @property
-    def backend(self) -> str:
-        """Name of the backend that runs this cell (``'auto'`` resolved)."""
-        return self._backend.name
-
-    @property
-    def _xp(self):
-        return self._backend.xp
 
     #: Extra positional kernel arguments after ``training`` (the GRU's reset_after).
     _options = ()
@@ -80,13 +76,6 @@ class _CellBase:
             shapes["bias_ih"] = (G,)
             shapes["bias_hh"] = (G,)
         return shapes
-
-    def _init_params(self, seed) -> dict:
-        # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
-        rng = _rng(seed)
-        k = 1.0 / np.sqrt(self.hidden_size)
-        return {name: self._xp.asarray(rng.uniform(-k, k, shape).astype(self.dtype))
-                for name, shape in self._param_shapes().items()}
 
     def _weights(self):
         p = self.params
@@ -102,21 +91,7 @@ class _CellBase:
     def _repr_extra(self):
         return ""
 
-    # --------------------------------------------------------------- modes
-
-    def train(self, mode: bool = True):
-        """Train mode: every call records its step on the tape for :meth:`backward`."""
-        self.training = _check_bool("mode", mode)
-        return self
-
-    def eval(self):
-        """Eval mode: calls record nothing (the tape is kept as it is)."""
-        return self.train(False)
-
-    def zero_grad(self):
-        """Set every accumulated parameter gradient to zero (the tape is kept)."""
-        for g in self.grads.values():
-            g[...] = 0
+    # ---------------------------------------------------------------- tape
 
     @property
     def tape_length(self) -> int:
@@ -127,42 +102,6 @@ class _CellBase:
         """Forget every recorded step (for example after a train-mode rollout
         whose gradient is not needed)."""
         self._tape.clear()
-
-    # ---------------------------------------------------------- state dict
-
-    def state_dict(self) -> dict:
-        """Copies of the parameters under torch's names, in torch's order."""
-        return {k: v.copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state_dict) -> None:
-        """Load parameters with torch's names and shapes (torch tensors work too).
-
-        All or nothing: a missing, extra or misshapen key raises (KeyError,
-        ValueError or TypeError naming it) and leaves the cell unchanged.
-        A successful load clears the tape.
-        """
-        self.params = _load_params(type(self).__name__, self._param_shapes(), state_dict,
-                                   self._xp, self.dtype)
-        self._tape.clear()
-
-    def to(self, backend=None, dtype=None):
-        """Move the cell to another backend and/or dtype, in place; returns self.
-
-        Parameters and gradients are converted; the tape is cleared.
-        """
-        new_backend = self._backend if backend is None else backends.get(backend)
-        new_dtype = self.dtype if dtype is None else _check_dtype(dtype)
-
-        def move(a):
-            host = a.get() if hasattr(a, "get") else a   # cupy -> numpy
-            return new_backend.xp.asarray(np.asarray(host).astype(new_dtype))
-
-        params = {k: move(v) for k, v in self.params.items()}
-        grads = {k: move(v) for k, v in self.grads.items()}
-        self._backend, self.dtype, self.params, self.grads = new_backend, new_dtype, params, grads
-        self._set_kernels()
-        self._tape = []
-        return self
 
     # ---------------------------------------------------------- validation
 

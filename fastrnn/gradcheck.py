@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layers import _RNNBase, _rng
+from ._module import _rng
+from .layers import _RNNBase
 
 
 @dataclass

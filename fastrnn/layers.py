@@ -7,82 +7,10 @@ walk layers and directions, and call the backend's single-layer kernels
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from . import backends
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _check_dtype(dtype) -> np.dtype:
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_bool(name, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
-
-
-def _rng(seed):
-    """``np.random.default_rng(seed)`` with an error that names ``seed``."""
-    if isinstance(seed, bool):
-        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}")
-    try:
-        return np.random.default_rng(seed)
-    except TypeError as exc:
-        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}") from exc
-    except ValueError as exc:
-        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}") from exc
-
-
-def _load_params(owner, shapes, state_dict, xp, dtype) -> dict:
-    """Validated copies of ``state_dict``'s arrays for :meth:`load_state_dict` (all or nothing).
-
-    A non-mapping raises TypeError; missing or extra keys KeyError (naming
-    them); a non-float value TypeError; a wrong shape ValueError (naming the key).
-    """
-    if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
-        raise TypeError(f"state_dict must be a mapping of names to arrays, got "
-                        f"{type(state_dict).__name__}")
-    missing = [k for k in shapes if k not in state_dict]
-    extra = [k for k in state_dict.keys() if k not in shapes]
-    if missing or extra:
-        raise KeyError(f"state_dict does not match {owner}: "
-                       f"missing keys {missing}, unexpected keys {extra}")
-    new = {}
-    for name, shape in shapes.items():
-        value = state_dict[name]
-        if hasattr(value, "detach"):  # a torch tensor
-            value = value.detach().cpu().numpy()
-        try:
-            value = xp.asarray(value)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"state_dict[{name!r}] must be an array, got "
-                            f"{type(value).__name__}") from exc
-        if value.dtype.kind != "f":
-            raise TypeError(f"state_dict[{name!r}] has dtype {value.dtype}, expected a "
-                            f"floating dtype")
-        if tuple(value.shape) != shape:
-            raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
-                             f"expected {shape}")
-        new[name] = value.astype(dtype, copy=True)
-    return new
-
+from ._module import Module, _check_bool, _check_positive_int, _init_uniform
 
 class _Pending:
     """What a train-mode forward leaves for backward."""
@@ -95,7 +23,7 @@ class _Pending:
         self.padded = padded
 
 
-class _RNNBase:
+class _RNNBase(Module):
     """Shared machinery of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, *, bias=True,
@@ -108,23 +36,12 @@ class _RNNBase:
         self.batch_first = _check_bool("batch_first", batch_first)
         self.bidirectional = _check_bool("bidirectional", bidirectional)
         self._cell = cell
-        self.dtype = _check_dtype(dtype)
-        self._backend = backends.get(backend)
-        self.training = True
-        self._pending = None
-        self.params = self._init_params(seed)
-        self.grads = {k: self._xp.zeros_like(v) for k, v in self.params.items()}
+        super().__init__(backend, dtype)
+        # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
+        self._set_params(_init_uniform(self._param_shapes(), 1.0 / np.sqrt(hidden_size), seed,
+                                       np, self.dtype))
 
     # ------------------------------------------------------------ structure
-
-    @property
-    def backend(self) -> str:
-        """Name of the backend that runs this layer (``'auto'`` resolved)."""
-        return self._backend.name
-
-    @property
-    def _xp(self):
-        return self._backend.xp
 
     @property
     def num_directions(self) -> int:
@@ -152,13 +69,6 @@ class _RNNBase:
                     shapes[f"bias_hh_l{layer}{suffix}"] = (G,)
         return shapes
 
-    def _init_params(self, seed) -> dict:
-        # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
-        rng = _rng(seed)
-        k = 1.0 / np.sqrt(self.hidden_size)
-        return {name: self._xp.asarray(rng.uniform(-k, k, shape).astype(self.dtype))
-                for name, shape in self._param_shapes().items()}
-
     def _weights(self, layer, direction):
         suffix = f"l{layer}{'_reverse' if direction else ''}"
         p = self.params
@@ -179,65 +89,6 @@ class _RNNBase:
 
     def _repr_extra(self):
         return ""
-
-    # --------------------------------------------------------------- modes
-
-    def train(self, mode: bool = True):
-        """Train mode: a forward call records what backward needs."""
-        self.training = _check_bool("mode", mode)
-        return self
-
-    def eval(self):
-        """Eval mode: forward stores nothing; backward is not possible."""
-        return self.train(False)
-
-    def zero_grad(self):
-        """Set every accumulated parameter gradient to zero."""
-        for g in self.grads.values():
-            g[...] = 0
-
-    # ---------------------------------------------------------- state dict
-
-    def state_dict(self) -> dict:
-        """Copies of the parameters under torch's names, in torch's order."""
-        return {k: v.copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state_dict) -> None:
-        """Load parameters with torch's names and shapes (torch tensors work too).
-
-        All or nothing: a missing, extra or misshapen key raises (KeyError or
-        ValueError naming it) and leaves the layer unchanged.
-        """
-        self.params = _load_params(type(self).__name__, self._param_shapes(), state_dict,
-                                   self._xp, self.dtype)
-        self._pending = None
-
-    def to(self, backend=None, dtype=None):
-        """Move the layer to another backend and/or dtype, in place; returns self.
-
-        Parameters and gradients are converted; a pending backward is dropped.
-        """
-        new_backend = self._backend if backend is None else backends.get(backend)
-        new_dtype = self.dtype if dtype is None else _check_dtype(dtype)
-
-        def move(a):
-            host = a.get() if hasattr(a, "get") else a   # cupy -> numpy
-            return new_backend.xp.asarray(np.asarray(host).astype(new_dtype))
-
-        params = {k: move(v) for k, v in self.params.items()}
-        grads = {k: move(v) for k, v in self.grads.items()}
-        self._backend, self.dtype, self.params, self.grads = new_backend, new_dtype, params, grads
-        self._pending = None
-        return self
-
-    def copy(self, backend=None, dtype=None):
-        """A new layer with the same configuration and parameters."""
-        import copy as _copy
-        clone = _copy.copy(self)
-        clone.params = {k: v.copy() for k, v in self.params.items()}
-        clone.grads = {k: v.copy() for k, v in self.grads.items()}
-        clone._pending = None
-        return clone.to(backend=backend, dtype=dtype)
 
     # ---------------------------------------------------------- validation
 

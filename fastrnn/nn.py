@@ -13,91 +13,14 @@ import numbers
 
 import numpy as np
 
-from . import backends
-from .layers import _check_bool, _check_dtype, _check_positive_int, _load_params, _rng
+from ._module import Module, _check_bool, _check_positive_int, _rng
 
 
-class _Module:
-    """Parameters, gradients, modes and state dicts shared by :class:`Linear` and :class:`Embedding`."""
-
-    def __init__(self, backend, dtype):
-        self.dtype = _check_dtype(dtype)
-        self._backend = backends.get(backend)
-        self.training = True
-        self._pending = None
-        self.params = {}
-        self.grads = {}
-
-    @property
-    def backend(self) -> str:
-        """Name of the backend whose array module holds the parameters."""
-        return self._backend.name
-
-    @property
-    def _xp(self):
-        return self._backend.xp
-
-    def _set_params(self, params):
-        self.params = {k: self._xp.asarray(v.astype(self.dtype)) for k, v in params.items()}
-        self.grads = {k: self._xp.zeros_like(v) for k, v in self.params.items()}
+class _Module(Module):
+    """What :class:`Linear` and :class:`Embedding` share beyond :class:`fastrnn._module.Module`."""
 
     def _param_shapes(self) -> dict:
         return {k: tuple(v.shape) for k, v in self.params.items()}
-
-    def train(self, mode: bool = True):
-        """Train mode: a forward call records what backward needs."""
-        self.training = _check_bool("mode", mode)
-        return self
-
-    def eval(self):
-        """Eval mode: forward stores nothing; backward is not possible."""
-        return self.train(False)
-
-    def zero_grad(self):
-        """Set every accumulated parameter gradient to zero."""
-        for g in self.grads.values():
-            g[...] = 0
-
-    def state_dict(self) -> dict:
-        """Copies of the parameters under torch's names."""
-        return {k: v.copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state_dict) -> None:
-        """Load parameters with torch's names and shapes (torch tensors work too).
-
-        All or nothing: a missing, extra or misshapen key raises and leaves the
-        module unchanged.
-        """
-        self.params = _load_params(type(self).__name__, self._param_shapes(), state_dict,
-                                   self._xp, self.dtype)
-        self._pending = None
-
-    def to(self, backend=None, dtype=None):
-        """Move the module to another backend and/or dtype, in place; returns self."""
-        new_backend = self._backend if backend is None else backends.get(backend)
-        new_dtype = self.dtype if dtype is None else _check_dtype(dtype)
-
-        def move(a):
-            host = a.get() if hasattr(a, "get") else a   # cupy -> numpy
-            return new_backend.xp.asarray(np.asarray(host).astype(new_dtype))
-
-        params = {k: move(v) for k, v in self.params.items()}
-        grads = {k: move(v) for k, v in self.grads.items()}
-        self._backend, self.dtype, self.params, self.grads = new_backend, new_dtype, params, grads
-        self._pending = None
-        return self
-
-    def copy(self, backend=None, dtype=None):
-        """A new module with the same configuration, parameters and gradients."""
-        import copy as _copy
-        clone = _copy.copy(self)
-        clone.params = {k: v.copy() for k, v in self.params.items()}
-        clone.grads = {k: v.copy() for k, v in self.grads.items()}
-        clone._pending = None
-        return clone.to(backend=backend, dtype=dtype)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def _take_pending(self):
         if self._pending is None:

@@ -1,0 +1,187 @@
+"""What every fastrnn module shares: parameters, gradients, modes, state dicts, moves.
+
+:class:`Module` is the base of the recurrent layers (:mod:`fastrnn.layers`),
+the cells (:mod:`fastrnn.cells`) and the feed-forward layers
+(:mod:`fastrnn.nn`). A subclass provides ``_param_shapes()`` (torch's names
+and shapes) and ``forward``; it overrides ``_forget()`` when what a
+train-mode call records is more than ``self._pending``.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import numbers
+
+import numpy as np
+
+from . import backends
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_dtype(dtype) -> np.dtype:
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _rng(seed):
+    """``np.random.default_rng(seed)`` with an error that names ``seed``."""
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}")
+    try:
+        return np.random.default_rng(seed)
+    except TypeError as exc:
+        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}") from exc
+    except ValueError as exc:
+        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}") from exc
+
+
+def _load_params(owner, shapes, state_dict, xp, dtype) -> dict:
+    """Validated copies of ``state_dict``'s arrays for :meth:`load_state_dict` (all or nothing).
+
+    A non-mapping raises TypeError; missing or extra keys KeyError (naming
+    them); a non-float value TypeError; a wrong shape ValueError (naming the key).
+    """
+    if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+        raise TypeError(f"state_dict must be a mapping of names to arrays, got "
+                        f"{type(state_dict).__name__}")
+    missing = [k for k in shapes if k not in state_dict]
+    extra = [k for k in state_dict.keys() if k not in shapes]
+    if missing or extra:
+        raise KeyError(f"state_dict does not match {owner}: "
+                       f"missing keys {missing}, unexpected keys {extra}")
+    new = {}
+    for name, shape in shapes.items():
+        value = state_dict[name]
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        try:
+            value = xp.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"state_dict[{name!r}] must be an array, got "
+                            f"{type(value).__name__}") from exc
+        if value.dtype.kind != "f":
+            raise TypeError(f"state_dict[{name!r}] has dtype {value.dtype}, expected a "
+                            f"floating dtype")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
+                             f"expected {shape}")
+        new[name] = value.astype(dtype, copy=True)
+    return new
+
+
+def _init_uniform(shapes, k, seed, xp, dtype) -> dict:
+    """PyTorch's initialisation of RNNs and Linear: every parameter ~ U(-k, k)."""
+    rng = _rng(seed)
+    return {name: xp.asarray(rng.uniform(-k, k, shape).astype(dtype))
+            for name, shape in shapes.items()}
+
+
+class Module:
+    """Parameters and gradients (dicts under torch's names), train/eval modes,
+    state dicts, and moves between backends and dtypes."""
+
+    def __init__(self, backend="auto", dtype=np.float32):
+        self.dtype = _check_dtype(dtype)
+        self._backend = backends.get(backend)
+        self.training = True
+        self._pending = None
+        self.params = {}
+        self.grads = {}
+
+    def _set_params(self, params):
+        """Install ``params`` (converted to the module's dtype) and zero gradients."""
+        self.params = {k: self._xp.asarray(v.astype(self.dtype)) for k, v in params.items()}
+        self.grads = {k: self._xp.zeros_like(v) for k, v in self.params.items()}
+
+    def _forget(self):
+        """Drop what train-mode calls recorded for backward."""
+        self._pending = None
+
+    def _on_move(self):
+        """Called after :meth:`to` changed the backend or dtype."""
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend that runs this module (``'auto'`` resolved)."""
+        return self._backend.name
+
+    @property
+    def _xp(self):
+        return self._backend.xp
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Train mode: a forward call records what backward needs."""
+        self.training = _check_bool("mode", mode)
+        return self
+
+    def eval(self):
+        """Eval mode: forward records nothing."""
+        return self.train(False)
+
+    def zero_grad(self):
+        """Set every accumulated parameter gradient to zero."""
+        for g in self.grads.values():
+            g[...] = 0
+
+    def state_dict(self) -> dict:
+        """Copies of the parameters under torch's names, in torch's order."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load parameters with torch's names and shapes (torch tensors work too).
+
+        All or nothing: a non-mapping, a missing, extra or misshapen key, or a
+        non-float value raises (TypeError, KeyError or ValueError naming it) and
+        leaves the module unchanged. A successful load drops what was recorded.
+        """
+        self.params = _load_params(type(self).__name__, self._param_shapes(), state_dict,
+                                   self._xp, self.dtype)
+        self._forget()
+
+    def to(self, backend=None, dtype=None):
+        """Move the module to another backend and/or dtype, in place; returns self.
+
+        Parameters and gradients are converted; what was recorded is dropped.
+        """
+        new_backend = self._backend if backend is None else backends.get(backend)
+        new_dtype = self.dtype if dtype is None else _check_dtype(dtype)
+
+        def move(a):
+            host = a.get() if hasattr(a, "get") else a   # cupy -> numpy
+            return new_backend.xp.asarray(np.asarray(host).astype(new_dtype))
+
+        params = {k: move(v) for k, v in self.params.items()}
+        grads = {k: move(v) for k, v in self.grads.items()}
+        self._backend, self.dtype, self.params, self.grads = new_backend, new_dtype, params, grads
+        self._forget()
+        self._on_move()
+        return self
+
+    def copy(self, backend=None, dtype=None):
+        """A new module with the same configuration, parameters and gradients."""
+        clone = _copy.copy(self)
+        clone.params = {k: v.copy() for k, v in self.params.items()}
+        clone.grads = {k: v.copy() for k, v in self.grads.items()}
+        clone._forget()
+        return clone.to(backend=backend, dtype=dtype)
