@@ -5,8 +5,13 @@ OpenBLAS, with its own thread pool, beside the one NumPy uses: two pools of
 spinning threads on the same cores slow both down (measured here: up to 10x
 on a 2-core machine), and SciPy's build was also 15-50% slower on the
 recurrent GEMM shapes (M = batch rows). So the Numba kernels call NumPy's
-CBLAS ``?gemm`` directly, through a ctypes function passed as an argument
-(which keeps ``cache=True`` working). SciPy's BLAS is the second choice.
+CBLAS ``?gemm`` directly. SciPy's BLAS is the second choice.
+
+The kernels receive the function's address as an integer (which keeps
+``cache=True`` working: the address is an argument, not a compiled-in
+constant) and call it through :func:`gemm_call`. Passing the ctypes function
+object itself also works, but Numba's dispatcher takes 2.3 us to type it at
+every call, which was a tenth of a cell step.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import ctypes
 import importlib
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 # (symbol, integer type): ILP64 builds first (NumPy's wheels), then LP64.
 _CANDIDATES = [("scipy_cblas_{}gemm64_", ctypes.c_int64), ("cblas_{}gemm64_", ctypes.c_int64),
@@ -45,8 +53,56 @@ def _lookup():
 
 
 SGEMM, DGEMM, DESCRIPTION = _lookup()
+#: (address, ILP64?) of each ?gemm: what the Numba kernels take as ``gemm``.
+_HANDLES = {}
+if SGEMM is not None:
+    ilp64 = SGEMM.argtypes[3] is ctypes.c_int64
+    _HANDLES = {np.dtype(np.float32): (ctypes.cast(SGEMM, ctypes.c_void_p).value, ilp64),
+                np.dtype(np.float64): (ctypes.cast(DGEMM, ctypes.c_void_p).value, ilp64)}
 
 
 def gemm_for(dtype):
-    """The ctypes ``?gemm`` for ``dtype`` (float32 or float64)."""
-    return SGEMM if np.dtype(dtype) == np.float32 else DGEMM
+    """The ``gemm`` handle, ``(address, ilp64)``, of ``dtype`` (float32 or float64)."""
+    return _HANDLES[np.dtype(dtype)]
+
+
+def _make_gemm_call(width):
+    @intrinsic
+    def call(typingctx, addr, c, ta, tb, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr,
+             ldc):
+        """Row-major ``?gemm`` at ``addr``: integers are passed as ``width``-bit C ints,
+        alpha and beta in the precision of the output array ``c``."""
+        sig = types.void(addr, c, ta, tb, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr,
+                         ldc)
+
+        def codegen(context, builder, signature, args):
+            (addr_v, _, ta_v, tb_v, m_v, n_v, k_v, alpha_v, a_v, lda_v, b_v, ldb_v, beta_v,
+             c_v, ldc_v) = args
+            i32, iw = ir.IntType(32), ir.IntType(width)
+            real = ir.FloatType() if c.dtype == types.float32 else ir.DoubleType()
+            ptr = ir.IntType(8).as_pointer()
+            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, iw, iw, iw, real, ptr, iw,
+                                                   ptr, iw, real, ptr, iw])
+            fn = builder.inttoptr(addr_v, fnty.as_pointer())
+
+            def integer(v, t):
+                return builder.trunc(v, t) if v.type.width > t.width else \
+                    builder.sext(v, t) if v.type.width < t.width else v
+
+            def floating(v):
+                return builder.fptrunc(v, real) if real != v.type else v
+
+            builder.call(fn, [ir.Constant(i32, CblasRowMajor), integer(ta_v, i32),
+                              integer(tb_v, i32), integer(m_v, iw), integer(n_v, iw),
+                              integer(k_v, iw), floating(alpha_v), builder.inttoptr(a_v, ptr),
+                              integer(lda_v, iw), builder.inttoptr(b_v, ptr),
+                              integer(ldb_v, iw), floating(beta_v),
+                              builder.inttoptr(c_v, ptr), integer(ldc_v, iw)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+    return call
+
+
+gemm_call_ilp64 = _make_gemm_call(64)
+gemm_call_lp64 = _make_gemm_call(32)

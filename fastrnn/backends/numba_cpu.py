@@ -30,7 +30,7 @@ except ImportError:  # reported by unavailable_reason()
 
 xp = np
 
-from ._cblas import DESCRIPTION, SGEMM, gemm_for  # noqa: E402
+from ._cblas import DESCRIPTION, SGEMM, gemm_call_ilp64, gemm_call_lp64, gemm_for  # noqa: E402
 
 
 def unavailable_reason():
@@ -83,10 +83,16 @@ def _mm(gemm, a, trans_a, b, trans_b, out, beta):
         _mm_small(a, trans_a, b, trans_b, out, beta)
         return
     size = a.itemsize
-    gemm(101, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K, 1.0,
-         a.ctypes.data, max(a.strides[0] // size, a.shape[1], 1),
-         b.ctypes.data, max(b.strides[0] // size, b.shape[1], 1), beta,
-         out.ctypes.data, max(out.strides[0] // size, N, 1))
+    lda = max(a.strides[0] // size, a.shape[1], 1)
+    ldb = max(b.strides[0] // size, b.shape[1], 1)
+    ldc = max(out.strides[0] // size, N, 1)
+    addr, ilp64 = gemm
+    if ilp64:
+        gemm_call_ilp64(addr, out, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K,
+                        1.0, a.ctypes.data, lda, b.ctypes.data, ldb, beta, out.ctypes.data, ldc)
+    else:
+        gemm_call_lp64(addr, out, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K,
+                       1.0, a.ctypes.data, lda, b.ctypes.data, ldb, beta, out.ctypes.data, ldc)
 
 
 #: With this few rows (batch size, or T*B for the whole-sequence products) or
