@@ -83,7 +83,7 @@ def _load_params(owner, shapes, state_dict, xp, dtype) -> dict:
         if tuple(value.shape) != shape:
             raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, "
                              f"expected {shape}")
-        new[name] = value.astype(dtype, copy=True)
+        new[name] = value.astype(dtype, order="C", copy=True)  # kernels want C rows
     return new
 
 
@@ -108,7 +108,8 @@ class Module:
 
     def _set_params(self, params):
         """Install ``params`` (converted to the module's dtype) and zero gradients."""
-        self.params = {k: self._xp.asarray(v.astype(self.dtype)) for k, v in params.items()}
+        self.params = {k: self._xp.asarray(v.astype(self.dtype, order="C"))
+                       for k, v in params.items()}
         self.grads = {k: self._xp.zeros_like(v) for k, v in self.params.items()}
 
     def _forget(self):
@@ -169,7 +170,7 @@ class Module:
 
         def move(a):
             host = a.get() if hasattr(a, "get") else a   # cupy -> numpy
-            return new_backend.xp.asarray(np.asarray(host).astype(new_dtype))
+            return new_backend.xp.asarray(np.asarray(host).astype(new_dtype, order="C"))
 
         params = {k: move(v) for k, v in self.params.items()}
         grads = {k: move(v) for k, v in self.grads.items()}

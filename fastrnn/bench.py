@@ -144,7 +144,8 @@ def machine_info() -> dict:
             info[module] = None
     if "cuda" in info["backends"]:
         import cupy
-        info["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
     return info
 
 

@@ -93,7 +93,8 @@ def cmd_check(args) -> int:
 # ------------------------------------------------------------------- bench
 
 def verify_backend(backend, cells, dtype) -> tuple[bool, float]:
-    """Forward and every gradient of ``backend`` against the float64 reference."""
+    """Outputs, final states and every gradient (input, initial states, parameters)
+    of ``backend`` against the float64 reference, with lengths, bidirectional."""
     worst = 0.0
     rng = np.random.default_rng(1)
     T, Bsz, I, H = 7, 4, 5, 6
@@ -107,9 +108,12 @@ def verify_backend(backend, cells, dtype) -> tuple[bool, float]:
         for m in (ref, model):
             xp = m._xp
             out, states = m(xp.asarray(x.astype(m.dtype)), lengths=lengths)
+            states = states if isinstance(states, tuple) else (states,)
             d_out = xp.asarray(np.ones(out.shape, dtype=m.dtype))
-            d_x, _ = m.backward(d_out)
-            grads = [d_x, out] + [m.grads[k] for k in sorted(m.grads)]
+            d_states = tuple(xp.asarray(np.full(s.shape, 0.5, dtype=m.dtype)) for s in states)
+            d_x, d_hx = m.backward(d_out, d_states if len(states) == 2 else d_states[0])
+            d_hx = d_hx if isinstance(d_hx, tuple) else (d_hx,)
+            grads = [out, *states, d_x, *d_hx] + [m.grads[k] for k in sorted(m.grads)]
             results.append([np.asarray(g.get() if hasattr(g, "get") else g, dtype=np.float64)
                             for g in grads])
         for a, b in zip(*results):
@@ -230,7 +234,7 @@ def cmd_bench(args) -> int:
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    return 0 if len(timed) == len(names) else 1   # a backend that failed verification
 
 
 def print_table(rows):

@@ -39,11 +39,7 @@ def gradient_flow(model, x, hx=None):
         raise ValueError("gradient_flow needs a single-layer, single-direction model, got "
                          f"{model!r}")
     xp = model._xp
-    batched = x.ndim == 3
-    if batched and model.batch_first:
-        x = x.transpose(1, 0, 2)
-    if not batched:
-        x = x[:, None, :]
+    x, batched = model._check_input(x)   # TypeError/ValueError naming x; now (T, B, I)
     lstm = isinstance(model, LSTM)
     if hx is not None and not batched:
         hx = tuple(s[:, None, :] for s in hx) if lstm else hx[:, None, :]

@@ -125,7 +125,8 @@ def gradcheck(model, x, hx=None, lengths=None, *, eps=1e-6, atol=1e-7, rtol=1e-5
     xp = m._xp
 
     def to64(a):
-        return None if a is None else xp.asarray(_host(a).astype(np.float64))
+        # C order: the perturbations below go through a flat view of each tensor.
+        return None if a is None else xp.asarray(_host(a).astype(np.float64, order="C"))
 
     x = to64(x)
     is_pair = m._num_states == 2

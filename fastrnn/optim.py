@@ -4,9 +4,11 @@ An optimizer takes a list of models: anything with a ``params`` dict and a
 ``grads`` dict with the same keys (:class:`fastrnn.RNN`, :class:`fastrnn.LSTM`,
 :class:`fastrnn.GRU`, :class:`fastrnn.Linear`, :class:`fastrnn.Embedding`,
 or your own object). Each :meth:`step` reads ``model.params[name]`` afresh,
-so ``load_state_dict`` or ``to()`` on a model between steps is fine, and
-updates it in place. Per-parameter state (momentum, moments) is kept by
-model position and parameter name.
+so ``load_state_dict`` on a model between steps is fine, and updates it in
+place. Per-parameter state (momentum, moments) is kept by model position and
+parameter name, in the parameters' array type and dtype at the first step:
+after moving a model with ``to()`` (another backend or dtype), make a new
+optimizer.
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ def test_bench_does_not_time_a_backend_that_fails_verification(monkeypatch, tmp_
 
     monkeypatch.setattr(module, "lstm_forward", wrong)
     path = tmp_path / "run.json"
-    cli.main(["bench", "--sizes", "3x2x3x4", "--cells", "lstm", "--backends", "numba",
-              "--repeats", "1", "--no-torch", "--json", str(path)])
+    code = cli.main(["bench", "--sizes", "3x2x3x4", "--cells", "lstm", "--backends", "numba",
+                     "--repeats", "1", "--no-torch", "--json", str(path)])
+    assert code == 1
     assert "FAILED, not timed" in capsys.readouterr().out
     assert json.loads(path.read_text())["rows"] == []
 
@@ -66,3 +67,17 @@ def test_bench_does_not_time_a_backend_that_fails_verification(monkeypatch, tmp_
 def test_bench_rejects_bad_sizes():
     with pytest.raises(SystemExit):
         cli.main(["bench", "--sizes", "10x2x3"])
+
+
+def test_installed_package_ships_the_cuda_sources():
+    """The wheel carries csrc/ (NVRTC compiles it where no fatbin matches)."""
+    import importlib.resources
+    from pathlib import Path
+
+    import fastrnn
+    package = Path(fastrnn.__file__).resolve().parent
+    if (package.parent / "pyproject.toml").exists():
+        pytest.skip("fastrnn is imported from a source checkout, not an installed package")
+    shipped = importlib.resources.files("fastrnn") / "csrc"
+    names = {p.name for p in shipped.iterdir()}
+    assert {"fastrnn_common.cuh", "fastrnn_lstm.cu", "fastrnn_gru.cu", "fastrnn_rnn.cu"} <= names

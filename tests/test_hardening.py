@@ -325,3 +325,33 @@ def test_same_call_twice_is_bitwise_identical(backend, kind):
     e1, e2 = m(x, lengths=lengths), m(x, lengths=lengths)
     np.testing.assert_array_equal(e1[0], e2[0])
     np.testing.assert_array_equal(e1[0], first[0])   # eval and train forward agree bitwise
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_kernels_accept_strided_x_and_fortran_weights(backend, kind):
+    """Direct kernel calls (not only layers) with a strided x and Fortran-ordered
+    weights give the contiguous result."""
+    rng = np.random.default_rng(11)
+    T, B, I, H = 4, 3, 5, 6
+    G = (4 if kind == "lstm" else 3) * H
+    big = rng.standard_normal((T, B, 2 * I))
+    x = big[:, :, ::2]
+    w_ih, w_hh = rng.standard_normal((G, I)), rng.standard_normal((G, H))
+    b = rng.standard_normal(G)
+    states = (rng.standard_normal((B, H)),) * (2 if kind == "lstm" else 1)
+    fwd, _ = fastrnn.backends.get(backend).kernels(kind)
+    want = fwd(np.ascontiguousarray(x), *states, w_ih, w_hh, b, b, training=False)
+    got = fwd(x, *states, np.asfortranarray(w_ih), np.asfortranarray(w_hh), b, b,
+              training=False)
+    for a, c in zip(want[:-1], got[:-1]):
+        np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12)
+
+
+def test_fortran_state_dict_and_gradcheck_with_fortran_input(backend):
+    m = fastrnn.LSTM(3, 4, backend=backend, dtype=np.float64, seed=0)
+    x = np.asfortranarray(np.random.default_rng(2).standard_normal((5, 2, 3)))
+    out = m.eval()(x)[0]
+    m2 = fastrnn.LSTM(3, 4, backend=backend, dtype=np.float64, seed=1)
+    m2.load_state_dict({k: np.asfortranarray(v) for k, v in m.state_dict().items()})
+    np.testing.assert_allclose(m2.eval()(x)[0], out, rtol=1e-12, atol=1e-12)
+    assert fastrnn.gradcheck(m, x, max_elements=8).passed

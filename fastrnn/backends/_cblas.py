@@ -27,7 +27,8 @@ from numba.extending import intrinsic
 # (symbol, integer type): ILP64 builds first (NumPy's wheels), then LP64.
 _CANDIDATES = [("scipy_cblas_{}gemm64_", ctypes.c_int64), ("cblas_{}gemm64_", ctypes.c_int64),
                ("scipy_cblas_{}gemm", ctypes.c_int32), ("cblas_{}gemm", ctypes.c_int32)]
-_HOSTS = [("numpy", "numpy._core._multiarray_umath"), ("scipy", "scipy.linalg.cython_blas")]
+_HOSTS = [("numpy", "numpy._core._multiarray_umath"), ("numpy", "numpy.core._multiarray_umath"),
+          ("scipy", "scipy.linalg.cython_blas")]
 
 CblasRowMajor, CblasNoTrans, CblasTrans = 101, 111, 112
 

@@ -112,13 +112,18 @@ def _gemm_precision(dtype):
         yield
         return
     from cupy._core import _routines_linalg as linalg  # CuPy's own switch (cupy >= 8)
-    saved = linalg.get_compute_type(np.float32)
-    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if _allow_tf32
-                            else linalg.COMPUTE_TYPE_FP32)
-    try:
-        yield
-    finally:
-        linalg.set_compute_type(np.float32, saved)
+    # The switch is process-wide: one lock keeps threads from interleaving save/restore.
+    with _precision_lock:
+        saved = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if _allow_tf32
+                                else linalg.COMPUTE_TYPE_FP32)
+        try:
+            yield
+        finally:
+            linalg.set_compute_type(np.float32, saved)
+
+
+_precision_lock = threading.RLock()
 
 
 # ------------------------------------------------------------------ loader
@@ -321,14 +326,17 @@ def _device_array(rt, name, a, shape, dtype):
 
 def _check_forward(rt, x, states, w_ih, w_hh, b_ih, b_hh, gates):
     """Validate the forward arguments; return contiguous copies and T, B, I, H."""
-    if not isinstance(x, rt.xp.ndarray) or x.ndim != 3:
-        raise ValueError(f"x must be a 3-D {rt.xp.__name__}.ndarray (T, B, I), got "
-                         f"{type(x).__name__} with shape {getattr(x, 'shape', None)}")
+    if not isinstance(x, rt.xp.ndarray):
+        raise TypeError(f"x must be a {rt.xp.__name__}.ndarray, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"x must have 3 dimensions (T, B, I), got shape {x.shape}")
     _suffix(x.dtype)
     T, B, I = x.shape
     h0 = states[0]
-    if not isinstance(h0, rt.xp.ndarray) or h0.ndim != 2:
-        raise ValueError(f"h0 must be a 2-D {rt.xp.__name__}.ndarray (B, H)")
+    if not isinstance(h0, rt.xp.ndarray):
+        raise TypeError(f"h0 must be a {rt.xp.__name__}.ndarray, got {type(h0).__name__}")
+    if h0.ndim != 2:
+        raise ValueError(f"h0 must have 2 dimensions (B, H), got shape {h0.shape}")
     H = h0.shape[1]
     G = gates * H
     names = ("h0", "c0")[:len(states)]

@@ -144,9 +144,18 @@ def _matmul(a, b, trans_a=False, trans_b=False):
 
 
 def _project(x, w_ih):
-    """x W_ih^T for every step: one GEMM, (T, B, G). The time loops add the biases."""
+    """x W_ih^T for every step: one GEMM, (T, B, G). The time loops add the biases.
+
+    ``x`` and ``w_ih`` must have contiguous rows: the kernel wrappers pass
+    them through :func:`_c`."""
     T, B, I = x.shape
     return _matmul(x.reshape(T * B, I), w_ih, trans_b=True).reshape(T, B, -1)
+
+
+def _c(*arrays):
+    """C-contiguous versions (no copy when they already are): the GEMMs and the
+    compiled loops index rows as contiguous memory."""
+    return tuple(np.ascontiguousarray(a) for a in arrays)
 
 
 def _bias(b_ih, b_hh, G, dtype):
@@ -269,6 +278,7 @@ def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
 
 
 def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu):
+    x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
     xw = _project(x, w_ih)
@@ -413,6 +423,7 @@ def _lstm_backward_loop(gemm, d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
     """LSTM (gates i, f, g, o): see :func:`fastrnn.backends.reference.lstm_forward`."""
+    x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
     xw = _project(x, w_ih)
@@ -617,6 +628,7 @@ def _gru_backward_loop_reset_before(gemm, d_out, d_h, w_hrz, w_hn, lengths, reve
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
                 reset_after=True):
     """GRU (gates r, z, n): see :func:`fastrnn.backends.reference.gru_forward`."""
+    x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
