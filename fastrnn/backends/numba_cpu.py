@@ -188,19 +188,21 @@ def _column_sums(a, out):
 
 @_jit
 def _param_grads_kernel(gemm, d_a_x, d_a_h, x, h_prev, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih,
-                        d_b_hh, has_bias):
+                        d_b_hh, has_bias, rows_hh):
     _mm(gemm, d_a_x, False, w_ih, False, d_x, 0.0)
     _mm(gemm, d_a_x, True, x, False, d_w_ih, 0.0)
-    _mm(gemm, d_a_h, True, h_prev, False, d_w_hh, 0.0)
+    _mm(gemm, d_a_h[:, :rows_hh], True, h_prev, False, d_w_hh[:rows_hh], 0.0)
     if has_bias:
         _column_sums(d_a_x, d_b_ih)
         _column_sums(d_a_h, d_b_hh)
 
 
-def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias):
+def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias, rows_hh=None):
     """Whole-sequence GEMMs: d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh (see reference).
 
     One compiled call: at T = 1 (cells) the per-call overhead is what counts.
+    Only the first ``rows_hh`` rows of ``d_w_hh`` are formed (all by default):
+    the reset-before GRU's n rows see ``r * h``, not ``h``, and are its caller's.
     """
     T, B, I = x.shape
     G, H = d_a_x.shape[2], h_prev.shape[2]
@@ -210,7 +212,8 @@ def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias):
     d_b_ih, d_b_hh = np.empty(G if has_bias else 0, dtype), np.empty(G if has_bias else 0, dtype)
     _param_grads_kernel(gemm_for(dtype), d_a_x.reshape(T * B, G), d_a_h.reshape(T * B, G),
                         x.reshape(T * B, I), h_prev.reshape(T * B, H), w_ih,
-                        d_x.reshape(T * B, I), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias)
+                        d_x.reshape(T * B, I), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias,
+                        G if rows_hh is None else rows_hh)
     if not has_bias:
         return d_x, d_w_ih, d_w_hh, None, None
     return d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh
@@ -677,7 +680,7 @@ def gru_backward(d_out, d_h_n, cache):
         _gru_backward_loop_reset_before(gemm_for(x.dtype), d_out, d_h, w_hh[:2 * H], w_hh[2 * H:],
                                         full, reverse,
                                         hs, gates, d_a)
-        grads = _param_grads(d_a, d_a, x, h_prev, w_ih, has_bias)
+        grads = _param_grads(d_a, d_a, x, h_prev, w_ih, has_bias, rows_hh=2 * H)
         # n's recurrent GEMM input is r * h_{t-1}.
         rh = (gates[:, :, :H] * h_prev).reshape(T * B, H)
         _mm(gemm_for(x.dtype), d_a.reshape(T * B, 3 * H)[:, 2 * H:], True, rh, False,
