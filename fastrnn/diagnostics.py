@@ -46,13 +46,14 @@ def gradient_flow(model, x, hx=None):
 
     clone = model.copy()   # its grads accumulate, the model's do not
     clone.batch_first = False
-    clone.train()
+    clone.eval()           # the recording pass keeps states only, no caches
     T, B = x.shape[:2]
     before = [hx]          # before[t]: the state before step t
     state = hx
     for t in range(T - 1):
         _, state = clone(x[t:t + 1], state)
         before.append(state)
+    clone.train()
 
     H = model.hidden_size
     d_h = xp.ones((1, B, H), dtype=model.dtype)
