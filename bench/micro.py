@@ -9,6 +9,8 @@
 3. The recurrent GEMM shapes through NumPy's BLAS (what the kernels call) and
    through SciPy's (what Numba's np.dot calls).
 4. A prange over the batch rows right after a BLAS call, against the serial pass.
+5. The cost of a compiled call that takes the BLAS function as a ctypes object
+   against one that takes its address (what the kernels do).
 """
 
 import math
@@ -82,6 +84,11 @@ def _rows_parallel(a, xw, bias, c_prev, c_new, h_new, H):
 
 
 @numba.njit
+def _takes(gemm, a):
+    return a.shape[0]
+
+
+@numba.njit
 def _scipy_dot(h, w_t, out):
     np.dot(h, w_t, out)
 
@@ -129,6 +136,13 @@ def main():
             f(a0.copy(), xw, bias, c_prev, c_new, h_new, H)
         print(f"   {name:<7} {best(step, 30) * 1e6:8.1f}")
     print(f"   (threading layer: {numba.threading_layer()})")
+
+    print("5. a compiled call taking the BLAS function, us per call")
+    from fastrnn.backends._cblas import SGEMM
+    small = np.ones((1, 4), np.float32)
+    address = nb.gemm_for(np.float32)
+    print(f"   ctypes object  {best(lambda: _takes(SGEMM, small), 2000) * 1e6:6.2f}")
+    print(f"   address        {best(lambda: _takes(address, small), 2000) * 1e6:6.2f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import os
 import time
 
 # Every GEMM here is small (B = 64 rows): BLAS threads only add synchronisation, and on a
-# busy machine their spinning made training 10x slower. One thread unless the user says so.
+# busy machine their spinning made training many times slower. One thread unless the user says so.
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 

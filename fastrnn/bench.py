@@ -39,13 +39,17 @@ class Case:
         return forward * (3 if mode == "training" else 1)
 
 
+def build_layer(cell, I, H, backend, dtype, seed=0, **options):
+    """The layer for a cell kind name ('lstm', 'gru', 'rnn_tanh', 'rnn_relu')."""
+    if cell.startswith("rnn"):
+        return fastrnn.RNN(I, H, nonlinearity=cell[4:], backend=backend, dtype=dtype,
+                           seed=seed, **options)
+    cls = fastrnn.LSTM if cell == "lstm" else fastrnn.GRU
+    return cls(I, H, backend=backend, dtype=dtype, seed=seed, **options)
+
+
 def make_layer(case: Case, backend: str, seed: int = 0):
-    dtype = np.dtype(case.dtype)
-    if case.cell.startswith("rnn"):
-        return fastrnn.RNN(case.I, case.H, nonlinearity=case.cell[4:], backend=backend,
-                           dtype=dtype, seed=seed)
-    cls = fastrnn.LSTM if case.cell == "lstm" else fastrnn.GRU
-    return cls(case.I, case.H, backend=backend, dtype=dtype, seed=seed)
+    return build_layer(case.cell, case.I, case.H, backend, np.dtype(case.dtype), seed)
 
 
 def fastrnn_runner(case: Case, backend: str, mode: str, x, d_out):

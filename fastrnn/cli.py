@@ -56,15 +56,10 @@ def check_configs(cells):
             yield cell, options
 
 
-def _build(cell, I, H, backend, dtype, options, seed=0):
-    options = dict(options)
-    options.pop("lengths", None)
-    if cell.startswith("rnn"):
-        return fastrnn.RNN(I, H, nonlinearity=cell[4:], backend=backend, dtype=dtype,
-                           seed=seed, **options)
-    if cell == "lstm":
-        return fastrnn.LSTM(I, H, backend=backend, dtype=dtype, seed=seed, **options)
-    return fastrnn.GRU(I, H, backend=backend, dtype=dtype, seed=seed, **options)
+def _build(cell, I, H, backend, dtype, options):
+    """A check configuration's layer; ``lengths`` in ``options`` is for the call."""
+    options = {k: v for k, v in options.items() if k != "lengths"}
+    return B.build_layer(cell, I, H, backend, dtype, **options)
 
 
 def cmd_check(args) -> int:

@@ -2,16 +2,17 @@
 
 Numba's ``np.dot`` calls SciPy's BLAS. With NumPy's wheels that is a second
 OpenBLAS, with its own thread pool, beside the one NumPy uses: two pools of
-spinning threads on the same cores slow both down (measured here: up to 10x
-on a 2-core machine), and SciPy's build was also 15-50% slower on the
-recurrent GEMM shapes (M = batch rows). So the Numba kernels call NumPy's
+spinning threads on the same cores slow both down, and SciPy's build was
+also slower on the recurrent GEMM shapes (M = batch rows; ``python
+bench/micro.py`` compares the two). So the Numba kernels call NumPy's
 CBLAS ``?gemm`` directly. SciPy's BLAS is the second choice.
 
 The kernels receive the function's address as an integer (which keeps
 ``cache=True`` working: the address is an argument, not a compiled-in
 constant) and call it through :func:`gemm_call`. Passing the ctypes function
-object itself also works, but Numba's dispatcher takes 2.3 us to type it at
-every call, which was a tenth of a cell step.
+object itself also works, but Numba's dispatcher then types it anew at every
+call, which costs microseconds (``python bench/micro.py`` measures it): a
+tenth of a cell step.
 """
 
 from __future__ import annotations
