@@ -56,6 +56,23 @@ template <typename T> __device__ __forceinline__ T d_tanh(T y) { return T(1) - y
 __device__ __forceinline__ int first_index() { return blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int index_stride() { return blockDim.x * gridDim.x; }
 
+// Device primitives of the persistent kernels (fastrnn_persist.cuh). The host build of the
+// tests (FASTRNN_HOST_SHIM) supplies its own, with blocks and threads as OS threads.
+#ifndef FASTRNN_HOST_SHIM
+// The dynamic shared memory of the block (size given at launch).
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+    extern __shared__ __align__(16) unsigned char fastrnn_shared[];
+    return fastrnn_shared;
+}
+// A load that bypasses L1 (ld.global.cg): state written by other blocks during the same
+// launch is read from L2, never from a stale L1 line.
+template <typename V> __device__ __forceinline__ V load_from_l2(const V* p) { return __ldcg(p); }
+__device__ __forceinline__ unsigned load_volatile(const unsigned* p) {
+    return *(const volatile unsigned*)p;
+}
+__device__ __forceinline__ void spin_pause() { __nanosleep(32); }
+#endif
+
 }  // namespace fastrnn
 
 #endif  // FASTRNN_COMMON_CUH

@@ -1,12 +1,15 @@
 """The cuda backend, checked three ways.
 
 1. Without a GPU, when g++ is present: the kernels of ``csrc/`` are compiled as
-   plain C++ (a few macros stand in for CUDA's keywords, and the grid-stride
-   loops then run on one "thread"), and the backend's host loop
-   (:mod:`fastrnn.backends.cuda`) runs on NumPy arrays through them. This
-   checks the kernels' maths, the masking, the state-buffer offsets, the
+   plain C++ (``tests/cuda_host_shim.h`` stands in for CUDA's keywords), and
+   the backend's host loop (:mod:`fastrnn.backends.cuda`) runs on NumPy arrays
+   through them. Stepwise kernels run their grid-stride loops on one thread;
+   persistent kernels run as a real grid of OS threads, with block barriers,
+   per-block shared memory (NaN-filled) and the grid barrier's atomics, on
+   several launch geometries. This checks the kernels' maths, the masking, the
+   state-buffer offsets, the work split, the synchronisation logic, the
    private cache layout and every GEMM of the host loop against the float64
-   reference, on every cell and option.
+   reference, on every cell, option and algorithm.
 2. Without a GPU, when nvcc is present: every ``.cu`` compiles for sm_90 with
    ``-Xptxas -v`` and no spills; when libnvrtc can be loaded, the inlined
    source compiles under NVRTC too.
@@ -22,6 +25,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -115,16 +119,11 @@ OPTIONS = [(reverse, bias, lengths) for reverse in (False, True) for bias in (Tr
 
 # ------------------------------------------------------------------ 1. host emulation
 
-HOST_SHIM = """
-// CUDA's keywords for a host build: the grid-stride loops run on one thread.
-#include <math.h>
-#define __device__
-#define __global__
-#define __forceinline__ inline
-struct fastrnn_host_dim3 { unsigned x, y, z; };
-static const fastrnn_host_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
-static const fastrnn_host_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
-"""
+SHIM = Path(__file__).with_name("cuda_host_shim.h")
+# Launch limits of the emulated device: few SMs and small blocks, so that the test shapes
+# need several blocks, a partial last block, K splits and several batches per thread.
+HOST_LIMITS = cuda.PersistentLimits(sms=3, shared_bytes=48 * 1024, threads=64,
+                                    min_split_vectors=1)
 
 
 @pytest.fixture(scope="session")
@@ -134,15 +133,19 @@ def host_libs(tmp_path_factory):
     if gxx is None or CSRC is None:
         pytest.skip("g++ or csrc/ not found")
     folder = tmp_path_factory.mktemp("fastrnn_host")
-    (folder / "shim.h").write_text(HOST_SHIM)
     libs = {}
     for unit in UNITS:
         lib = folder / f"fastrnn_{unit}.so"
-        subprocess.run([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror",
-                        "-include", str(folder / "shim.h"), "-x", "c++",
+        subprocess.run([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
+                        "-Werror", "-Wno-unknown-pragmas", "-include", str(SHIM), "-x", "c++",
                         str(CSRC / f"fastrnn_{unit}.cu"), "-o", str(lib)],
                        check=True, capture_output=True, text=True)
         libs[unit] = ctypes.CDLL(str(lib))
+        libs[unit].fastrnn_host_grid_new.restype = ctypes.c_void_p
+        libs[unit].fastrnn_host_grid_new.argtypes = [ctypes.c_uint, ctypes.c_uint,
+                                                     ctypes.c_size_t]
+        libs[unit].fastrnn_host_grid_free.argtypes = [ctypes.c_void_p]
+        libs[unit].fastrnn_host_enter.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     return libs
 
 
@@ -151,21 +154,52 @@ class HostRuntime(cuda._Runtime):
 
     xp = np
 
-    def __init__(self, libs):
+    def __init__(self, libs, limits=HOST_LIMITS):
         self.libs = libs
+        self.limits = limits
         self.launches = []
+
+    @staticmethod
+    def _c_args(args):
+        return [ctypes.c_int(a) if isinstance(a, int) else ctypes.c_void_p(a.ctypes.data)
+                for a in args]
 
     def _launch(self, unit, name, n, args):
         self.launches.append(name)
-        c_args = [ctypes.c_int(a) if isinstance(a, int) else ctypes.c_void_p(a.ctypes.data)
-                  for a in args]
-        getattr(self.libs[unit], name)(*c_args)
+        getattr(self.libs[unit], name)(*self._c_args(args))
+
+    def _launch_persistent(self, unit, name, plan, args):
+        """One OS thread per CUDA thread; ctypes lets go of the GIL during each call."""
+        self.launches.append(name)
+        lib, c_args = self.libs[unit], self._c_args(args)
+        assert plan.shared_bytes <= self.limits.shared_bytes and plan.blocks <= self.limits.sms
+        grid = lib.fastrnn_host_grid_new(plan.blocks, plan.threads, plan.shared_bytes)
+
+        def thread(block, index):
+            lib.fastrnn_host_enter(grid, block, index)
+            getattr(lib, name)(*c_args)
+
+        threads = [threading.Thread(target=thread, args=(b, i), daemon=True)
+                   for b in range(plan.blocks) for i in range(plan.threads)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+                assert not t.is_alive(), f"{name} did not finish: a barrier never opened"
+        finally:
+            if not any(t.is_alive() for t in threads):
+                lib.fastrnn_host_grid_free(grid)
+
+    def persistent_limits(self):
+        return self.limits
 
 
 @pytest.fixture
 def host_runtime(host_libs, monkeypatch):
     rt = HostRuntime(host_libs)
     monkeypatch.setattr(cuda, "_runtime_override", rt)
+    monkeypatch.setattr(cuda, "_algorithm", "stepwise")
     return rt
 
 
@@ -211,6 +245,130 @@ def test_forward_validates_arguments(host_runtime):
         cuda.lstm_forward(x, h0.astype(np.float32), c0, args["w_ih"], args["w_hh"], None, None)
     with pytest.raises(ValueError, match="both"):
         cuda.lstm_forward(x, h0, c0, args["w_ih"], args["w_hh"], args["b_ih"], None)
+
+
+# ------------------------------------------------------------------ 1b. persistent kernels
+
+PERSISTENT_CASES = [c for c in CASES if c != ("gru", False)]
+# Emulated devices and shapes that reach every branch of the work split (H = 8):
+#   3 SMs, 64 threads, B = 5: J = 3, a partial last block, 2-4 K splits, 1 batch per thread;
+#   8 SMs, 32 threads, B = 33: J = 1, 8 blocks, 2 batches per thread;
+#   2 SMs, 32 threads, B = 40: J = 4, 8 batches per thread.
+GEOMETRIES = [(HOST_LIMITS, 5),
+              (cuda.PersistentLimits(sms=8, shared_bytes=48 * 1024, threads=32,
+                                     min_split_vectors=1), 33),
+              (cuda.PersistentLimits(sms=2, shared_bytes=48 * 1024, threads=32,
+                                     min_split_vectors=1), 40)]
+
+
+def persistent_launches(rt):
+    return [name for name in rt.launches if "_persist_" in name]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell, reset_after", PERSISTENT_CASES)
+def test_persistent_loop_matches_reference(host_runtime, monkeypatch, cell, reset_after, dtype):
+    monkeypatch.setattr(cuda, "_algorithm", "persistent")
+    for reverse, bias, lengths in OPTIONS:
+        for training in (True, False):
+            host_runtime.launches.clear()
+            check_against_reference(to_host, dtype, cell, reset_after, reverse, bias, lengths,
+                                    training, H=8)
+            # every launch of the time loop was persistent: forward, and backward if training
+            assert len(persistent_launches(host_runtime)) == 1 + training
+            assert not [n for n in host_runtime.launches if "_persist_" not in n]
+
+
+@pytest.mark.parametrize("limits, B", GEOMETRIES)
+@pytest.mark.parametrize("cell, reset_after", PERSISTENT_CASES)
+def test_persistent_work_split(host_runtime, monkeypatch, cell, reset_after, limits, B):
+    monkeypatch.setattr(cuda, "_algorithm", "persistent")
+    host_runtime.limits = limits
+    for backward in (False, True):
+        plan, why = cuda.persistent_plan(cell, B, 8, np.float32, backward, limits=limits)
+        assert plan is not None, why
+    check_against_reference(to_host, np.float32, cell, reset_after, True, True, True, True,
+                            T=4, B=B, H=8)
+    assert len(persistent_launches(host_runtime)) == 2
+
+
+def test_persistent_forward_then_stepwise_backward(host_runtime, monkeypatch):
+    """Both algorithms write the same cache."""
+    for cell, reset_after in PERSISTENT_CASES:
+        args, d_out, d_states = make_problem(cell, H=8, lengths=True)
+        extra = {} if reset_after is None else {"reset_after": reset_after}
+        monkeypatch.setattr(cuda, "_algorithm", "persistent")
+        *outputs, cache = getattr(cuda, f"{cell}_forward")(
+            args["x"], *args["states"], args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"],
+            lengths=args["lengths"], **extra)
+        monkeypatch.setattr(cuda, "_algorithm", "stepwise")
+        grads = getattr(cuda, f"{cell}_backward")(d_out, *d_states, cache)
+        want = run(reference, cell, args, d_out, d_states, False, True, reset_after,
+                   lambda a: a)
+        assert_close(list(outputs) + list(grads), want, TOL[np.float64], cell)
+
+
+def test_persistent_refuses_what_it_cannot_run(host_runtime, monkeypatch):
+    args, _, _ = make_problem("gru", H=8)
+    call = lambda **kw: cuda.gru_forward(args["x"], *args["states"], args["w_ih"],  # noqa: E731
+                                         args["w_hh"], args["b_ih"], args["b_hh"], **kw)
+    monkeypatch.setattr(cuda, "_algorithm", "persistent")
+    with pytest.raises(ValueError, match="reset_after=False runs stepwise"):
+        call(reset_after=False)
+    odd, _, _ = make_problem("lstm", H=7)
+    with pytest.raises(ValueError, match="H = 7 is not a multiple of 2"):
+        cuda.lstm_forward(odd["x"], *odd["states"], odd["w_ih"], odd["w_hh"], None, None)
+    # "auto" runs them stepwise, and the persistent loop where it fits
+    monkeypatch.setattr(cuda, "_algorithm", "auto")
+    host_runtime.launches.clear()
+    call(reset_after=False)
+    assert host_runtime.launches and not persistent_launches(host_runtime)
+    call(reset_after=True)
+    assert persistent_launches(host_runtime) == ["fastrnn_gru_persist_fwd_train_f64"]
+
+
+def test_set_algorithm(monkeypatch):
+    monkeypatch.setattr(cuda, "_algorithm", "stepwise")
+    cuda.set_algorithm("auto")
+    assert cuda.algorithm() == "auto"
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        cuda.set_algorithm("fast")
+    assert cuda.algorithm() == "auto"
+
+
+H100 = cuda.PersistentLimits(sms=132, shared_bytes=227 * 1024)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_persistent_plan_invariants(cell, dtype):
+    """Every plan covers all units and batches within the block, SM and shared-memory limits."""
+    itemsize = np.dtype(dtype).itemsize
+    for H in (64, 128, 256, 512, 1024):
+        for B in (1, 2, 16, 64, 256):
+            for backward in (False, True):
+                plan, why = cuda.persistent_plan(cell, B, H, dtype, backward, limits=H100)
+                if plan is None:
+                    assert "shared memory" in why or "8 batches" in why, why
+                    continue
+                assert plan.blocks <= H100.sms and plan.blocks * plan.J >= H
+                assert (plan.blocks - 1) * plan.J < H           # no empty block
+                assert plan.groups * plan.bt >= B and plan.bt in (1, 2, 4, 8)
+                assert plan.J * plan.groups * plan.splits <= plan.threads
+                assert plan.splits == 1 or plan.bt == 1
+                assert plan.shared_bytes <= H100.shared_bytes
+                assert plan.stride * itemsize % 128 == 16 and plan.stride % (16 // itemsize) == 0
+
+
+def test_persistent_plan_reaches_the_benchmark_grid():
+    """The issue's grid (B <= 64, H <= 1024, float32) is persistent on an H100 for every cell."""
+    for cell in ("rnn_tanh", "lstm", "gru"):
+        for H in (128, 256, 512, 1024):
+            for B in (1, 16, 64):
+                for backward in (False, True):
+                    plan, why = cuda.persistent_plan(cell, B, H, np.float32, backward,
+                                                     limits=H100)
+                    assert plan is not None, f"{cell} B={B} H={H} backward={backward}: {why}"
 
 
 # ------------------------------------------------------------------ 2. compilers

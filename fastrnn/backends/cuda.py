@@ -16,6 +16,25 @@ Every kernel mirrors the NumPy reference (:mod:`fastrnn.backends.reference`):
   inactive rows have ``d_a = 0`` (hence ``d_h_gemm = 0``) and keep their
   gradient in ``d_h_carry``, so no GEMM ever needs a mask.
 
+Two algorithms run that loop (:func:`set_algorithm`):
+
+* ``"stepwise"`` (the default): the loop above, two launches per step
+  (cuBLAS, then the pointwise kernel), from Python;
+* ``"persistent"``: the whole sequence in ONE cooperative launch per
+  direction (``csrc/fastrnn_persist.cuh``). Each block keeps its slice of
+  ``W_hh`` in shared memory for the whole sequence, forms its part of the
+  recurrent product from the previous state in L2, runs the pointwise step of
+  its own hidden units, then meets the other blocks at a grid barrier. It
+  needs H a multiple of 16 bytes' worth of elements, the weight slice to fit
+  in shared memory with one block per SM, and B * ceil(H / SMs) <= 8 * 256;
+  the GRU with ``reset_after=False`` always runs stepwise (it would need two
+  barriers per step). ``"auto"`` takes it wherever it fits;
+  ``"persistent"`` raises where it does not, so nothing changes algorithm
+  behind the caller's back. :func:`persistent_plan` says which and why.
+
+Both algorithms write the same cache, so a forward of one may be followed by a
+backward of the other.
+
 Kernels come from one loader, memoized per device: ``cupy.RawModule(path=...)``
 on the fatbin built by CMake when it holds code for the device's compute
 capability, else NVRTC on the shipped sources with the header inlined (so it
@@ -30,9 +49,11 @@ an asynchronous fault is reported with the name of the kernel that caused it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,15 +147,122 @@ def _gemm_precision(dtype):
 _precision_lock = threading.RLock()
 
 
+# ------------------------------------------------------------------ algorithm
+
+ALGORITHMS = ("stepwise", "persistent", "auto")
+_algorithm = "stepwise"
+
+
+def set_algorithm(name: str) -> None:
+    """Choose how the time loop runs: ``"stepwise"``, ``"persistent"`` or ``"auto"``.
+
+    See the module docstring. ``"stepwise"`` is the default until the
+    persistent kernels have been measured on a GPU (docs/cuda.md).
+    """
+    global _algorithm
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
+    _algorithm = name
+
+
+def algorithm() -> str:
+    """The algorithm chosen by :func:`set_algorithm`."""
+    return _algorithm
+
+
+@dataclass(frozen=True)
+class PersistentLimits:
+    """What a persistent launch may use on one device."""
+
+    sms: int                    # multiprocessors: at most one block each
+    shared_bytes: int           # dynamic shared memory a block may opt in to
+    threads: int = 256          # threads per block (FASTRNN_PERSIST_THREADS at most)
+    min_split_vectors: int = 8  # a K split gets at least this many 16-byte vectors
+    cooperative: bool = True    # the device can launch cooperative grids
+
+
+@dataclass(frozen=True)
+class PersistentPlan:
+    """The geometry of one persistent launch (see csrc/fastrnn_persist.cuh)."""
+
+    blocks: int
+    threads: int
+    J: int             # hidden units per block
+    groups: int        # batch groups per block
+    splits: int        # K splits per (unit, batch group)
+    bt: int            # batches per thread: 1, 2, 4 or 8
+    stride: int        # elements per shared weight row
+    shared_bytes: int
+
+    def geometry(self) -> tuple:
+        """The J, groups, splits, bt, stride arguments of the kernels."""
+        return self.J, self.groups, self.splits, self.bt, self.stride
+
+
+def persistent_plan(cell: str, B: int, H: int, dtype, backward: bool = False,
+                    reset_after: bool = True, limits: PersistentLimits | None = None):
+    """The persistent launch for this problem, or ``(None, why not)``.
+
+    Returns ``(PersistentPlan, None)`` when it fits. ``limits`` defaults to
+    those of the current device.
+    """
+    if limits is None:
+        limits = _runtime().persistent_limits()
+    itemsize = np.dtype(dtype).itemsize
+    width = 16 // itemsize
+    gates = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
+    if cell == "gru" and not reset_after:
+        return None, "the GRU with reset_after=False runs stepwise (two barriers per step)"
+    if not limits.cooperative:
+        return None, "the device cannot launch cooperative grids"
+    if H % width:
+        return None, f"H = {H} is not a multiple of {width} ({np.dtype(dtype).name} vectors)"
+    J = -(-H // limits.sms)
+    blocks = -(-H // J)
+    K = gates * H if backward else H    # length of the dot products
+    if B * J <= limits.threads:
+        bt, groups = 1, B
+        splits = max(1, min(limits.threads // (B * J),
+                            K // width // limits.min_split_vectors))
+    else:
+        bt = 1 << math.ceil(math.log2(-(-B * J // limits.threads)))
+        if bt > 8:
+            return None, (f"B * ceil(H / SMs) = {B * J} is more than 8 batches for each "
+                          f"of {limits.threads} threads")
+        groups, splits = -(-B // bt), 1
+    stride = ((K * itemsize + 127) // 128 * 128 + 16) // itemsize
+    rows = J if backward else gates * J
+    partial = (splits - 1) * J * groups * (1 if backward else gates) * bt
+    shared = (rows * stride + partial) * itemsize
+    shared = (shared + 15) // 16 * 16
+    if shared > limits.shared_bytes:
+        return None, (f"the weight slice needs {shared} bytes of shared memory per block, "
+                      f"more than the {limits.shared_bytes} a block can have")
+    return PersistentPlan(blocks, limits.threads, J, groups, splits, bt, stride, shared), None
+
+
+def _plan(rt, cell, T, B, H, dtype, backward, reset_after=True):
+    """The persistent plan to use, or None for the stepwise loop."""
+    if _algorithm == "stepwise" or T == 0:
+        return None
+    plan, why = persistent_plan(cell, B, H, dtype, backward, reset_after,
+                                rt.persistent_limits())
+    if plan is None and _algorithm == "persistent":
+        raise ValueError(f"the persistent algorithm cannot run {cell} with B={B}, H={H}, "
+                         f"{np.dtype(dtype).name}: {why}; use set_algorithm('auto') or "
+                         f"'stepwise'")
+    return plan
+
+
 # ------------------------------------------------------------------ loader
 
 def kernel_names(unit: str) -> list[str]:
     """Every ``extern "C"`` kernel of ``csrc/fastrnn_{unit}.cu``."""
-    stems = {"rnn": [f"{c}_{p}" for c in ("rnn_tanh", "rnn_relu")
-                     for p in ("fwd_train", "fwd_infer", "bwd")],
-             "lstm": ["lstm_fwd_train", "lstm_fwd_infer", "lstm_bwd"],
-             "gru": ["gru_fwd_train", "gru_fwd_infer", "gru_bwd", "gru_rb_rz_fwd",
-                     "gru_rb_n_fwd", "gru_rb_n_bwd", "gru_rb_r_bwd"]}[unit]
+    passes = ("fwd_train", "fwd_infer", "bwd")
+    cells = {"rnn": ("rnn_tanh", "rnn_relu"), "lstm": ("lstm",), "gru": ("gru",)}[unit]
+    stems = [f"{c}_{kind}{p}" for c in cells for kind in ("", "persist_") for p in passes]
+    if unit == "gru":
+        stems += ["gru_rb_rz_fwd", "gru_rb_n_fwd", "gru_rb_n_bwd", "gru_rb_r_bwd"]
     return [f"fastrnn_{stem}_{suffix}" for stem in stems for suffix in ("f32", "f64")]
 
 
@@ -216,6 +344,7 @@ def info(load: bool = False) -> dict:
         "fatbins": sorted(p.name for p in folder.glob("*.fatbin")) if folder else [],
         "fatbin_archs": [f"sm_{a}" for a in FATBIN_ARCHS] + ["compute_90 (PTX)"],
         "tf32": _allow_tf32,
+        "algorithm": _algorithm,
     }
     if result["available"]:
         device = _cupy.cuda.Device()
@@ -243,18 +372,42 @@ class _Runtime:
 
     xp = None
 
-    def launch(self, unit: str, name: str, n: int, *args) -> None:
+    @staticmethod
+    def _check(name, args):
         dtype = np.dtype(np.float32 if name.endswith("_f32") else np.float64)
         for position, a in enumerate(args):
             if isinstance(a, int):
                 continue
-            if not a.flags.c_contiguous or a.dtype not in (dtype, np.int32):
+            if not a.flags.c_contiguous or a.dtype not in (dtype, np.int32, np.uint32):
                 raise TypeError(f"{name}: argument {position} must be a C-contiguous "
-                                f"{dtype} or int32 array, got {a.dtype} with strides {a.strides}")
+                                f"{dtype}, int32 or uint32 array, got {a.dtype} with strides "
+                                f"{a.strides}")
+        return args
+
+    def launch(self, unit: str, name: str, n: int, *args) -> None:
+        """A stepwise kernel over n = B * H elements."""
+        self._check(name, args)
         if n > 0:
             self._launch(unit, name, n, args)
 
+    def launch_persistent(self, unit: str, name: str, plan: PersistentPlan, steps: int,
+                          B: int, H: int, reverse: int, *args) -> None:
+        """A persistent kernel: its geometry arguments, then ``args``.
+
+        The last of ``args`` is the grid barrier's arrival counter, zeroed
+        (:func:`_barrier`).
+        """
+        args = (steps, B, H, *plan.geometry(), int(reverse), *args)
+        self._check(name, args)
+        self._launch_persistent(unit, name, plan, args)
+
     def _launch(self, unit, name, n, args):
+        raise NotImplementedError
+
+    def _launch_persistent(self, unit, name, plan, args):
+        raise NotImplementedError
+
+    def persistent_limits(self) -> PersistentLimits:
         raise NotImplementedError
 
     def matmul(self, a, b, out=None):
@@ -272,11 +425,40 @@ class _CupyRuntime(_Runtime):
         grid = min((n + _BLOCK - 1) // _BLOCK, _MAX_GRID)
         # Explicit int32: CuPy would pass a Python int as a 64-bit integer.
         kernel((grid,), (_BLOCK,), tuple(np.int32(a) if isinstance(a, int) else a for a in args))
+        self._sync(name)
+
+    def _launch_persistent(self, unit, name, plan, args):
+        kernel = _functions(unit)[name]
+        if kernel.max_dynamic_shared_size_bytes < plan.shared_bytes:
+            kernel.max_dynamic_shared_size_bytes = plan.shared_bytes  # opt in past 48 KiB
+        # Cooperative: the driver refuses a grid that cannot be resident at once, so the
+        # grid barrier can never wait for a block that is not running.
+        kernel.kernel((plan.blocks,), (plan.threads,),
+                      tuple(np.int32(a) if isinstance(a, int) else a for a in args),
+                      shared_mem=plan.shared_bytes, enable_cooperative_groups=True)
+        self._sync(name)
+
+    @staticmethod
+    def _sync(name):
         if _SYNC:
             try:
                 _cupy.cuda.get_current_stream().synchronize()
             except Exception as exc:
                 raise RuntimeError(f"CUDA kernel {name} failed: {exc}") from exc
+
+    def persistent_limits(self) -> PersistentLimits:
+        device = _cupy.cuda.Device()
+        limits = _limits.get(device.id)
+        if limits is None:
+            props = _cupy.cuda.runtime.getDeviceProperties(device.id)
+            limits = PersistentLimits(sms=int(props["multiProcessorCount"]),
+                                      shared_bytes=int(props["sharedMemPerBlockOptin"]),
+                                      cooperative=bool(props.get("cooperativeLaunch", 1)))
+            _limits[device.id] = limits
+        return limits
+
+
+_limits: dict = {}  # device id -> PersistentLimits
 
 
 _cupy_runtime = None
@@ -383,6 +565,31 @@ def _steps(T: int, reverse: bool) -> range:
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
+def _mode(training: bool) -> str:
+    return "train" if training else "infer"
+
+
+def _state_slots(rt, s0, T, r, training):
+    """State buffers holding s0 where the first step reads it.
+
+    Training keeps every state, ``[T + 1, B, H]`` (step t reads slot t + r and
+    writes t + 1 - r); the persistent inference loop alternates two, ``[2, B, H]``.
+    """
+    slots = rt.xp.empty((T + 1 if training else 2,) + s0.shape, dtype=s0.dtype)
+    slots[r * T if training else 0] = s0
+    return slots
+
+
+def _last_slot(T, r, training):
+    """The slot of :func:`_state_slots` that holds the state after the last step."""
+    return (1 - r) * T if training else T % 2
+
+
+def _barrier(rt):
+    """The arrival counter of a persistent launch's grid barrier."""
+    return rt.xp.zeros((1,), dtype=np.uint32)
+
+
 def _project(rt, x, w_ih, bias):
     """x W_ih^T + bias for every step at once: (T, B, G)."""
     T, B, I = x.shape
@@ -414,40 +621,56 @@ def _rnn_forward(rt, cell, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, trai
     xp, r, sfx = rt.xp, int(reverse), _suffix(x.dtype)
     lens = _lengths(rt, lengths, T, B)
     xw = _project(rt, x, w_ih, None if b_ih is None else b_ih + b_hh)
-    w_hh_t = w_hh.T
     out = xp.empty((T, B, H), dtype=x.dtype)
-    hw = xp.empty((B, H), dtype=x.dtype)
+    plan = _plan(rt, cell, T, B, H, x.dtype, backward=False)
+    if plan is not None:
+        hs = _state_slots(rt, h0, T, r, training)
+        rt.launch_persistent("rnn", f"fastrnn_{cell}_persist_fwd_{_mode(training)}_{sfx}", plan,
+                             T, B, H, r, lens, xw, w_hh, hs, out, _barrier(rt))
+        h_n = hs[_last_slot(T, r, training)].copy()
+    else:
+        w_hh_t = w_hh.T
+        hw = xp.empty((B, H), dtype=x.dtype)
+        if training:
+            hs = _state_slots(rt, h0, T, r, training)
+            for t in _steps(T, reverse):
+                rt.matmul(hs[t + r], w_hh_t, hw)
+                rt.launch("rnn", f"fastrnn_{cell}_fwd_train_{sfx}", B * H, B, H, t, lens, xw[t],
+                          hw, hs[t + r], hs[t + 1 - r], out[t])
+            h_n = hs[_last_slot(T, r, training)].copy()
+        else:
+            h_n = h0.copy()
+            for t in _steps(T, reverse):
+                rt.matmul(h_n, w_hh_t, hw)
+                rt.launch("rnn", f"fastrnn_{cell}_fwd_infer_{sfx}", B * H, B, H, t, lens, xw[t],
+                          hw, h_n, h_n, out[t])
     if not training:
-        h = h0.copy()
-        for t in _steps(T, reverse):
-            rt.matmul(h, w_hh_t, hw)
-            rt.launch("rnn", f"fastrnn_{cell}_fwd_infer_{sfx}", B * H, B, H, t, lens, xw[t], hw,
-                      h, h, out[t])
-        return out, h, None
-    hs = xp.empty((T + 1, B, H), dtype=x.dtype)
-    hs[r * T] = h0
-    for t in _steps(T, reverse):
-        rt.matmul(hs[t + r], w_hh_t, hw)
-        rt.launch("rnn", f"fastrnn_{cell}_fwd_train_{sfx}", B * H, B, H, t, lens, xw[t], hw,
-                  hs[t + r], hs[t + 1 - r], out[t])
+        return out, h_n, None
     cache = dict(cell=cell, x=x, hs=hs, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
                  lengths=lens, reverse=bool(reverse))
-    return out, hs[(1 - r) * T].copy(), cache
+    return out, h_n, cache
 
 
 def _rnn_backward(rt, d_out, d_h_n, cache):
     d_out, (d_h_n,) = _check_backward(rt, cache, d_out, (d_h_n,))
     x, hs, w_hh, lens, reverse = (cache[k] for k in ("x", "hs", "w_hh", "lengths", "reverse"))
+    cell = cache["cell"]
     xp, r, sfx = rt.xp, int(reverse), _suffix(x.dtype)
     T, B, _ = x.shape
     H = hs.shape[2]
     d_a = xp.empty((T, B, H), dtype=x.dtype)
     d_h_carry = d_h_n.copy()
-    d_h_gemm = xp.zeros((B, H), dtype=x.dtype)
-    for t in _steps(T, not reverse):
-        rt.launch("rnn", f"fastrnn_{cache['cell']}_bwd_{sfx}", B * H, B, H, t, lens, d_out[t],
-                  d_h_gemm, d_h_carry, hs[t + 1 - r], d_a[t])
-        rt.matmul(d_a[t], w_hh, d_h_gemm)
+    plan = _plan(rt, cell, T, B, H, x.dtype, backward=True)
+    if plan is not None:
+        d_h_gemm = xp.empty((B, H), dtype=x.dtype)
+        rt.launch_persistent("rnn", f"fastrnn_{cell}_persist_bwd_{sfx}", plan, T, B, H, r, lens,
+                             w_hh, d_out, d_h_carry, hs, d_a, d_h_gemm, _barrier(rt))
+    else:
+        d_h_gemm = xp.zeros((B, H), dtype=x.dtype)
+        for t in _steps(T, not reverse):
+            rt.launch("rnn", f"fastrnn_{cell}_bwd_{sfx}", B * H, B, H, t, lens, d_out[t],
+                      d_h_gemm, d_h_carry, hs[t + 1 - r], d_a[t])
+            rt.matmul(d_a[t], w_hh, d_h_gemm)
     d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _param_grads(
         rt, d_a, d_a, x, hs[r:T + r], cache["w_ih"], cache["has_bias"])
     return d_x, d_h_carry + d_h_gemm, d_w_ih, d_w_hh, d_b_ih, d_b_hh
@@ -490,29 +713,38 @@ def _lstm_forward(rt, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, train
     xp, r, sfx = rt.xp, int(reverse), _suffix(x.dtype)
     lens = _lengths(rt, lengths, T, B)
     xw = _project(rt, x, w_ih, None if b_ih is None else b_ih + b_hh)
-    w_hh_t = w_hh.T
     out = xp.empty((T, B, H), dtype=x.dtype)
-    hw = xp.empty((B, 4 * H), dtype=x.dtype)
-    if not training:
-        h, c = h0.copy(), c0.copy()
+    plan = _plan(rt, "lstm", T, B, H, x.dtype, backward=False)
+    if training:
+        hs, cs = _state_slots(rt, h0, T, r, True), _state_slots(rt, c0, T, r, True)
+        gates = xp.empty((T, B, 4 * H), dtype=x.dtype)
+        tanh_cs = xp.empty((T, B, H), dtype=x.dtype)
+    if plan is not None and training:
+        rt.launch_persistent("lstm", f"fastrnn_lstm_persist_fwd_train_{sfx}", plan, T, B, H, r,
+                             lens, xw, w_hh, hs, cs, out, gates, tanh_cs, _barrier(rt))
+    elif plan is not None:
+        hs, c_n = _state_slots(rt, h0, T, r, False), c0.copy()   # c is updated in place
+        rt.launch_persistent("lstm", f"fastrnn_lstm_persist_fwd_infer_{sfx}", plan, T, B, H, r,
+                             lens, xw, w_hh, hs, c_n, out, _barrier(rt))
+        return out, hs[_last_slot(T, r, False)].copy(), c_n, None
+    else:
+        w_hh_t = w_hh.T
+        hw = xp.empty((B, 4 * H), dtype=x.dtype)
+        if not training:
+            h_n, c_n = h0.copy(), c0.copy()
+            for t in _steps(T, reverse):
+                rt.matmul(h_n, w_hh_t, hw)
+                rt.launch("lstm", f"fastrnn_lstm_fwd_infer_{sfx}", B * H, B, H, t, lens, xw[t],
+                          hw, h_n, c_n, h_n, c_n, out[t])
+            return out, h_n, c_n, None
         for t in _steps(T, reverse):
-            rt.matmul(h, w_hh_t, hw)
-            rt.launch("lstm", f"fastrnn_lstm_fwd_infer_{sfx}", B * H, B, H, t, lens, xw[t], hw,
-                      h, c, h, c, out[t])
-        return out, h, c, None
-    hs = xp.empty((T + 1, B, H), dtype=x.dtype)
-    cs = xp.empty((T + 1, B, H), dtype=x.dtype)
-    hs[r * T], cs[r * T] = h0, c0
-    gates = xp.empty((T, B, 4 * H), dtype=x.dtype)
-    tanh_cs = xp.empty((T, B, H), dtype=x.dtype)
-    for t in _steps(T, reverse):
-        rt.matmul(hs[t + r], w_hh_t, hw)
-        rt.launch("lstm", f"fastrnn_lstm_fwd_train_{sfx}", B * H, B, H, t, lens, xw[t], hw,
-                  hs[t + r], cs[t + r], hs[t + 1 - r], cs[t + 1 - r], out[t], gates[t],
-                  tanh_cs[t])
+            rt.matmul(hs[t + r], w_hh_t, hw)
+            rt.launch("lstm", f"fastrnn_lstm_fwd_train_{sfx}", B * H, B, H, t, lens, xw[t], hw,
+                      hs[t + r], cs[t + r], hs[t + 1 - r], cs[t + 1 - r], out[t], gates[t],
+                      tanh_cs[t])
     cache = dict(x=x, hs=hs, cs=cs, gates=gates, tanh_cs=tanh_cs, w_ih=w_ih, w_hh=w_hh,
                  has_bias=b_ih is not None, lengths=lens, reverse=bool(reverse))
-    last = (1 - r) * T
+    last = _last_slot(T, r, True)
     return out, hs[last].copy(), cs[last].copy(), cache
 
 
@@ -526,11 +758,18 @@ def _lstm_backward(rt, d_out, d_h_n, d_c_n, cache):
     H = hs.shape[2]
     d_a = xp.empty((T, B, 4 * H), dtype=x.dtype)
     d_h_carry, d_c = d_h_n.copy(), d_c_n.copy()
-    d_h_gemm = xp.zeros((B, H), dtype=x.dtype)
-    for t in _steps(T, not reverse):
-        rt.launch("lstm", f"fastrnn_lstm_bwd_{sfx}", B * H, B, H, t, lens, d_out[t], d_h_gemm,
-                  d_h_carry, d_c, gates[t], tanh_cs[t], cs[t + r], d_a[t])
-        rt.matmul(d_a[t], w_hh, d_h_gemm)
+    plan = _plan(rt, "lstm", T, B, H, x.dtype, backward=True)
+    if plan is not None:
+        d_h_gemm = xp.empty((B, H), dtype=x.dtype)
+        rt.launch_persistent("lstm", f"fastrnn_lstm_persist_bwd_{sfx}", plan, T, B, H, r, lens,
+                             w_hh, d_out, d_h_carry, d_c, gates, tanh_cs, cs, d_a, d_h_gemm,
+                             _barrier(rt))
+    else:
+        d_h_gemm = xp.zeros((B, H), dtype=x.dtype)
+        for t in _steps(T, not reverse):
+            rt.launch("lstm", f"fastrnn_lstm_bwd_{sfx}", B * H, B, H, t, lens, d_out[t],
+                      d_h_gemm, d_h_carry, d_c, gates[t], tanh_cs[t], cs[t + r], d_a[t])
+            rt.matmul(d_a[t], w_hh, d_h_gemm)
     d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _param_grads(
         rt, d_a, d_a, x, hs[r:T + r], cache["w_ih"], cache["has_bias"])
     return d_x, d_h_carry + d_h_gemm, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh
@@ -575,6 +814,7 @@ def _gru_forward(rt, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, 
         return (hs[t + r], hs[t + 1 - r]) if training else (h, h)
 
     gates = xp.empty((T, B, 3 * H), dtype=x.dtype) if training else None
+    plan = _plan(rt, "gru", T, B, H, x.dtype, backward=False, reset_after=reset_after)
     if reset_after:
         if b_ih is None:
             xw, b_hn = _project(rt, x, w_ih, None), xp.zeros((H,), dtype=x.dtype)
@@ -585,7 +825,15 @@ def _gru_forward(rt, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, 
         w_hh_t = w_hh.T
         hw = xp.empty((B, 3 * H), dtype=x.dtype)
         hns = xp.empty((T, B, H), dtype=x.dtype) if training else None
-        for t in _steps(T, reverse):
+        if plan is not None and training:
+            rt.launch_persistent("gru", f"fastrnn_gru_persist_fwd_train_{sfx}", plan, T, B, H,
+                                 r, lens, xw, w_hh, b_hn, hs, out, gates, hns, _barrier(rt))
+        elif plan is not None:
+            slots = _state_slots(rt, h0, T, r, False)
+            rt.launch_persistent("gru", f"fastrnn_gru_persist_fwd_infer_{sfx}", plan, T, B, H,
+                                 r, lens, xw, w_hh, b_hn, slots, out, _barrier(rt))
+            h = slots[_last_slot(T, r, False)].copy()
+        for t in _steps(T, reverse) if plan is None else ():
             h_prev, h_next = states(t)
             rt.matmul(h_prev, w_hh_t, hw)
             if training:
@@ -634,7 +882,12 @@ def _gru_backward(rt, d_out, d_h_n, cache):
         hns = cache["hns"]
         d_a_x = xp.empty((T, B, 3 * H), dtype=x.dtype)  # feeds W_ih, b_ih
         d_a_h = xp.empty((T, B, 3 * H), dtype=x.dtype)  # feeds W_hh, b_hh
-        for t in _steps(T, not reverse):
+        plan = _plan(rt, "gru", T, B, H, x.dtype, backward=True)
+        if plan is not None:
+            rt.launch_persistent("gru", f"fastrnn_gru_persist_bwd_{sfx}", plan, T, B, H, r,
+                                 lens, w_hh, d_out, d_h_carry, gates, hns, hs, d_a_x, d_a_h,
+                                 d_h_gemm, _barrier(rt))
+        for t in _steps(T, not reverse) if plan is None else ():
             rt.launch("gru", f"fastrnn_gru_bwd_{sfx}", B * H, B, H, t, lens, d_out[t], d_h_gemm,
                       d_h_carry, gates[t], hns[t], hs[t + r], d_a_x[t], d_a_h[t])
             rt.matmul(d_a_h[t], w_hh, d_h_gemm)
