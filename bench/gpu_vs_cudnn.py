@@ -2,18 +2,26 @@
 
     python bench/gpu_vs_cudnn.py            # full grid, ~3-6 minutes on an H100
     python bench/gpu_vs_cudnn.py --quick    # a few points, ~1 minute
+    python bench/gpu_vs_cudnn.py --sanitize # also compute-sanitizer over the GPU tests
 
 Steps, each recorded in ``bench/results/<date>-<gpu>.json`` (rewritten after every
 step, so a run cut short still leaves what it measured):
 
 1. ``pytest tests/test_cuda.py`` (GPU tests included);
 2. every output and gradient of every cell/option against the float64 NumPy
-   reference, in float32 (pass: relative error <= 1e-5) and float64;
+   reference, in float32 (pass: relative error <= 1e-5) and float64, with
+   each algorithm of the time loop (``stepwise``; ``auto``, which is
+   ``persistent`` wherever it fits);
 3. median times (CUDA events, after warm-up, TF32 off in both) of one layer,
    one direction, T=100, B in {1, 16, 64, 256}, I=H in {128, 256, 512, 1024}:
-   ``cuda`` is this backend's ``{cell}_forward``/``{cell}_backward``; ``cudnn``
-   is ``torch.nn.{LSTM,GRU,RNN}`` on CUDA (inference: forward under no_grad;
+   ``cuda`` is this backend's ``{cell}_forward``/``{cell}_backward``, once per
+   algorithm (the row's ``algorithm`` says which ran: ``stepwise``,
+   ``persistent``, or ``mixed`` when only one direction fitted); ``cudnn`` is
+   ``torch.nn.{LSTM,GRU,RNN}`` on CUDA (inference: forward under no_grad;
    training: forward plus backward of ``out`` with parameter gradients).
+
+With ``--sanitize``, step 1 is followed by compute-sanitizer's memcheck,
+racecheck and synccheck over the float32 GPU reference tests (both algorithms).
 
 Each step catches its own errors, so one failure does not hide the others.
 """
@@ -25,6 +33,7 @@ import datetime
 import json
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,9 +105,45 @@ def run_pytest(timeout):
                 if isinstance(exc.stdout, bytes) else str(exc.stdout)[-4000:]}
 
 
+def run_sanitizer(timeout):
+    """compute-sanitizer's memcheck, racecheck, synccheck over a few GPU tests."""
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        return {"skipped": "compute-sanitizer is not on PATH"}
+    report = {}
+    for tool in ("memcheck", "racecheck", "synccheck"):
+        cmd = [exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-m", "pytest",
+               "tests/test_cuda.py", "-q", "-p", "no:cacheprovider", "-k",
+               "test_gpu_matches_reference and float32 and (lstm or gru)"]
+        try:
+            out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                                 timeout=timeout)
+            text = out.stdout + out.stderr
+            summary = [line for line in text.splitlines() if "ERROR SUMMARY" in line]
+            report[tool] = {"returncode": out.returncode,
+                            "summary": summary[-1] if summary else None,
+                            "tail": text[-2000:]}
+        except subprocess.TimeoutExpired:
+            report[tool] = {"returncode": None, "summary": f"timed out after {timeout} s"}
+        log(f"{tool}: {report[tool]['summary']} (exit {report[tool]['returncode']})")
+    return report
+
+
 # ------------------------------------------------------------------ 2. accuracy
 
 def compare_with_reference():
+    from fastrnn.backends import cuda
+    rows = []
+    for algorithm in ("stepwise", "auto"):
+        cuda.set_algorithm(algorithm)
+        try:
+            rows += [dict(row, algorithm=algorithm) for row in _compare_with_reference()]
+        finally:
+            cuda.set_algorithm("stepwise")
+    return rows
+
+
+def _compare_with_reference():
     import cupy
 
     from fastrnn.backends import cuda
@@ -178,6 +223,16 @@ def end_elapsed(start, end):
     return cupy.cuda.get_elapsed_time(start, end)
 
 
+def algorithm_used(cell_key, mode, B, H):
+    """Which loop ``auto`` runs for this point: stepwise, persistent or mixed."""
+    from fastrnn.backends import cuda
+    cell = CELLS[cell_key][0]
+    passes = (False,) if mode == "inference" else (False, True)
+    fits = [cuda.persistent_plan(cell, B, H, np.float32, backward)[0] is not None
+            for backward in passes]
+    return "persistent" if all(fits) else "mixed" if any(fits) else "stepwise"
+
+
 def cuda_case(cell_key, mode, T, B, I, H):
     """A closure running this backend once, and the events to time it."""
     import cupy
@@ -246,24 +301,36 @@ def timing(args, result, save, deadline):
         for mode in ("inference", "training"):
             for B in Bs:
                 for H in Hs:
-                    for backend in ("cuda", "cudnn"):
+                    for backend, algorithm in (("cuda", "stepwise"), ("cuda", "auto"),
+                                               ("cudnn", "cudnn")):
                         if backend == "cudnn" and not have_torch:
                             continue
-                        row = dict(backend=backend, cell=cell_key, mode=mode, T=T, B=B, I=H,
-                                   H=H, dtype="float32", median_ms=None)
+                        if algorithm == "auto":
+                            algorithm = algorithm_used(cell_key, mode, B, H)
+                            if algorithm == "stepwise":
+                                continue   # the same loop as the row before
+                        row = dict(backend=backend, algorithm=algorithm, cell=cell_key,
+                                   mode=mode, T=T, B=B, I=H, H=H, dtype="float32",
+                                   median_ms=None)
                         if time.monotonic() > deadline:
                             row["error"] = "skipped: time budget spent"
                             rows.append(row)
                             continue
                         try:
+                            if backend == "cuda":
+                                cuda.set_algorithm("stepwise" if algorithm == "stepwise"
+                                                   else "auto")
                             make = cuda_case if backend == "cuda" else cudnn_case
                             step, events = make(cell_key, mode, T, B, H, H)
                             row["median_ms"] = round(median_ms(step, args.warmup, args.reps,
                                                                events), 4)
                         except Exception as exc:  # noqa: BLE001
                             row["error"] = f"{type(exc).__name__}: {exc}"
+                        finally:
+                            cuda.set_algorithm("stepwise")
                         rows.append(row)
-                        log(f"{backend:6s} {cell_key:4s} {mode:9s} B={B:4d} H={H:5d} "
+                        log(f"{backend:6s} {algorithm:10s} {cell_key:4s} {mode:9s} B={B:4d} "
+                            f"H={H:5d} "
                             f"{row['median_ms'] if row['median_ms'] is not None else row}")
                         cupy.get_default_memory_pool().free_all_blocks()
                         if have_torch:
@@ -272,13 +339,15 @@ def timing(args, result, save, deadline):
 
 
 def speedups(rows):
-    """cuDNN time / cuda time per point (> 1: this backend is faster)."""
-    times = {(r["backend"], r["cell"], r["mode"], r["B"], r["H"]): r["median_ms"] for r in rows}
+    """cuDNN time / cuda time per point and algorithm (> 1: this backend is faster)."""
+    times = {(r["backend"], r.get("algorithm"), r["cell"], r["mode"], r["B"], r["H"]):
+             r["median_ms"] for r in rows}
     out = []
-    for (backend, cell, mode, B, H), ms in times.items():
-        other = times.get(("cudnn", cell, mode, B, H))
+    for (backend, algorithm, cell, mode, B, H), ms in times.items():
+        other = times.get(("cudnn", "cudnn", cell, mode, B, H))
         if backend == "cuda" and ms and other:
-            out.append(dict(cell=cell, mode=mode, B=B, H=H, speedup_vs_cudnn=round(other / ms, 3)))
+            out.append(dict(cell=cell, mode=mode, B=B, H=H, algorithm=algorithm,
+                            speedup_vs_cudnn=round(other / ms, 3)))
     return out
 
 
@@ -288,6 +357,8 @@ def main():
     parser.add_argument("--budget", type=float, default=540,
                         help="seconds after which no new point is timed (default 540)")
     parser.add_argument("--skip-pytest", action="store_true")
+    parser.add_argument("--sanitize", action="store_true",
+                        help="also run compute-sanitizer (memcheck, racecheck, synccheck)")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: "
                         "bench/results/<date>-<gpu>.json)")
     args = parser.parse_args()
@@ -321,6 +392,10 @@ def main():
         result["pytest"] = run_pytest(timeout=150 if args.quick else 240)
         log(result["pytest"]["summary"])
         save()
+    if args.sanitize:
+        log("== compute-sanitizer")
+        result["sanitizer"] = run_sanitizer(timeout=120)
+        save()
 
     log("== accuracy against the float64 reference")
     try:
@@ -345,10 +420,12 @@ def main():
     save()
     for s in result["speedups"]:
         log(f"{s['cell']:4s} {s['mode']:9s} B={s['B']:4d} H={s['H']:5d} "
-            f"cuda is {s['speedup_vs_cudnn']:.2f}x cuDNN")
+            f"cuda ({s['algorithm']}) is {s['speedup_vs_cudnn']:.2f}x cuDNN")
     log(f"wrote {path}")
     ok = (not result["errors"] and result.get("accuracy", {}).get("all_ok", False)
-          and result.get("pytest", {"returncode": 0})["returncode"] == 0)
+          and result.get("pytest", {"returncode": 0})["returncode"] == 0
+          and all(r.get("returncode") == 0 for r in result.get("sanitizer", {}).values()
+                  if isinstance(r, dict)))
     return 0 if ok else 1
 
 

@@ -443,24 +443,53 @@ def to_device(dtype):
     return lambda a: cupy.asarray(np.asarray(a, dtype=dtype))
 
 
+@pytest.fixture(params=["stepwise", "auto"])
+def gpu_algorithm(request, monkeypatch):
+    """Each GPU test runs with the stepwise loop, then with the persistent one where it fits."""
+    monkeypatch.setattr(cuda, "_algorithm", request.param)
+    return request.param
+
+
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell, reset_after", CASES)
-def test_gpu_matches_reference(cell, reset_after, dtype):
+def test_gpu_matches_reference(gpu_algorithm, cell, reset_after, dtype):
     for reverse, bias, lengths in OPTIONS:
         for training in (True, False):
             check_against_reference(to_device, dtype, cell, reset_after, reverse, bias, lengths,
-                                    training)
+                                    training, H=8 if gpu_algorithm == "auto" else 7)
 
 
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("cell, reset_after", CASES)
-def test_gpu_larger_shapes(cell, reset_after):
-    """Several blocks per launch and H not a multiple of the block size."""
+@pytest.mark.parametrize("B, H", [(33, 132), (3, 1024), (150, 1024)])
+def test_gpu_larger_shapes(gpu_algorithm, cell, reset_after, B, H):
+    """Several blocks per launch, H not a multiple of the block size; persistent on 132 SMs:
+    K splits (B = 3, 33), 8 units per block and 8 batches per thread (B = 150, H = 1024)."""
     check_against_reference(to_device, np.float32, cell, reset_after, True, True, True, True,
-                            T=9, B=33, I=40, H=130)
+                            T=9, B=B, I=40, H=H)
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_persistent_runs_in_one_launch_per_direction(monkeypatch):
+    """The persistent loop is taken on the GPU where the plan fits (nothing silently stepwise)."""
+    plan, why = cuda.persistent_plan("lstm", 16, 256, np.float32)
+    assert plan is not None, why
+    rt = cuda._runtime()
+    launches = {"stepwise": [], "persistent": []}
+    stepwise, persistent = type(rt)._launch, type(rt)._launch_persistent
+    monkeypatch.setattr(type(rt), "_launch", lambda self, unit, name, *a: (
+        launches["stepwise"].append(name), stepwise(self, unit, name, *a))[1])
+    monkeypatch.setattr(type(rt), "_launch_persistent", lambda self, unit, name, *a: (
+        launches["persistent"].append(name), persistent(self, unit, name, *a))[1])
+    monkeypatch.setattr(cuda, "_algorithm", "persistent")
+    check_against_reference(to_device, np.float32, "lstm", None, False, True, True, True,
+                            T=20, B=16, I=32, H=256)
+    assert launches == {"stepwise": [], "persistent": ["fastrnn_lstm_persist_fwd_train_f32",
+                                                       "fastrnn_lstm_persist_bwd_f32"]}
 
 
 @pytest.mark.cuda
