@@ -39,6 +39,7 @@ def cmd_info(args) -> int:
     print(f"  cuda kernel sources: {details['csrc']}; fatbins: {fatbins}")
     for unit, origin in details.get("modules", {}).items():
         print(f"  cuda {unit}: {origin}")
+    print(f"  cuda time loop: {details['algorithm']} (fastrnn.backends.cuda.set_algorithm)")
     return 0
 
 
@@ -290,6 +291,12 @@ def plot(rows, path):
 
 # -------------------------------------------------------------------- main
 
+def add_cuda_algorithm(parser):
+    from fastrnn.backends import cuda
+    parser.add_argument("--cuda-algorithm", choices=cuda.ALGORITHMS, default=None,
+                        help="time loop of the cuda backend (default: stepwise; see docs/cuda.md)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="fastrnn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -308,12 +315,14 @@ def build_parser():
     b.add_argument("--max-reference-work", type=positive_float, default=5e8,
                    help="skip the numpy reference above this T*B*I*H")
     b.add_argument("--json", metavar="FILE", help="write machine info and rows as JSON")
+    add_cuda_algorithm(b)
     b.add_argument("--plot", metavar="FILE.png", help="draw the comparison (needs matplotlib)")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("check", help="gradcheck every cell and option on every backend")
     c.add_argument("--backends", nargs="+", choices=("numpy", "numba", "cuda"))
     c.add_argument("--cells", nargs="+", choices=ALL_CELLS, default=list(ALL_CELLS))
+    add_cuda_algorithm(c)
     c.set_defaults(func=cmd_check)
 
     i = sub.add_parser("info", help="versions, backends, and why a backend is absent")
@@ -329,6 +338,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", 1) is None:
         args.threads = os.cpu_count() or 1
+    if getattr(args, "cuda_algorithm", None):
+        from fastrnn.backends import cuda
+        cuda.set_algorithm(args.cuda_algorithm)
     return args.func(args)
 
 

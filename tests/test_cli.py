@@ -19,6 +19,18 @@ def test_info_names_every_backend(capsys):
         assert reason in text
 
 
+def test_cuda_algorithm_option_sets_the_time_loop(monkeypatch, capsys):
+    from fastrnn.backends import cuda
+    monkeypatch.setattr(cuda, "_algorithm", "stepwise")
+    assert cli.main(["check", "--cells", "rnn_tanh", "--backends", "numpy",
+                     "--cuda-algorithm", "auto"]) == 0
+    assert cuda.algorithm() == "auto"
+    assert cli.main(["info"]) == 0
+    assert "cuda time loop: auto" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--cuda-algorithm", "fast"])
+
+
 def test_check_passes_and_prints_a_table(capsys):
     assert cli.main(["check", "--cells", "gru", "--backends", *CPU_BACKENDS]) == 0
     text = capsys.readouterr().out

@@ -581,3 +581,45 @@ def test_host_loop_under_the_layers(host_runtime, monkeypatch, kind):
     np.testing.assert_allclose(d_x_dev, d_x_ref, rtol=1e-9, atol=1e-12)
     for name, g in ref.grads.items():
         np.testing.assert_allclose(dev.grads[name], g, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+# ------------------------------------------------------------------ 4. the GPU script
+
+def load_gpu_script():
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_vs_cudnn.py"
+    if not path.is_file():
+        pytest.skip("bench/gpu_vs_cudnn.py is not in this checkout")
+    spec = importlib.util.spec_from_file_location("gpu_vs_cudnn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class LimitsOnly:
+    """A runtime that answers persistent_limits() alone, like an H100."""
+
+    def persistent_limits(self):
+        return H100
+
+
+def test_gpu_script_names_the_algorithm_of_each_point(monkeypatch):
+    script = load_gpu_script()
+    monkeypatch.setattr(cuda, "_runtime_override", LimitsOnly())
+    assert script.algorithm_used("lstm", "training", 64, 512) == "persistent"
+    assert script.algorithm_used("gru", "inference", 16, 1024) == "persistent"
+    tight = cuda.PersistentLimits(sms=132, shared_bytes=130 * 1024)  # B=1: bwd fits, fwd not
+    monkeypatch.setattr(LimitsOnly, "persistent_limits", lambda self: tight)
+    assert script.algorithm_used("lstm", "inference", 1, 1024) == "stepwise"
+    assert script.algorithm_used("lstm", "training", 1, 1024) == "mixed"
+
+
+def test_gpu_script_speedups_pair_each_algorithm_with_cudnn():
+    script = load_gpu_script()
+    point = dict(cell="lstm", mode="training", B=16, H=512)
+    rows = [dict(point, backend="cudnn", algorithm="cudnn", median_ms=6.0),
+            dict(point, backend="cuda", algorithm="stepwise", median_ms=12.0),
+            dict(point, backend="cuda", algorithm="persistent", median_ms=3.0),
+            dict(point, B=64, backend="cuda", algorithm="stepwise", median_ms=None)]
+    got = {s["algorithm"]: s["speedup_vs_cudnn"] for s in script.speedups(rows)}
+    assert got == {"stepwise": 0.5, "persistent": 2.0}
