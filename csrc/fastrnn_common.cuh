@@ -70,7 +70,11 @@ template <typename V> __device__ __forceinline__ V load_from_l2(const V* p) { re
 __device__ __forceinline__ unsigned load_volatile(const unsigned* p) {
     return *(const volatile unsigned*)p;
 }
-__device__ __forceinline__ void spin_pause() { __nanosleep(32); }
+__device__ __forceinline__ void spin_pause() {
+#if __CUDA_ARCH__ >= 700
+    __nanosleep(32);  // sm_70+; older GPUs (NVRTC only) just spin
+#endif
+}
 #endif
 
 }  // namespace fastrnn

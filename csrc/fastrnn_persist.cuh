@@ -16,9 +16,9 @@
 //    instead of deadlocking.
 //
 // Threads: thread t of a block works on unit u = t % J, batch group bg = (t / J) % groups
-// (batches bg*BT .. bg*BT + BT - 1) and K split ks = t / (J * groups), a contiguous range of
-// the dot products' K. The host uses several splits only when BT = 1 (small B J); their
-// partial sums meet in shared memory, in a fixed order.
+// (batches bg*BT .. bg*BT + BT - 1) and K split ks = t / (J * groups), every splits-th
+// 16-byte vector of the dot products' K. The host uses several splits only when BT = 1
+// (small B J); their partial sums meet in shared memory, in a fixed order.
 //
 // Shared memory: the weight rows, each padded to `stride` elements, chosen by the host so
 // that stride * sizeof(T) is 16 bytes more than a multiple of 128 (the 16-byte loads of
@@ -86,14 +86,13 @@ __device__ __forceinline__ Share share_of_thread(int B, int H, int J, int groups
 }
 
 // acc[g][i] = sum over this thread's split of k of w_s[(g J + u) stride + k] * state[b K + k],
-// b = bg BT + i. Batches past B read row 0; their sums are never used.
+// b = bg BT + i. Split ks takes the vectors ks, ks + splits, ... (interleaved, so threads of
+// different splits read different banks). Batches past B read row 0; their sums are unused.
 template <typename T, int NG, int BT>
 __device__ __forceinline__ void dots(const T* w_s, const T* state, int K, const Share& s,
                                      T (&acc)[NG][BT]) {
     typedef typename Vec<T>::type V;
-    const int n_vec = K / Vec<T>::width;
-    const int c0 = s.works ? (int)((long long)n_vec * s.ks / s.splits) : 0;
-    const int c1 = s.works ? (int)((long long)n_vec * (s.ks + 1) / s.splits) : 0;
+    const int n_vec = s.works ? K / Vec<T>::width : 0;
     const V* rows[BT];
 #pragma unroll
     for (int i = 0; i < BT; ++i) {
@@ -107,7 +106,7 @@ __device__ __forceinline__ void dots(const T* w_s, const T* state, int K, const 
 #pragma unroll
         for (int i = 0; i < BT; ++i) acc[g][i] = T(0);
     }
-    for (int c = c0; c < c1; ++c) {
+    for (int c = s.ks; c < n_vec; c += s.splits) {
         V wv[NG];
 #pragma unroll
         for (int g = 0; g < NG; ++g) wv[g] = w[g][c];
@@ -154,7 +153,8 @@ __device__ __forceinline__ void grid_barrier(unsigned* arrived, unsigned& target
     if (threadIdx.x == 0) {
         __threadfence();
         atomicAdd(arrived, 1u);
-        while (load_volatile(arrived) < target) spin_pause();
+        // signed difference: still right once the count wraps past 2^32 (T * blocks)
+        while ((int)(load_volatile(arrived) - target) < 0) spin_pause();
         __threadfence();
     }
     __syncthreads();

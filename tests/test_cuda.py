@@ -255,6 +255,10 @@ PERSISTENT_CASES = [c for c in CASES if c != ("gru", False)]
 #   8 SMs, 32 threads, B = 33: J = 1, 8 blocks, 2 batches per thread;
 #   2 SMs, 32 threads, B = 40: J = 4, 8 batches per thread.
 GEOMETRIES = [(HOST_LIMITS, 5),
+              # J = 12, B J = 60 > 32: 2 batch rows per thread would need 3 groups * 12 units
+              # = 36 threads; the plan must take 4 rows (this once skipped units silently)
+              (cuda.PersistentLimits(sms=1, shared_bytes=48 * 1024, threads=32,
+                                     min_split_vectors=1), 5),
               (cuda.PersistentLimits(sms=8, shared_bytes=48 * 1024, threads=32,
                                      min_split_vectors=1), 33),
               (cuda.PersistentLimits(sms=2, shared_bytes=48 * 1024, threads=32,
@@ -285,10 +289,12 @@ def test_persistent_work_split(host_runtime, monkeypatch, cell, reset_after, lim
     monkeypatch.setattr(cuda, "_algorithm", "persistent")
     host_runtime.limits = limits
     for backward in (False, True):
-        plan, why = cuda.persistent_plan(cell, B, 8, np.float32, backward, limits=limits)
+        plan, why = cuda.persistent_plan(cell, B, 12 if limits.sms == 1 else 8, np.float32,
+                                         backward, limits=limits)
         assert plan is not None, why
+    H = 12 if limits.sms == 1 else 8
     check_against_reference(to_host, np.float32, cell, reset_after, True, True, True, True,
-                            T=4, B=B, H=8)
+                            T=4, B=B, H=H)
     assert len(persistent_launches(host_runtime)) == 2
 
 
@@ -327,6 +333,15 @@ def test_persistent_refuses_what_it_cannot_run(host_runtime, monkeypatch):
     assert persistent_launches(host_runtime) == ["fastrnn_gru_persist_fwd_train_f64"]
 
 
+def test_persistent_launch_refuses_a_plan_larger_than_its_block(host_runtime):
+    plan = cuda.PersistentPlan(blocks=1, threads=32, J=12, groups=3, splits=1, bt=2,
+                               stride=20, shared_bytes=4096)
+    with pytest.raises(ValueError, match="needs 36 threads per block, more than the 32"):
+        host_runtime.launch_persistent("rnn", "fastrnn_rnn_tanh_persist_fwd_infer_f32", plan,
+                                       1, 5, 12, 0)
+    assert host_runtime.launches == []
+
+
 def test_set_algorithm(monkeypatch):
     monkeypatch.setattr(cuda, "_algorithm", "stepwise")
     cuda.set_algorithm("auto")
@@ -344,8 +359,8 @@ H100 = cuda.PersistentLimits(sms=132, shared_bytes=227 * 1024)
 def test_persistent_plan_invariants(cell, dtype):
     """Every plan covers all units and batches within the block, SM and shared-memory limits."""
     itemsize = np.dtype(dtype).itemsize
-    for H in (64, 128, 256, 512, 1024):
-        for B in (1, 2, 16, 64, 256):
+    for H in list(range(4, 1025, 4 * 11)) + [512, 800, 1024]:
+        for B in list(range(1, 257, 3)) + [64, 256]:
             for backward in (False, True):
                 plan, why = cuda.persistent_plan(cell, B, H, dtype, backward, limits=H100)
                 if plan is None:

@@ -53,6 +53,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +227,8 @@ def persistent_plan(cell: str, B: int, H: int, dtype, backward: bool = False,
                             K // width // limits.min_split_vectors))
     else:
         bt = 1 << math.ceil(math.log2(-(-B * J // limits.threads)))
+        while J * -(-B // bt) > limits.threads:   # groups rounds up: J * groups must fit
+            bt *= 2
         if bt > 8:
             return None, (f"B * ceil(H / SMs) = {B * J} is more than 8 batches for each "
                           f"of {limits.threads} threads")
@@ -397,6 +400,9 @@ class _Runtime:
         The last of ``args`` is the grid barrier's arrival counter, zeroed
         (:func:`_barrier`).
         """
+        if plan.J * plan.groups * plan.splits > plan.threads:
+            raise ValueError(f"{name}: the plan needs {plan.J * plan.groups * plan.splits} "
+                             f"threads per block, more than the {plan.threads} launched")
         args = (steps, B, H, *plan.geometry(), int(reverse), *args)
         self._check(name, args)
         self._launch_persistent(unit, name, plan, args)
@@ -431,11 +437,21 @@ class _CupyRuntime(_Runtime):
         kernel = _functions(unit)[name]
         if kernel.max_dynamic_shared_size_bytes < plan.shared_bytes:
             kernel.max_dynamic_shared_size_bytes = plan.shared_bytes  # opt in past 48 KiB
-        # Cooperative: the driver refuses a grid that cannot be resident at once, so the
-        # grid barrier can never wait for a block that is not running.
-        kernel.kernel((plan.blocks,), (plan.threads,),
-                      tuple(np.int32(a) if isinstance(a, int) else a for a in args),
-                      shared_mem=plan.shared_bytes, enable_cooperative_groups=True)
+        # Cooperative: every block of the grid is resident at once, or there is no launch,
+        # so the grid barrier never waits for a block that is not running. CuPy shrinks a
+        # cooperative grid that is too large, with a warning; a smaller grid would leave
+        # units uncomputed, so that warning is an error here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                kernel.kernel((plan.blocks,), (plan.threads,),
+                              tuple(np.int32(a) if isinstance(a, int) else a for a in args),
+                              shared_mem=plan.shared_bytes, enable_cooperative_groups=True)
+            except Warning as exc:
+                raise RuntimeError(f"{name}: the device cannot hold {plan.blocks} blocks of "
+                                   f"{plan.threads} threads and {plan.shared_bytes} bytes of "
+                                   f"shared memory at once ({exc}); use "
+                                   f"set_algorithm('stepwise')") from exc
         self._sync(name)
 
     @staticmethod
