@@ -117,6 +117,11 @@ OPTIONS = [(reverse, bias, lengths) for reverse in (False, True) for bias in (Tr
            for lengths in (False, True)]
 
 
+def each_option():
+    """(reverse, bias, lengths, training) for every option of the kernel contract."""
+    return [(*option, training) for option in OPTIONS for training in (True, False)]
+
+
 # ------------------------------------------------------------------ 1. host emulation
 
 SHIM = Path(__file__).with_name("cuda_host_shim.h")
@@ -210,10 +215,8 @@ def to_host(dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cell, reset_after", CASES)
 def test_host_loop_matches_reference(host_runtime, cell, reset_after, dtype):
-    for reverse, bias, lengths in OPTIONS:
-        for training in (True, False):
-            check_against_reference(to_host, dtype, cell, reset_after, reverse, bias, lengths,
-                                    training)
+    for option in each_option():
+        check_against_reference(to_host, dtype, cell, reset_after, *option)
 
 
 def test_host_loop_single_step_and_unit_batch(host_runtime):
@@ -273,14 +276,12 @@ def persistent_launches(rt):
 @pytest.mark.parametrize("cell, reset_after", PERSISTENT_CASES)
 def test_persistent_loop_matches_reference(host_runtime, monkeypatch, cell, reset_after, dtype):
     monkeypatch.setattr(cuda, "_algorithm", "persistent")
-    for reverse, bias, lengths in OPTIONS:
-        for training in (True, False):
-            host_runtime.launches.clear()
-            check_against_reference(to_host, dtype, cell, reset_after, reverse, bias, lengths,
-                                    training, H=8)
-            # every launch of the time loop was persistent: forward, and backward if training
-            assert len(persistent_launches(host_runtime)) == 1 + training
-            assert not [n for n in host_runtime.launches if "_persist_" not in n]
+    for *option, training in each_option():
+        host_runtime.launches.clear()
+        check_against_reference(to_host, dtype, cell, reset_after, *option, training, H=8)
+        # every launch of the time loop was persistent: forward, and backward if training
+        assert len(persistent_launches(host_runtime)) == 1 + training
+        assert not [n for n in host_runtime.launches if "_persist_" not in n]
 
 
 @pytest.mark.parametrize("limits, B", GEOMETRIES)
@@ -376,10 +377,10 @@ def test_persistent_plan_invariants(cell, dtype):
 
 
 def test_persistent_plan_reaches_the_benchmark_grid():
-    """The issue's grid (B <= 64, H <= 1024, float32) is persistent on an H100 for every cell."""
+    """The issue's grid (B <= 256, H <= 1024, float32) is persistent on an H100 for every cell."""
     for cell in ("rnn_tanh", "lstm", "gru"):
         for H in (128, 256, 512, 1024):
-            for B in (1, 16, 64):
+            for B in (1, 16, 64, 256):
                 for backward in (False, True):
                     plan, why = cuda.persistent_plan(cell, B, H, np.float32, backward,
                                                      limits=H100)
@@ -470,10 +471,9 @@ def gpu_algorithm(request, monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell, reset_after", CASES)
 def test_gpu_matches_reference(gpu_algorithm, cell, reset_after, dtype):
-    for reverse, bias, lengths in OPTIONS:
-        for training in (True, False):
-            check_against_reference(to_device, dtype, cell, reset_after, reverse, bias, lengths,
-                                    training, H=8 if gpu_algorithm == "auto" else 7)
+    for option in each_option():
+        check_against_reference(to_device, dtype, cell, reset_after, *option,
+                                H=8 if gpu_algorithm == "auto" else 7)
 
 
 @pytest.mark.cuda

@@ -59,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastrnn.backends import gate_count
+
 try:
     import cupy as _cupy
     _IMPORT_ERROR = None
@@ -211,7 +213,7 @@ def persistent_plan(cell: str, B: int, H: int, dtype, backward: bool = False,
         limits = _runtime().persistent_limits()
     itemsize = np.dtype(dtype).itemsize
     width = 16 // itemsize
-    gates = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
+    gates = gate_count(cell)
     if cell == "gru" and not reset_after:
         return None, "the GRU with reset_after=False runs stepwise (two barriers per step)"
     if not limits.cooperative:
@@ -821,9 +823,7 @@ def _gru_forward(rt, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, 
     xp, r, sfx = rt.xp, int(reverse), _suffix(x.dtype)
     lens = _lengths(rt, lengths, T, B)
     out = xp.empty((T, B, H), dtype=x.dtype)
-    hs = xp.empty((T + 1, B, H), dtype=x.dtype) if training else None
-    if training:
-        hs[r * T] = h0
+    hs = _state_slots(rt, h0, T, r, True) if training else None
     h = None if training else h0.copy()
 
     def states(t):  # (before, after) the step; one buffer updated in place in inference
@@ -838,8 +838,6 @@ def _gru_forward(rt, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, 
             bias = b_ih.copy()
             bias[:2 * H] += b_hh[:2 * H]   # b_hn stays inside r * (.)
             xw, b_hn = _project(rt, x, w_ih, bias), xp.ascontiguousarray(b_hh[2 * H:])
-        w_hh_t = w_hh.T
-        hw = xp.empty((B, 3 * H), dtype=x.dtype)
         hns = xp.empty((T, B, H), dtype=x.dtype) if training else None
         if plan is not None and training:
             rt.launch_persistent("gru", f"fastrnn_gru_persist_fwd_train_{sfx}", plan, T, B, H,
@@ -849,15 +847,18 @@ def _gru_forward(rt, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, 
             rt.launch_persistent("gru", f"fastrnn_gru_persist_fwd_infer_{sfx}", plan, T, B, H,
                                  r, lens, xw, w_hh, b_hn, slots, out, _barrier(rt))
             h = slots[_last_slot(T, r, False)].copy()
-        for t in _steps(T, reverse) if plan is None else ():
-            h_prev, h_next = states(t)
-            rt.matmul(h_prev, w_hh_t, hw)
-            if training:
-                rt.launch("gru", f"fastrnn_gru_fwd_train_{sfx}", B * H, B, H, t, lens, xw[t],
-                          hw, b_hn, h_prev, h_next, out[t], gates[t], hns[t])
-            else:
-                rt.launch("gru", f"fastrnn_gru_fwd_infer_{sfx}", B * H, B, H, t, lens, xw[t],
-                          hw, b_hn, h_prev, h_next, out[t])
+        else:
+            w_hh_t = w_hh.T
+            hw = xp.empty((B, 3 * H), dtype=x.dtype)
+            for t in _steps(T, reverse):
+                h_prev, h_next = states(t)
+                rt.matmul(h_prev, w_hh_t, hw)
+                if training:
+                    rt.launch("gru", f"fastrnn_gru_fwd_train_{sfx}", B * H, B, H, t, lens,
+                              xw[t], hw, b_hn, h_prev, h_next, out[t], gates[t], hns[t])
+                else:
+                    rt.launch("gru", f"fastrnn_gru_fwd_infer_{sfx}", B * H, B, H, t, lens,
+                              xw[t], hw, b_hn, h_prev, h_next, out[t])
         extra = dict(hns=hns)
     else:
         xw = _project(rt, x, w_ih, None if b_ih is None else b_ih + b_hh)
@@ -882,7 +883,7 @@ def _gru_forward(rt, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, 
         return out, h, None
     cache = dict(x=x, hs=hs, gates=gates, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
                  lengths=lens, reverse=bool(reverse), reset_after=bool(reset_after), **extra)
-    return out, hs[(1 - r) * T].copy(), cache
+    return out, hs[_last_slot(T, r, True)].copy(), cache
 
 
 def _gru_backward(rt, d_out, d_h_n, cache):
@@ -903,10 +904,11 @@ def _gru_backward(rt, d_out, d_h_n, cache):
             rt.launch_persistent("gru", f"fastrnn_gru_persist_bwd_{sfx}", plan, T, B, H, r,
                                  lens, w_hh, d_out, d_h_carry, gates, hns, hs, d_a_x, d_a_h,
                                  d_h_gemm, _barrier(rt))
-        for t in _steps(T, not reverse) if plan is None else ():
-            rt.launch("gru", f"fastrnn_gru_bwd_{sfx}", B * H, B, H, t, lens, d_out[t], d_h_gemm,
-                      d_h_carry, gates[t], hns[t], hs[t + r], d_a_x[t], d_a_h[t])
-            rt.matmul(d_a_h[t], w_hh, d_h_gemm)
+        else:
+            for t in _steps(T, not reverse):
+                rt.launch("gru", f"fastrnn_gru_bwd_{sfx}", B * H, B, H, t, lens, d_out[t],
+                          d_h_gemm, d_h_carry, gates[t], hns[t], hs[t + r], d_a_x[t], d_a_h[t])
+                rt.matmul(d_a_h[t], w_hh, d_h_gemm)
         d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _param_grads(
             rt, d_a_x, d_a_h, x, hs[r:T + r], w_ih, has_bias)
         return d_x, d_h_carry + d_h_gemm, d_w_ih, d_w_hh, d_b_ih, d_b_hh
