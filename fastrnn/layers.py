@@ -27,14 +27,21 @@ class _RNNBase(Module):
     """Shared machinery of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, *, bias=True,
-                 batch_first=False, bidirectional=False, backend="auto", dtype=np.float32,
-                 seed=None):
+                 batch_first=False, bidirectional=False, reverse=False, backend="auto",
+                 dtype=np.float32, seed=None):
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.num_layers = _check_positive_int("num_layers", num_layers)
         self.bias = _check_bool("bias", bias)
         self.batch_first = _check_bool("batch_first", batch_first)
         self.bidirectional = _check_bool("bidirectional", bidirectional)
+        #: A single direction that runs backward in time (ONNX direction="reverse",
+        #: Keras go_backwards before its output flip); parameters keep the names of
+        #: the forward direction, no "_reverse" suffix.
+        self.reverse = _check_bool("reverse", reverse)
+        if self.reverse and self.bidirectional:
+            raise ValueError("reverse=True runs one direction backward in time; it cannot be "
+                             "combined with bidirectional=True")
         self._cell = cell
         super().__init__(backend, dtype)
         # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
@@ -50,6 +57,10 @@ class _RNNBase(Module):
     @property
     def _num_states(self) -> int:
         return backends.state_count(self._cell)
+
+    def _runs_reverse(self, direction) -> bool:
+        """Whether direction 0 (forward) or 1 (the bidirectional reverse) runs backward in time."""
+        return bool(direction) or self.reverse
 
     def _kernel_options(self) -> dict:
         return {}
@@ -79,7 +90,7 @@ class _RNNBase(Module):
 
     def __repr__(self):
         extra = f", num_layers={self.num_layers}" if self.num_layers != 1 else ""
-        for flag in ("batch_first", "bidirectional"):
+        for flag in ("batch_first", "bidirectional", "reverse"):
             if getattr(self, flag):
                 extra += f", {flag}=True"
         if not self.bias:
@@ -226,13 +237,15 @@ class _RNNBase(Module):
                 weights = self._weights(layer, direction)
                 if chunk is None:
                     result = fwd(layer_input, *init, *weights, lengths=lengths,
-                                 reverse=bool(direction), training=self.training, **options)
+                                 reverse=self._runs_reverse(direction),
+                                 training=self.training, **options)
                     outs.append(result[0])
                     finals = result[1:1 + S]
                     caches.append(result[-1])
                 else:
                     finals = self._forward_chunked(
-                        fwd, layer_input, init, weights, lengths, bool(direction), chunk,
+                        fwd, layer_input, init, weights, lengths, self._runs_reverse(direction),
+                        chunk,
                         options, layer_out[:, :, direction * H:(direction + 1) * H])
                 for s_n, s in zip(states_n, finals):
                     s_n[k] = s
@@ -378,14 +391,14 @@ class RNN(_RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", *,
-                 bias=True, batch_first=False, bidirectional=False, backend="auto",
-                 dtype=np.float32, seed=None):
+                 bias=True, batch_first=False, bidirectional=False, reverse=False,
+                 backend="auto", dtype=np.float32, seed=None):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias=bias,
-                         batch_first=batch_first, bidirectional=bidirectional, backend=backend,
-                         dtype=dtype, seed=seed)
+                         batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
+                         backend=backend, dtype=dtype, seed=seed)
 
     def _repr_extra(self):
         return ", nonlinearity='relu'" if self.nonlinearity == "relu" else ""
@@ -399,10 +412,11 @@ class LSTM(_RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, backend="auto", dtype=np.float32, seed=None):
+                 bidirectional=False, reverse=False, backend="auto", dtype=np.float32,
+                 seed=None):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias=bias,
-                         batch_first=batch_first, bidirectional=bidirectional, backend=backend,
-                         dtype=dtype, seed=seed)
+                         batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
+                         backend=backend, dtype=dtype, seed=seed)
 
 
 class GRU(_RNNBase):
@@ -414,14 +428,14 @@ class GRU(_RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, backend="auto", dtype=np.float32, seed=None,
-                 reset_after=True):
+                 bidirectional=False, reverse=False, backend="auto", dtype=np.float32,
+                 seed=None, reset_after=True):
         if not isinstance(reset_after, (bool, np.bool_)):
             raise TypeError(f"reset_after must be a bool, got {reset_after!r}")
         self.reset_after = bool(reset_after)
         super().__init__("gru", input_size, hidden_size, num_layers, bias=bias,
-                         batch_first=batch_first, bidirectional=bidirectional, backend=backend,
-                         dtype=dtype, seed=seed)
+                         batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
+                         backend=backend, dtype=dtype, seed=seed)
 
     def _kernel_options(self):
         return {"reset_after": self.reset_after}
