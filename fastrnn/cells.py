@@ -60,7 +60,9 @@ class _CellBase(Module):
 
     def _set_kernels(self):
         # Resolved once: the per-step path does no lookups.
-        self._fwd, self._bwd = self._backend.kernels(self._cell)
+        # The cell validates its arguments itself (below), so it calls the kernels
+        # without the contract's per-call checks (see backends.Backend.raw_kernels).
+        self._fwd, self._bwd = self._backend.raw_kernels(self._cell)
         self._ndarray = self._backend.xp.ndarray
 
     # ------------------------------------------------------------ structure

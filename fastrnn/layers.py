@@ -304,6 +304,7 @@ class _RNNBase(Module):
         skip = {id(p) for p in self.params.values()}
         seen, total = set(), 0
         for cache in self._pending.caches:
+            cache = getattr(cache, "inner", cache)   # the contract's wrapper
             values = cache.values() if isinstance(cache, dict) else cache
             for v in values:
                 if hasattr(v, "nbytes") and hasattr(v, "shape") and id(v) not in skip \

@@ -55,14 +55,38 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
-#: Cell kinds, their gate multiplier and the number of state arrays.
+
+class CellKind(NamedTuple):
+    """One cell kind: everything the layers, cells, backends, tests and benchmarks
+    enumerate about it, written once."""
+
+    #: Gate blocks: G = gates * H.
+    gates: int
+    #: State arrays: 1, or 2 for the LSTM's (h, c).
+    states: int
+    #: The layer family, which is also torch's class name (``torch.nn.LSTM``,
+    #: ``torch.nn.LSTMCell``) and fastrnn's (``fastrnn.LSTM``, ``fastrnn.LSTMCell``).
+    family: str
+    #: Constructor options of the family that select this kind.
+    options: tuple = ()
+
+    def constructor_options(self) -> dict:
+        return dict(self.options)
+
+
+#: The registry of cell kinds: the kernel names of every backend are ``{kind}_forward``
+#: and ``{kind}_backward``.
 CELLS = {
-    "rnn_tanh": (1, 1),
-    "rnn_relu": (1, 1),
-    "lstm": (4, 2),
-    "gru": (3, 1),
+    "rnn_tanh": CellKind(1, 1, "RNN", (("nonlinearity", "tanh"),)),
+    "rnn_relu": CellKind(1, 1, "RNN", (("nonlinearity", "relu"),)),
+    "lstm": CellKind(4, 2, "LSTM"),
+    "gru": CellKind(3, 1, "GRU"),
 }
+
+#: Kernel options a cell kind's functions take beyond the common ones, with defaults.
+KERNEL_OPTIONS = {"gru": {"reset_after": True}}
 
 #: Backends, fastest first; ``auto`` picks the first CPU backend available.
 _MODULES = {
@@ -73,14 +97,23 @@ _MODULES = {
 _AUTO_ORDER = ("numba", "numpy")
 
 
+def cell_kind(cell: str) -> CellKind:
+    """The registry entry of ``cell``; ValueError naming the kinds for an unknown one."""
+    try:
+        return CELLS[cell]
+    except (KeyError, TypeError):
+        raise ValueError(f"cell must be one of {', '.join(map(repr, CELLS))}; got {cell!r}") \
+            from None
+
+
 def gate_count(cell: str) -> int:
     """Number of gate blocks of ``cell``: G = gate_count(cell) * H."""
-    return CELLS[cell][0]
+    return cell_kind(cell).gates
 
 
 def state_count(cell: str) -> int:
     """Number of state arrays of ``cell`` (2 for the LSTM's h and c)."""
-    return CELLS[cell][1]
+    return cell_kind(cell).states
 
 
 @dataclass(frozen=True)
@@ -96,7 +129,22 @@ class Backend:
         return self.module.xp
 
     def kernels(self, cell: str):
-        """Return ``(forward, backward)`` for ``cell``."""
+        """Return ``(forward, backward)`` for ``cell``, checked at the boundary.
+
+        Every argument is checked (type, dtype, shape, contiguity, values of
+        ``lengths``; see :mod:`.contract`) before the backend's kernel runs, so
+        a wrong call raises TypeError or ValueError naming the argument instead
+        of letting BLAS read out of bounds. The cost is a few microseconds per
+        call (``python bench/micro.py``).
+        """
+        from . import contract
+        return contract.checked(self.name, self.xp, cell, *self.raw_kernels(cell))
+
+    def raw_kernels(self, cell: str):
+        """``(forward, backward)`` without the boundary checks: for callers that
+        have validated the same things themselves (the cells, whose per-step
+        cost is what they sell)."""
+        cell_kind(cell)
         return (getattr(self.module, f"{cell}_forward"),
                 getattr(self.module, f"{cell}_backward"))
 

@@ -1,0 +1,166 @@
+"""The checks of the kernel contract, written once for every backend.
+
+:func:`checked` wraps a backend's ``{cell}_forward`` / ``{cell}_backward`` so
+that every call is checked against the contract of :mod:`fastrnn.backends`
+(notation ``T, B, I, H, G``) before the kernel runs: array type (the backend's
+``xp.ndarray``), dtype (float32 or float64, one for all arrays), shapes,
+``lengths`` (integers in ``[0, T]``) and the flags. A wrong call raises
+TypeError (type, dtype) or ValueError (shape, value) naming the argument;
+nothing is computed and nothing is written. Any memory layout is accepted:
+the kernels receive C-contiguous arrays (copies only where needed), so no
+backend reads memory through strides it did not expect.
+
+Backward checks ``d_out`` and the state gradients against the shapes the
+forward call recorded: the checked forward returns its cache wrapped in a
+:class:`Cache` that knows the cell kind, backend, shapes and dtype, and the
+checked backward accepts only such a cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import KERNEL_OPTIONS, cell_kind
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Cache:
+    """The opaque cache of a checked forward call (see :func:`checked`)."""
+
+    __slots__ = ("backend", "cell", "shape", "dtype", "inner")
+
+    def __init__(self, backend, cell, shape, dtype, inner):
+        self.backend, self.cell, self.shape, self.dtype = backend, cell, shape, dtype
+        self.inner = inner
+
+    def __repr__(self):
+        T, B, I, H = self.shape
+        return f"<{self.backend} {self.cell} cache T={T} B={B} I={I} H={H} {self.dtype}>"
+
+
+def _array(xp, name, a, shape, dtype):
+    """Check one array; ``dtype`` None means: any float dtype (returned)."""
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__}.ndarray, got {type(a).__name__}")
+    if dtype is None:
+        if a.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    elif a.dtype != dtype:
+        raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} (the dtype of x)")
+    if a.ndim != len(shape) or any(want is not None and got != want
+                                   for got, want in zip(a.shape, shape)):
+        want = ", ".join("?" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape ({want}{',' if len(shape) == 1 else ''}), "
+                         f"got {tuple(a.shape)}")
+    return a.dtype
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _lengths(xp, lengths, T, B):
+    if lengths is None:
+        return
+    if not isinstance(lengths, (np.ndarray, xp.ndarray)):
+        raise TypeError(f"lengths must be an integer array or None, got "
+                        f"{type(lengths).__name__}")
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
+    low, high = int(lengths.min()), int(lengths.max())
+    if low < 0 or high > T:
+        raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values from {low} to "
+                         f"{high}")
+
+
+def check_forward(xp, cell, args, kwargs):
+    """Check a forward call's arguments.
+
+    Returns ``(arrays, options, (T, B, I, H, dtype))``: the positional array
+    arguments, C-contiguous, and the keyword options."""
+    kind = cell_kind(cell)
+    S = kind.states
+    names = ("x", "h0", "c0")[:1 + S] + ("w_ih", "w_hh", "b_ih", "b_hh")
+    options = {"lengths": None, "reverse": False, "training": True,
+               **KERNEL_OPTIONS.get(cell, {})}
+    if len(args) > len(names) + len(options):
+        raise TypeError(f"{cell}_forward takes at most {len(names) + len(options)} positional "
+                        f"arguments, got {len(args)}")
+    given = dict(zip(names + tuple(options), args))
+    for key, value in kwargs.items():
+        if key not in options and key not in names:
+            raise TypeError(f"{cell}_forward got an unexpected argument {key!r}")
+        if key in given:
+            raise TypeError(f"{cell}_forward got two values for argument {key!r}")
+        given[key] = value
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise TypeError(f"{cell}_forward is missing argument(s) {', '.join(missing)}")
+    x = given["x"]
+    dtype = _array(xp, "x", x, (None, None, None), None)
+    T, B, I = x.shape
+    if T == 0 or B == 0:
+        raise ValueError(f"x must have T >= 1 and B >= 1, got shape {tuple(x.shape)}")
+    h0 = given["h0"]
+    _array(xp, "h0", h0, (B, None), dtype)
+    H = h0.shape[1]
+    if H == 0 or I == 0:
+        raise ValueError(f"input and hidden sizes must be >= 1, got I={I}, H={H}")
+    if S == 2:
+        _array(xp, "c0", given["c0"], (B, H), dtype)
+    G = kind.gates * H
+    _array(xp, "w_ih", given["w_ih"], (G, I), dtype)
+    _array(xp, "w_hh", given["w_hh"], (G, H), dtype)
+    b_ih, b_hh = given["b_ih"], given["b_hh"]
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must both be arrays or both be None")
+    if b_ih is not None:
+        _array(xp, "b_ih", b_ih, (G,), dtype)
+        _array(xp, "b_hh", b_hh, (G,), dtype)
+    _lengths(xp, given.get("lengths"), T, B)
+    for flag in ("reverse", "training", *KERNEL_OPTIONS.get(cell, {})):
+        if flag in given:
+            _flag(flag, given[flag])
+    arrays = [None if given[n] is None else xp.ascontiguousarray(given[n]) for n in names]
+    return arrays, {k: given[k] for k in options if k in given}, (T, B, I, H, dtype)
+
+
+def check_backward(xp, backend, cell, d_out, d_states, cache):
+    """Check a backward call against the forward call that made ``cache``; returns the
+    backend's own cache."""
+    if not isinstance(cache, Cache) or cache.backend != backend or cache.cell != cell:
+        raise TypeError(f"cache must be what a train-mode {backend} {cell}_forward returned, "
+                        f"got {cache!r}")
+    T, B, _, H = cache.shape
+    _array(xp, "d_out", d_out, (T, B, H), cache.dtype)
+    for name, d in zip(("d_h_n", "d_c_n"), d_states):
+        _array(xp, name, d, (B, H), cache.dtype)
+    return [xp.ascontiguousarray(d) for d in (d_out, *d_states)], cache.inner
+
+
+def checked(backend, xp, cell, forward, backward):
+    """``(forward, backward)`` of ``cell`` with the contract checked at every call."""
+    S = cell_kind(cell).states
+
+    def checked_forward(*args, **kwargs):
+        arrays, options, (T, B, I, H, dtype) = check_forward(xp, cell, args, kwargs)
+        result = forward(*arrays, **options)
+        if result[-1] is None:
+            return result
+        return result[:-1] + (Cache(backend, cell, (T, B, I, H), dtype, result[-1]),)
+
+    def checked_backward(d_out, *rest):
+        if len(rest) != S + 1:
+            raise TypeError(f"{cell}_backward takes d_out, {'d_h_n, d_c_n' if S == 2 else 'd_h_n'}"
+                            f" and cache; got {1 + len(rest)} arguments")
+        d_states, cache = rest[:S], rest[S]
+        arrays, inner = check_backward(xp, backend, cell, d_out, d_states, cache)
+        return backward(*arrays, inner)
+
+    checked_forward.__name__, checked_forward.__doc__ = f"{cell}_forward", forward.__doc__
+    checked_backward.__name__, checked_backward.__doc__ = f"{cell}_backward", backward.__doc__
+    return checked_forward, checked_backward
