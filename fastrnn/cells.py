@@ -30,27 +30,17 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from ._module import Module, _check_bool, _check_positive_int, _init_uniform
-
-_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+from ._recurrent import Recurrent, rnn_kind
 
 
-class _CellBase(Module):
+class _CellBase(Recurrent):
     """Shared machinery of :class:`RNNCell`, :class:`LSTMCell` and :class:`GRUCell`."""
 
     def __init__(self, cell, input_size, hidden_size, bias=True, *, backend="auto",
-                 dtype=np.float32, seed=None):
-        self.input_size = _check_positive_int("input_size", input_size)
-        self.hidden_size = _check_positive_int("hidden_size", hidden_size)
-        self.bias = _check_bool("bias", bias)
-        self._cell = cell
-        self._num_states = backends.state_count(cell)
-        super().__init__(backend, dtype)
+                 dtype=np.float32, seed=None, **options):
+        super().__init__(cell, input_size, hidden_size, bias, backend, dtype, seed, **options)
         self._set_kernels()
         self._tape = []
-        # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
-        self._set_params(_init_uniform(self._param_shapes(), 1.0 / np.sqrt(hidden_size), seed,
-                                       np, self.dtype))
 
     def _forget(self):
         self._tape = []
@@ -59,39 +49,15 @@ class _CellBase(Module):
         self._set_kernels()
 
     def _set_kernels(self):
-        # Resolved once: the per-step path does no lookups.
-        # The cell validates its arguments itself (below), so it calls the kernels
-        # without the contract's per-call checks (see backends.Backend.raw_kernels).
+        # Resolved once: the per-step path does no lookups. The cell validates its
+        # arguments itself (below), so it calls the kernels without the contract's
+        # per-call checks (see backends.Backend.raw_kernels).
         self._fwd, self._bwd = self._backend.raw_kernels(self._cell)
         self._ndarray = self._backend.xp.ndarray
 
-    # ------------------------------------------------------------ structure
-
-    #: Extra positional kernel arguments after ``training`` (the GRU's reset_after).
-    _options = ()
-
     def _param_shapes(self) -> dict:
         """Torch's parameter names and shapes, in torch's order."""
-        G = backends.gate_count(self._cell) * self.hidden_size
-        shapes = {"weight_ih": (G, self.input_size), "weight_hh": (G, self.hidden_size)}
-        if self.bias:
-            shapes["bias_ih"] = (G,)
-            shapes["bias_hh"] = (G,)
-        return shapes
-
-    def _weights(self):
-        p = self.params
-        if self.bias:
-            return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
-        return p["weight_ih"], p["weight_hh"], None, None
-
-    def __repr__(self):
-        extra = "" if self.bias else ", bias=False"
-        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}"
-                f"{self._repr_extra()}, backend={self.backend!r}, dtype={self.dtype.name})")
-
-    def _repr_extra(self):
-        return ""
+        return self._gate_shapes("", self.input_size)
 
     # ---------------------------------------------------------------- tape
 
@@ -186,7 +152,8 @@ class _CellBase(Module):
         B = x.shape[1]
         states = self._check_states("hx", hx, B, batched)
         training = self.training
-        result = self._fwd(x, *states, *self._weights(), None, False, training, *self._options)
+        result = self._fwd(x, *states, *self._weights_of(""), None, False, training,
+                           **self._options)
         if training:
             self._tape.append((result[-1], batched, B))
         if self._num_states == 1:
@@ -258,14 +225,9 @@ class RNNCell(_CellBase):
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", *,
                  backend="auto", dtype=np.float32, seed=None):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
-        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, bias, backend=backend,
+        super().__init__(rnn_kind(nonlinearity), input_size, hidden_size, bias, backend=backend,
                          dtype=dtype, seed=seed)
-
-    def _repr_extra(self):
-        return ", nonlinearity='relu'" if self.nonlinearity == "relu" else ""
+        self.nonlinearity = nonlinearity
 
 
 class LSTMCell(_CellBase):
@@ -306,16 +268,21 @@ class GRUCell(_CellBase):
 
     def __init__(self, input_size, hidden_size, bias=True, *, backend="auto",
                  dtype=np.float32, seed=None, reset_after=True):
-        if not isinstance(reset_after, (bool, np.bool_)):
-            raise TypeError(f"reset_after must be a bool, got {reset_after!r}")
-        self._options = (bool(reset_after),)
         super().__init__("gru", input_size, hidden_size, bias, backend=backend, dtype=dtype,
-                         seed=seed)
+                         seed=seed, reset_after=reset_after)
 
     @property
     def reset_after(self) -> bool:
         """Which form of the candidate n this cell computes (fixed at construction)."""
-        return self._options[0]
+        return self._options["reset_after"]
 
-    def _repr_extra(self):
-        return "" if self.reset_after else ", reset_after=False"
+
+_FAMILIES = {cls.__name__: cls for cls in (RNNCell, LSTMCell, GRUCell)}
+
+
+def make_cell(cell, input_size, hidden_size, **kwargs):
+    """The cell of a cell kind of :data:`fastrnn.backends.CELLS`; ``kwargs`` as the
+    cell's constructor takes them."""
+    kind = backends.cell_kind(cell)
+    return _FAMILIES[kind.family + "Cell"](input_size, hidden_size,
+                                           **kind.constructor_options(), **kwargs)

@@ -7,10 +7,13 @@ walk layers and directions, and call the backend's single-layer kernels
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import backends
-from ._module import Module, _check_bool, _check_positive_int, _init_uniform
+from ._module import _check_bool, _check_positive_int
+from ._recurrent import Recurrent, direction_suffix, rnn_kind
 
 class _Pending:
     """What a train-mode forward leaves for backward."""
@@ -23,16 +26,13 @@ class _Pending:
         self.padded = padded
 
 
-class _RNNBase(Module):
+class _RNNBase(Recurrent):
     """Shared machinery of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, *, bias=True,
                  batch_first=False, bidirectional=False, reverse=False, backend="auto",
-                 dtype=np.float32, seed=None):
-        self.input_size = _check_positive_int("input_size", input_size)
-        self.hidden_size = _check_positive_int("hidden_size", hidden_size)
+                 dtype=np.float32, seed=None, **options):
         self.num_layers = _check_positive_int("num_layers", num_layers)
-        self.bias = _check_bool("bias", bias)
         self.batch_first = _check_bool("batch_first", batch_first)
         self.bidirectional = _check_bool("bidirectional", bidirectional)
         #: A single direction that runs backward in time (ONNX direction="reverse",
@@ -42,11 +42,7 @@ class _RNNBase(Module):
         if self.reverse and self.bidirectional:
             raise ValueError("reverse=True runs one direction backward in time; it cannot be "
                              "combined with bidirectional=True")
-        self._cell = cell
-        super().__init__(backend, dtype)
-        # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
-        self._set_params(_init_uniform(self._param_shapes(), 1.0 / np.sqrt(hidden_size), seed,
-                                       np, self.dtype))
+        super().__init__(cell, input_size, hidden_size, bias, backend, dtype, seed, **options)
 
     # ------------------------------------------------------------ structure
 
@@ -54,52 +50,31 @@ class _RNNBase(Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    @property
-    def _num_states(self) -> int:
-        return backends.state_count(self._cell)
-
     def _runs_reverse(self, direction) -> bool:
         """Whether direction 0 (forward) or 1 (the bidirectional reverse) runs backward in time."""
         return bool(direction) or self.reverse
 
-    def _kernel_options(self) -> dict:
-        return {}
+    def _directions(self):
+        """``(layer, direction, k, suffix)`` in torch's order; ``k`` indexes h_n."""
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                yield layer, direction, layer * self.num_directions + direction, \
+                    direction_suffix(layer, direction)
 
     def _param_shapes(self) -> dict:
         """Torch's parameter names and shapes, in torch's order."""
-        G = backends.gate_count(self._cell) * self.hidden_size
-        H, D = self.hidden_size, self.num_directions
         shapes = {}
-        for layer in range(self.num_layers):
-            layer_in = self.input_size if layer == 0 else D * H
-            for suffix in ("", "_reverse")[:D]:
-                shapes[f"weight_ih_l{layer}{suffix}"] = (G, layer_in)
-                shapes[f"weight_hh_l{layer}{suffix}"] = (G, H)
-                if self.bias:
-                    shapes[f"bias_ih_l{layer}{suffix}"] = (G,)
-                    shapes[f"bias_hh_l{layer}{suffix}"] = (G,)
+        for layer, _, _, suffix in self._directions():
+            layer_in = self.input_size if layer == 0 else self.num_directions * self.hidden_size
+            shapes.update(self._gate_shapes(suffix, layer_in))
         return shapes
 
-    def _weights(self, layer, direction):
-        suffix = f"l{layer}{'_reverse' if direction else ''}"
-        p = self.params
-        if self.bias:
-            return (p[f"weight_ih_{suffix}"], p[f"weight_hh_{suffix}"],
-                    p[f"bias_ih_{suffix}"], p[f"bias_hh_{suffix}"])
-        return p[f"weight_ih_{suffix}"], p[f"weight_hh_{suffix}"], None, None
-
-    def __repr__(self):
-        extra = f", num_layers={self.num_layers}" if self.num_layers != 1 else ""
-        for flag in ("batch_first", "bidirectional", "reverse"):
-            if getattr(self, flag):
-                extra += f", {flag}=True"
-        if not self.bias:
-            extra += ", bias=False"
-        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}"
-                f"{self._repr_extra()}, backend={self.backend!r}, dtype={self.dtype.name})")
-
-    def _repr_extra(self):
-        return ""
+    def _repr_fields(self) -> dict:
+        fields = {"num_layers": self.num_layers} if self.num_layers != 1 else {}
+        fields.update({flag: True for flag in ("batch_first", "bidirectional", "reverse")
+                       if getattr(self, flag)})
+        fields.update(super()._repr_fields())
+        return fields
 
     # ---------------------------------------------------------- validation
 
@@ -123,10 +98,7 @@ class _RNNBase(Module):
             raise ValueError(f"x has {x.shape[-1]} features in its last dimension, expected "
                              f"input_size={self.input_size}")
         batched = x.ndim == 3
-        if not batched:
-            x = x[:, None, :]
-        elif self.batch_first:
-            x = x.transpose(1, 0, 2)
+        x = self._to_time_major(x, batched)
         if x.shape[0] == 0:
             raise ValueError("x must have at least one time step")
         if x.shape[1] == 0:
@@ -205,62 +177,73 @@ class _RNNBase(Module):
         T, B = x.shape[:2]
         lengths = self._check_lengths(lengths, T, B, batched)
         h0s = self._check_states("hx", hx, B, batched)
-        if self.training and (x is x_in or xp.may_share_memory(x, x_in)):
-            # The caches keep x until backward: a copy protects them from a caller
-            # that refills its input buffer in place before calling backward.
-            x = x.copy()
         padded = None
-        if self.training and lengths is not None:
-            # Padded steps must not reach d_w_ih = sum_t d_a[t]^T x[t]: d_a is 0 there,
-            # but 0 * nan (or inf) padding is nan. Their outputs are 0 anyway.
-            padded = xp.arange(T)[:, None] >= lengths[None, :]
-            x[padded] = 0
-        fwd, _ = self._backend.kernels(self._cell)
-        options = self._kernel_options()
-        S, D, H = self._num_states, self.num_directions, self.hidden_size
+        if self.training:
+            if x is x_in or xp.may_share_memory(x, x_in):
+                # The caches keep x until backward: a copy protects them from a caller
+                # that refills its input buffer in place before calling backward.
+                x = x.copy()
+            if lengths is not None:
+                # Padded steps must not reach d_w_ih = sum_t d_a[t]^T x[t]: d_a is 0
+                # there, but 0 * nan (or inf) padding is nan. Their outputs are 0 anyway.
+                padded = xp.arange(T)[:, None] >= lengths[None, :]
+                x[padded] = 0
         # Inference over a long sequence runs the kernels chunk by chunk, so the
         # temporaries (input projection (T, B, G), state buffers) are chunk-sized.
-        chunk = None
-        if not self.training:
-            chunk = _check_positive_int("eval_chunk", self.eval_chunk)
-            chunk = None if T <= chunk else chunk
+        chunk = None if self.training else _check_positive_int("eval_chunk", self.eval_chunk)
+        run = self._run_direction if chunk is None or T <= chunk else \
+            functools.partial(self._run_chunked, chunk=chunk)
+        fwd, _ = self._backend.kernels(self._cell)
+        S, D, H = self._num_states, self.num_directions, self.hidden_size
         states_n = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
                          for _ in range(S))
         caches = []
         layer_input = x
         for layer in range(self.num_layers):
-            outs = []
-            layer_out = None if chunk is None else xp.empty((T, B, D * H), dtype=self.dtype)
+            # Both directions write into one (T, B, D*H) output; a single direction
+            # run in one call keeps the kernel's own output (no copy).
+            layer_out = None if D == 1 and run == self._run_direction else \
+                xp.empty((T, B, D * H), dtype=self.dtype)
             for direction in range(D):
                 k = layer * D + direction
-                init = tuple(s[k] for s in h0s)
-                weights = self._weights(layer, direction)
-                if chunk is None:
-                    result = fwd(layer_input, *init, *weights, lengths=lengths,
-                                 reverse=self._runs_reverse(direction),
-                                 training=self.training, **options)
-                    outs.append(result[0])
-                    finals = result[1:1 + S]
-                    caches.append(result[-1])
-                else:
-                    finals = self._forward_chunked(
-                        fwd, layer_input, init, weights, lengths, self._runs_reverse(direction),
-                        chunk,
-                        options, layer_out[:, :, direction * H:(direction + 1) * H])
+                out, finals, cache = run(
+                    fwd, layer_input, tuple(s[k] for s in h0s),
+                    self._weights_of(direction_suffix(layer, direction)), lengths,
+                    self._runs_reverse(direction),
+                    None if layer_out is None else
+                    layer_out[:, :, direction * H:(direction + 1) * H])
+                caches.append(cache)
                 for s_n, s in zip(states_n, finals):
                     s_n[k] = s
-            if chunk is not None:
-                layer_input = layer_out
-            else:
-                layer_input = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
-        out = layer_input
-        if not batched:
-            out, states_n = out[:, 0], tuple(s[:, 0] for s in states_n)
-        elif self.batch_first:
-            out = xp.ascontiguousarray(out.transpose(1, 0, 2))
+            layer_input = out if layer_out is None else layer_out
+        out, states_n = self._from_time_major(layer_input, states_n, batched)
         self._pending = (_Pending(caches, tuple(out.shape), batched, T, B, padded)
                          if self.training else None)
         return out, (states_n if S == 2 else states_n[0])
+
+    def _to_time_major(self, seq, batched):
+        """A (T, B, .) view of the caller's ``x`` or ``d_out`` (batch-first or unbatched)."""
+        if not batched:
+            return seq[:, None, :]
+        return seq.transpose(1, 0, 2) if self.batch_first else seq
+
+    def _from_time_major(self, seq, states, batched):
+        """The caller's layout of a time-major (T, B, .) sequence and (L*D, B, H) states."""
+        if not batched:
+            return seq[:, 0], tuple(s[:, 0] for s in states)
+        if self.batch_first:
+            seq = self._xp.ascontiguousarray(seq.transpose(1, 0, 2))
+        return seq, states
+
+    def _run_direction(self, fwd, x, states, weights, lengths, reverse, out):
+        """One layer and direction over ``x`` (T, B, I) in one kernel call; the output
+        goes to ``out`` (a (T, B, H) view) if given. Returns ``(output, final states,
+        cache)``."""
+        result = fwd(x, *states, *weights, lengths=lengths, reverse=reverse,
+                     training=self.training, **self._options)
+        if out is not None:
+            out[...] = result[0]
+        return result[0], result[1:1 + self._num_states], result[-1]
 
     #: Inference (eval mode) over more steps than this runs each layer and
     #: direction in chunks of this many steps, with the state carried across
@@ -269,14 +252,14 @@ class _RNNBase(Module):
     #: needs the whole cache).
     eval_chunk = 1024
 
-    def _forward_chunked(self, fwd, x, states, weights, lengths, reverse, chunk, options, out):
+    def _run_chunked(self, fwd, x, states, weights, lengths, reverse, out, chunk):
         """Inference of one layer and direction over ``x`` (T, B, I), ``chunk`` steps at a time.
 
         Chunks run in time order (reverse: from the end), each starting from
         the state the previous one ended with. Step ``t`` is active iff
         ``t < lengths[b]``, i.e. ``t - t0 < lengths[b] - t0``: each chunk
         ``[t0, t1)`` gets ``clip(lengths - t0, 0, t1 - t0)``. Writes ``out``
-        (T, B, H), a view; returns the final state tuple.
+        (T, B, H), a view; returns ``(out, final states, None)``.
         """
         xp = self._xp
         T = x.shape[0]
@@ -286,10 +269,10 @@ class _RNNBase(Module):
             t1 = min(t0 + chunk, T)
             lens = None if lengths is None else xp.clip(lengths - t0, 0, t1 - t0)
             result = fwd(x[t0:t1], *states, *weights, lengths=lens, reverse=reverse,
-                         training=False, **options)
+                         training=False, **self._options)
             out[t0:t1] = result[0]
             states = tuple(result[1:1 + S])
-        return states
+        return out, states, None
 
     def pending_nbytes(self) -> int:
         """Bytes held for backward by the pending train-mode forward call (0 if none).
@@ -342,10 +325,7 @@ class _RNNBase(Module):
             raise ValueError(f"d_out must have the shape of out, {pending.shape_out}, "
                              f"got {tuple(d_out.shape)}")
         T, B, batched = pending.T, pending.B, pending.batched
-        if not batched:
-            d_out = d_out[:, None, :]
-        elif self.batch_first:
-            d_out = d_out.transpose(1, 0, 2)
+        d_out = self._to_time_major(d_out, batched)
         d_states = self._check_states("d_h_n", d_h_n, B, batched)
         if pending.padded is not None:
             # Gradients at padded steps are ignored; zeroed here (in a copy) so that a
@@ -367,49 +347,39 @@ class _RNNBase(Module):
                 d_input = result[0] if d_input is None else d_input + result[0]
                 for s0, s in zip(d_states0, result[1:1 + S]):
                     s0[k] = s
-                suffix = f"l{layer}{'_reverse' if direction else ''}"
-                names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[:4 if self.bias else 2]
+                names = self._gate_shapes(direction_suffix(layer, direction), 0)
                 for name, g in zip(names, result[1 + S:]):
-                    new_grads[f"{name}_{suffix}"] = g
+                    new_grads[name] = g
             d_layer = d_input
         # Everything succeeded: now, and only now, change the layer's state.
         for name, g in new_grads.items():
             self.grads[name] += g
         self._pending = None
-        d_x = d_layer
-        if not batched:
-            d_x, d_states0 = d_x[:, 0], tuple(s[:, 0] for s in d_states0)
-        elif self.batch_first:
-            d_x = xp.ascontiguousarray(d_x.transpose(1, 0, 2))
+        d_x, d_states0 = self._from_time_major(d_layer, d_states0, batched)
         return d_x, (d_states0 if S == 2 else d_states0[0])
-
 
 class RNN(_RNNBase):
     """Elman RNN with tanh or ReLU: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
 
-    Parameters as ``torch.nn.RNN``; plus ``backend`` ('auto', 'numpy',
-    'numba', 'cuda'), ``dtype`` (float32 or float64) and ``seed``.
+    Parameters as ``torch.nn.RNN``; plus ``reverse`` (one direction, backward in
+    time), ``backend`` ('auto', 'numpy', 'numba', 'cuda'), ``dtype`` (float32 or
+    float64) and ``seed``.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", *,
                  bias=True, batch_first=False, bidirectional=False, reverse=False,
                  backend="auto", dtype=np.float32, seed=None):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
-        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias=bias,
+        super().__init__(rnn_kind(nonlinearity), input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
                          backend=backend, dtype=dtype, seed=seed)
-
-    def _repr_extra(self):
-        return ", nonlinearity='relu'" if self.nonlinearity == "relu" else ""
+        self.nonlinearity = nonlinearity
 
 
 class LSTM(_RNNBase):
     """LSTM with PyTorch's gate order (i, f, g, o); ``hx`` and ``h_n`` are pairs (h, c).
 
-    Parameters as ``torch.nn.LSTM`` (no ``proj_size``); plus ``backend``,
-    ``dtype`` and ``seed``.
+    Parameters as ``torch.nn.LSTM`` (no ``proj_size``); plus ``reverse``,
+    ``backend``, ``dtype`` and ``seed``.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
@@ -431,15 +401,22 @@ class GRU(_RNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  bidirectional=False, reverse=False, backend="auto", dtype=np.float32,
                  seed=None, reset_after=True):
-        if not isinstance(reset_after, (bool, np.bool_)):
-            raise TypeError(f"reset_after must be a bool, got {reset_after!r}")
-        self.reset_after = bool(reset_after)
         super().__init__("gru", input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
-                         backend=backend, dtype=dtype, seed=seed)
+                         backend=backend, dtype=dtype, seed=seed, reset_after=reset_after)
 
-    def _kernel_options(self):
-        return {"reset_after": self.reset_after}
+    @property
+    def reset_after(self) -> bool:
+        """Which form of the candidate n this layer computes (fixed at construction)."""
+        return self._options["reset_after"]
 
-    def _repr_extra(self):
-        return "" if self.reset_after else ", reset_after=False"
+
+_FAMILIES = {cls.__name__: cls for cls in (RNN, LSTM, GRU)}
+
+
+def make_layer(cell, input_size, hidden_size, num_layers=1, **kwargs):
+    """The layer of a cell kind of :data:`fastrnn.backends.CELLS` ('rnn_tanh',
+    'rnn_relu', 'lstm', 'gru'); ``kwargs`` as the layer's constructor takes them."""
+    kind = backends.cell_kind(cell)
+    return _FAMILIES[kind.family](input_size, hidden_size, num_layers,
+                                  **kind.constructor_options(), **kwargs)
