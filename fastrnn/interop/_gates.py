@@ -19,7 +19,7 @@ KERAS = {"rnn": (0,), "lstm": (0, 1, 2, 3), "gru": (1, 0, 2)}
 
 def family(cell: str) -> str:
     """'rnn', 'lstm' or 'gru' for a cell kind of :data:`fastrnn.backends.CELLS`."""
-    return "rnn" if cell.startswith("rnn") else cell
+    return backends.cell_kind(cell).family.lower()
 
 
 def to_torch_order(a, perm, axis=0):
