@@ -8,6 +8,7 @@ or ``cuda`` backends, which share one contract (:mod:`fastrnn.backends`).
 from . import backends
 from .gradcheck import GradcheckReport, gradcheck
 from .layers import GRU, LSTM, RNN, make_layer
+from .layernorm import LayerNormGRU, LayerNormLSTM  # noqa: F401
 from . import attention
 from .cells import GRUCell, LSTMCell, RNNCell, make_cell
 from . import diagnostics, losses, optim, tbptt

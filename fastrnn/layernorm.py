@@ -1,0 +1,335 @@
+"""Layer-normalised LSTM and GRU layers (Ba et al. 2016, as in haste).
+
+:class:`LayerNormLSTM` and :class:`LayerNormGRU` take the arguments of
+:class:`fastrnn.LSTM` / :class:`fastrnn.GRU` (``num_layers``, ``bias``,
+``batch_first``, ``bidirectional``, ``reverse``, ``backend``, ``dtype``,
+``seed``), validate input, states and lengths with the same code, and run
+the kernels of :mod:`fastrnn.backends.layernorm_reference` (``numpy``) or
+:mod:`fastrnn.backends.layernorm_numba` (``numba``). There is no cuda kernel:
+``backend='cuda'`` raises NotImplementedError.
+
+Parameters of layer ``k`` (suffix ``_l{k}``, ``_l{k}_reverse`` for the reverse
+direction of a bidirectional layer), in this order::
+
+    weight_ih_l{k}  (G, I_k)   as torch.nn.LSTM / GRU
+    weight_hh_l{k}  (G, H)
+    bias_ih_l{k}    (G,)       shift of the input-side norm    (bias=True only)
+    bias_hh_l{k}    (G,)       shift of the recurrent-side norm (bias=True only)
+    gamma_ih_l{k}   (G,)       gain of the input-side norm, initialised to 1
+    gamma_hh_l{k}   (G,)       gain of the recurrent-side norm, initialised to 1
+    gamma_c_l{k}    (H,)       LSTM only: gain of the cell norm, initialised to 1
+    beta_c_l{k}     (H,)       LSTM only: shift of the cell norm, initialised to 0
+                               (bias=True only)
+
+with ``G = 4H`` (LSTM) or ``3H`` (GRU) and ``I_0 = input_size``,
+``I_k = D * H`` above. Weights and biases are initialised as torch's,
+U(-1/sqrt(H), 1/sqrt(H)), and with a given ``seed`` equal those of
+``fastrnn.LSTM``/``GRU`` with that seed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from . import backends
+from ._module import _init_uniform
+from .layers import _RNNBase
+
+#: The kernel module of each backend that has layer-norm kernels.
+_KERNEL_MODULES = {"numpy": "fastrnn.backends.layernorm_reference",
+                   "numba": "fastrnn.backends.layernorm_numba"}
+
+
+def direction_suffix(layer, direction) -> str:
+    """torch's parameter-name suffix of a layer and direction: '_l0', '_l1_reverse'."""
+    return f"_l{layer}{'_reverse' if direction else ''}"
+
+
+def _refuse(cls_name, backend):
+    if isinstance(backend, str) and backend not in ("auto", *_KERNEL_MODULES):
+        raise NotImplementedError(
+            f"{cls_name}: LayerNorm has no kernels for backend {backend!r}; use backend='numba' "
+            f"or 'numpy' (the CPU backends)")
+
+
+class _Pending:
+    """What a train-mode forward leaves for backward."""
+
+    __slots__ = ("caches", "shape_out", "batched", "T", "B", "padded")
+
+    def __init__(self, caches, shape_out, batched, T, B, padded):
+        self.caches, self.shape_out, self.batched = caches, shape_out, batched
+        self.T, self.B, self.padded = T, B, padded
+
+
+class _LayerNormRNN(_RNNBase):
+    """Shared machinery of :class:`LayerNormLSTM` and :class:`LayerNormGRU`."""
+
+    #: Cell kind in :data:`fastrnn.backends.CELLS` whose gates and states these have.
+    _base_cell = None
+    #: Kernel names in the layer-norm kernel modules.
+    _kernel = None
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, reverse=False, backend="auto", dtype=np.float32,
+                 seed=None):
+        _refuse(type(self).__name__, backend)
+        super().__init__(self._base_cell, input_size, hidden_size, num_layers, bias=bias,
+                         batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
+                         backend=backend, dtype=dtype, seed=seed)
+        _refuse(type(self).__name__, self.backend)
+        shapes = self._param_shapes()
+        torch_like = {k: s for k, s in shapes.items() if k.startswith(("weight_", "bias_"))}
+        params = _init_uniform(torch_like, 1.0 / np.sqrt(self.hidden_size), seed, np, self.dtype)
+        for name, shape in shapes.items():
+            if name.startswith("gamma_"):
+                params[name] = np.ones(shape, self.dtype)
+            elif name.startswith("beta_"):
+                params[name] = np.zeros(shape, self.dtype)
+        self._set_params({k: params[k] for k in shapes})
+
+    # ------------------------------------------------------------ structure
+
+    @property
+    def _gates(self) -> int:
+        """G, the gate rows: 4H (LSTM) or 3H (GRU)."""
+        return backends.gate_count(self._base_cell) * self.hidden_size
+
+    def _norm_shapes(self, suffix) -> dict:
+        G = self._gates
+        return {"gamma_ih" + suffix: (G,), "gamma_hh" + suffix: (G,)}
+
+    def _param_shapes(self) -> dict:
+        """Parameter names and shapes, in order (see the module docstring)."""
+        G, H, D = self._gates, self.hidden_size, self.num_directions
+        shapes = {}
+        for layer in range(self.num_layers):
+            layer_in = self.input_size if layer == 0 else D * H
+            for direction in range(D):
+                s = direction_suffix(layer, direction)
+                shapes["weight_ih" + s] = (G, layer_in)
+                shapes["weight_hh" + s] = (G, H)
+                if self.bias:
+                    shapes["bias_ih" + s] = (G,)
+                    shapes["bias_hh" + s] = (G,)
+                shapes.update(self._norm_shapes(s))
+        return shapes
+
+    def _names(self, suffix):
+        """Names of one direction's parameters, in the kernels' argument order."""
+        raise NotImplementedError
+
+    def _kernels(self):
+        module = importlib.import_module(_KERNEL_MODULES[self.backend])
+        return (getattr(module, f"{self._kernel}_forward"),
+                getattr(module, f"{self._kernel}_backward"))
+
+    def to(self, backend=None, dtype=None):
+        """As :meth:`fastrnn.LSTM.to`; backends without layer-norm kernels raise
+        NotImplementedError and leave the layer unchanged."""
+        if backend is not None:
+            _refuse(type(self).__name__, backend)
+        return super().to(backend=backend, dtype=dtype)
+
+    def __repr__(self):
+        fields = {"num_layers": self.num_layers} if self.num_layers != 1 else {}
+        fields.update({flag: True for flag in ("batch_first", "bidirectional", "reverse")
+                       if getattr(self, flag)})
+        if not self.bias:
+            fields["bias"] = False
+        extra = "".join(f", {k}={v!r}" for k, v in fields.items())
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}, "
+                f"backend={self.backend!r}, dtype={self.dtype.name})")
+
+    # ---------------------------------------------------------- computing
+
+    def forward(self, x, hx=None, lengths=None):
+        """Run the layer over a sequence; arguments and returns as :meth:`fastrnn.LSTM.forward`
+        (LayerNormLSTM) or :meth:`fastrnn.GRU.forward` (LayerNormGRU).
+
+        Parameters
+        ----------
+        x : (T, B, input_size), (B, T, input_size) if ``batch_first``, or
+            (T, input_size) unbatched; the layer's dtype.
+        hx : (num_layers * D, B, H) initial state, a pair ``(h0, c0)`` for the
+            LSTM; None means zeros.
+        lengths : integer array (B,), values in [0, T]; None means all T.
+
+        Returns
+        -------
+        out : (T, B, D * H) (batch_first: (B, T, D * H)), 0 at padded steps.
+        h_n : (num_layers * D, B, H), for the LSTM a pair ``(h_n, c_n)``.
+        """
+        x_in = x
+        x, batched = self._check_input(x)
+        T, B = x.shape[:2]
+        lengths = self._check_lengths(lengths, T, B, batched)
+        h0s = self._check_states("hx", hx, B, batched)
+        padded = None
+        if self.training:
+            if x is x_in or np.may_share_memory(x, x_in):
+                x = x.copy()   # the caches keep x until backward
+            if lengths is not None:
+                # 0 * nan padding would reach d_w_ih; padded outputs are 0 anyway.
+                padded = np.arange(T)[:, None] >= lengths[None, :]
+                x[padded] = 0
+        fwd, _ = self._kernels()
+        S, D, H = self._num_states, self.num_directions, self.hidden_size
+        states_n = tuple(np.empty((self.num_layers * D, B, H), self.dtype) for _ in range(S))
+        caches = []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(D):
+                k = layer * D + direction
+                params = tuple(None if n is None else self.params[n]
+                               for n in self._names(direction_suffix(layer, direction)))
+                result = fwd(layer_input, *(s[k] for s in h0s), *params, lengths=lengths,
+                             reverse=self._runs_reverse(direction), training=self.training)
+                outs.append(result[0])
+                for s_n, s in zip(states_n, result[1:1 + S]):
+                    s_n[k] = s
+                caches.append(result[-1])
+            layer_input = outs[0] if D == 1 else np.concatenate(outs, axis=2)
+        out = layer_input
+        if not batched:
+            out, states_n = out[:, 0], tuple(s[:, 0] for s in states_n)
+        elif self.batch_first:
+            out = np.ascontiguousarray(out.transpose(1, 0, 2))
+        self._pending = (_Pending(caches, tuple(out.shape), batched, T, B, padded)
+                         if self.training else None)
+        return out, (states_n if S == 2 else states_n[0])
+
+    def backward(self, d_out, d_h_n=None):
+        """Backpropagate through the last train-mode forward call; as
+        :meth:`fastrnn.LSTM.backward`. Parameter gradients (the norms' gains and
+        shifts included) are added to :attr:`grads`; the pending call is consumed."""
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("backward needs a pending train-mode forward call: call the "
+                               "model in train mode first (each backward consumes one)")
+        d_out = self._check_array("d_out", d_out)
+        if tuple(d_out.shape) != pending.shape_out:
+            raise ValueError(f"d_out must have the shape of out, {pending.shape_out}, "
+                             f"got {tuple(d_out.shape)}")
+        T, B, batched = pending.T, pending.B, pending.batched
+        if not batched:
+            d_out = d_out[:, None, :]
+        elif self.batch_first:
+            d_out = d_out.transpose(1, 0, 2)
+        d_states = self._check_states("d_h_n", d_h_n, B, batched)
+        if pending.padded is not None:
+            d_out = d_out.copy()
+            d_out[pending.padded] = 0   # ignored there, and kept from the arithmetic
+        _, bwd = self._kernels()
+        S, D, H = self._num_states, self.num_directions, self.hidden_size
+        d_states0 = tuple(np.empty((self.num_layers * D, B, H), self.dtype) for _ in range(S))
+        new_grads = {}
+        d_layer = d_out
+        for layer in reversed(range(self.num_layers)):
+            d_input = None
+            for direction in range(D):
+                k = layer * D + direction
+                d_out_dir = np.ascontiguousarray(d_layer[:, :, direction * H:(direction + 1) * H])
+                result = bwd(d_out_dir, *(s[k] for s in d_states), pending.caches[k])
+                d_input = result[0] if d_input is None else d_input + result[0]
+                for s0, s in zip(d_states0, result[1:1 + S]):
+                    s0[k] = s
+                for name, g in zip(self._names(direction_suffix(layer, direction)),
+                                   result[1 + S:]):
+                    if name is not None:
+                        new_grads[name] = g
+            d_layer = d_input
+        for name, g in new_grads.items():   # only now, after every kernel succeeded
+            self.grads[name] += g
+        self._pending = None
+        d_x = d_layer
+        if not batched:
+            d_x, d_states0 = d_x[:, 0], tuple(s[:, 0] for s in d_states0)
+        elif self.batch_first:
+            d_x = np.ascontiguousarray(d_x.transpose(1, 0, 2))
+        return d_x, (d_states0 if S == 2 else d_states0[0])
+
+
+class LayerNormLSTM(_LayerNormRNN):
+    """LSTM with layer normalisation (Ba et al. 2016), as haste's LayerNormLSTM.
+
+    Arguments as :class:`fastrnn.LSTM` (``input_size, hidden_size,
+    num_layers=1, *, bias, batch_first, bidirectional, reverse, backend,
+    dtype, seed``); ``backend`` is ``'auto'``, ``'numba'`` or ``'numpy'``
+    (``'cuda'`` raises NotImplementedError). ``hx`` and ``h_n`` are pairs
+    ``(h, c)``.
+
+    Equations
+    ---------
+    With ``LN(v) = (v - mean(v)) / sqrt(var(v) + 1e-5)`` over one sequence's
+    row (biased variance, as ``torch.nn.LayerNorm``):
+
+    .. math::
+        [a_i, a_f, a_g, a_o] = \\gamma_{ih} \\odot LN(W_{ih} x_t) + b_{ih}
+                             + \\gamma_{hh} \\odot LN(W_{hh} h_{t-1}) + b_{hh}
+        i = \\sigma(a_i),\\ f = \\sigma(a_f),\\ g = \\tanh(a_g),\\ o = \\sigma(a_o)
+        c_t = f \\odot c_{t-1} + i \\odot g
+        h_t = o \\odot \\tanh(\\gamma_c \\odot LN(c_t) + \\beta_c)
+
+    The gate norms run over the 4H gate rows, the cell norm over the H units;
+    the carried cell state is ``c_t``, not its norm. ``bias=False`` drops
+    ``b_ih``, ``b_hh`` and ``beta_c``. Parameter names: ``weight_ih_l{k}``,
+    ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` (torch's), then
+    ``gamma_ih_l{k}``, ``gamma_hh_l{k}`` (4H,), ``gamma_c_l{k}``, ``beta_c_l{k}``
+    (H,); ``_reverse`` appended for a bidirectional layer's reverse direction.
+    """
+
+    _base_cell = "lstm"
+    _kernel = "layernorm_lstm"
+
+    def _norm_shapes(self, suffix) -> dict:
+        shapes = super()._norm_shapes(suffix)
+        shapes["gamma_c" + suffix] = (self.hidden_size,)
+        if self.bias:
+            shapes["beta_c" + suffix] = (self.hidden_size,)
+        return shapes
+
+    def _names(self, suffix):
+        b = self.bias
+        return ("weight_ih" + suffix, "weight_hh" + suffix,
+                "bias_ih" + suffix if b else None, "bias_hh" + suffix if b else None,
+                "gamma_ih" + suffix, "gamma_hh" + suffix, "gamma_c" + suffix,
+                "beta_c" + suffix if b else None)
+
+
+class LayerNormGRU(_LayerNormRNN):
+    """GRU with layer normalisation, as haste's LayerNormGRU (reset gate after the product).
+
+    Arguments as :class:`fastrnn.GRU` without ``reset_after`` (always the
+    torch/cuDNN form); ``backend`` is ``'auto'``, ``'numba'`` or ``'numpy'``
+    (``'cuda'`` raises NotImplementedError).
+
+    Equations
+    ---------
+    With ``LN(v) = (v - mean(v)) / sqrt(var(v) + 1e-5)`` over one sequence's
+    3H gate rows:
+
+    .. math::
+        [x_r, x_z, x_n] = \\gamma_{ih} \\odot LN(W_{ih} x_t) + b_{ih}
+        [u_r, u_z, u_n] = \\gamma_{hh} \\odot LN(W_{hh} h_{t-1}) + b_{hh}
+        r = \\sigma(x_r + u_r),\\quad z = \\sigma(x_z + u_z)
+        n = \\tanh(x_n + r \\odot u_n)
+        h_t = (1 - z) \\odot n + z \\odot h_{t-1}
+
+    With all gains 1 this is ``torch.nn.GRU`` applied to normalised
+    projections. ``bias=False`` drops ``b_ih`` and ``b_hh``. Parameter names:
+    torch's ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
+    ``bias_hh_l{k}``, then ``gamma_ih_l{k}``, ``gamma_hh_l{k}`` (3H,).
+    """
+
+    _base_cell = "gru"
+    _kernel = "layernorm_gru"
+
+    def _names(self, suffix):
+        b = self.bias
+        return ("weight_ih" + suffix, "weight_hh" + suffix,
+                "bias_ih" + suffix if b else None, "bias_hh" + suffix if b else None,
+                "gamma_ih" + suffix, "gamma_hh" + suffix)
