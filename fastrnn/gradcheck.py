@@ -20,6 +20,9 @@ class TensorError:
     max_rel: float
     checked: int
     passed: bool
+    #: Largest |finite-difference gradient| among the checked elements: a check of
+    #: gradients that are all ~0 passes trivially, this says whether it did.
+    max_numeric: float = 0.0
 
 
 @dataclass
@@ -177,5 +180,6 @@ def gradcheck(model, x, hx=None, lengths=None, *, eps=1e-6, atol=1e-7, rtol=1e-5
         rel = diff / np.maximum(np.abs(numeric), 1e-12)
         ok = bool(np.all(diff <= atol + rtol * np.abs(numeric)))
         report.errors[name] = TensorError(float(diff.max(initial=0.0)),
-                                          float(rel.max(initial=0.0)), len(idx), ok)
+                                          float(rel.max(initial=0.0)), len(idx), ok,
+                                          float(np.abs(numeric).max(initial=0.0)))
     return report

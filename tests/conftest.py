@@ -6,11 +6,13 @@ import pytest
 import fastrnn
 
 CPU_BACKENDS = [b for b in fastrnn.backends.available() if b != "cuda"]
-LAYERS = {"rnn_tanh": (fastrnn.RNN, {"nonlinearity": "tanh"}),
-          "rnn_relu": (fastrnn.RNN, {"nonlinearity": "relu"}),
-          "lstm": (fastrnn.LSTM, {}),
-          "gru": (fastrnn.GRU, {}),
-          "gru_reset_before": (fastrnn.GRU, {"reset_after": False})}
+#: Test kinds: every cell kind of the registry, plus the GRU's reset-before form.
+#: Each maps to (registry kind, extra constructor options).
+KINDS = {**{k: (k, {}) for k in fastrnn.backends.CELLS},
+         "gru_reset_before": ("gru", {"reset_after": False})}
+LAYERS = KINDS   # name kept for the tests that import it
+#: The kinds torch has (it has no reset-before GRU).
+TORCH_KINDS = list(fastrnn.backends.CELLS)
 
 
 def torch_or_skip():
@@ -26,8 +28,23 @@ def torch_or_skip():
 
 
 def make_layer(kind, I, H, **kwargs):
-    cls, extra = LAYERS[kind]
-    return cls(I, H, **extra, **kwargs)
+    cell, extra = KINDS[kind]
+    return fastrnn.make_layer(cell, I, H, **extra, **kwargs)
+
+
+def make_cell(kind, I, H, **kwargs):
+    cell, extra = KINDS[kind]
+    return fastrnn.make_cell(cell, I, H, **extra, **kwargs)
+
+
+def n_states(kind):
+    return fastrnn.backends.state_count(KINDS[kind][0])
+
+
+def torch_class(torch, kind, suffix=""):
+    """torch's layer (suffix "") or cell (suffix "Cell") class and its options for ``kind``."""
+    entry = fastrnn.backends.CELLS[kind]
+    return getattr(torch.nn, entry.family + suffix), entry.constructor_options()
 
 
 @pytest.fixture(params=CPU_BACKENDS)

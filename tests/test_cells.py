@@ -4,23 +4,9 @@ import numpy as np
 import pytest
 
 import fastrnn
-from conftest import torch_or_skip
+from conftest import KINDS, TORCH_KINDS, make_cell, make_layer, n_states, torch_class, torch_or_skip
 
-CELLS = {"rnn_tanh": (fastrnn.RNNCell, {"nonlinearity": "tanh"}),
-         "rnn_relu": (fastrnn.RNNCell, {"nonlinearity": "relu"}),
-         "lstm": (fastrnn.LSTMCell, {}),
-         "gru": (fastrnn.GRUCell, {}),
-         "gru_reset_before": (fastrnn.GRUCell, {"reset_after": False})}
-TORCH_KINDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
-
-
-def make_cell(kind, I, H, **kwargs):
-    cls, extra = CELLS[kind]
-    return cls(I, H, **extra, **kwargs)
-
-
-def n_states(kind):
-    return 2 if kind == "lstm" else 1
+CELLS = KINDS
 
 
 def run_loop(cell, xs, states, w_states):
@@ -55,9 +41,7 @@ def test_loop_matches_torch_cells(backend, kind, bias):
     rng = np.random.default_rng(TORCH_KINDS.index(kind) * 2 + bias)
     T, B, I, H = 4, 3, 5, 4
     cell = make_cell(kind, I, H, bias=bias, backend=backend, dtype=np.float64, seed=1)
-    tcls = {"rnn_tanh": torch.nn.RNNCell, "rnn_relu": torch.nn.RNNCell,
-            "lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}[kind]
-    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    tcls, extra = torch_class(torch, kind, "Cell")
     tcell = tcls(I, H, bias=bias, **extra).double()
     assert list(cell.state_dict()) == list(tcell.state_dict())
     tcell.load_state_dict({k: torch.from_numpy(v) for k, v in cell.state_dict().items()})
@@ -131,21 +115,13 @@ def test_finite_differences(backend, kind):
                                    err_msg=f"{kind} {name}")
 
 
-LAYER_OF = {"rnn_tanh": (fastrnn.RNN, {"nonlinearity": "tanh"}),
-            "rnn_relu": (fastrnn.RNN, {"nonlinearity": "relu"}),
-            "lstm": (fastrnn.LSTM, {}),
-            "gru": (fastrnn.GRU, {}),
-            "gru_reset_before": (fastrnn.GRU, {"reset_after": False})}
-
-
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_step_by_step_equals_whole_sequence(backend, kind):
     """T cell calls and T backward calls equal one layer call and its backward."""
     rng = np.random.default_rng(11)
     T, B, I, H = 5, 3, 4, 6
     cell = make_cell(kind, I, H, backend=backend, dtype=np.float64, seed=3)
-    lcls, extra = LAYER_OF[kind]
-    layer = lcls(I, H, **extra, backend=backend, dtype=np.float64)
+    layer = make_layer(kind, I, H, backend=backend, dtype=np.float64)
     layer.load_state_dict({f"{k}_l0": v for k, v in cell.state_dict().items()})
     S = n_states(kind)
     xs = rng.standard_normal((T, B, I))

@@ -12,7 +12,9 @@ from conftest import LAYERS, make_layer, random_lengths
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_gradcheck_layers(backend, kind, bidirectional, num_layers, with_lengths):
-    rng = np.random.default_rng(hash((kind, bidirectional, num_layers, with_lengths)) % 2**32)
+    # A stable seed (str hashes are salted per process): a failure replays.
+    rng = np.random.default_rng([sorted(LAYERS).index(kind), bidirectional, num_layers,
+                                 with_lengths])
     T, B, I, H = 5, 3, 3, 4
     m = make_layer(kind, I, H, num_layers=num_layers, bidirectional=bidirectional,
                    backend=backend, dtype=np.float64, seed=1)
@@ -23,8 +25,10 @@ def test_gradcheck_layers(backend, kind, bidirectional, num_layers, with_lengths
     lengths = random_lengths(rng, T, B) if with_lengths else None
     report = fastrnn.gradcheck(m, x, hx, lengths)
     assert report.passed, str(report)
-    # Every tensor was checked, with a nontrivial analytic gradient.
+    # Every tensor was checked, and its gradient is not trivially ~0.
     assert set(report.errors) >= {"x", "h0", *m.params}
+    for name, e in report.errors.items():
+        assert e.checked > 0 and e.max_numeric > 1e-4, (name, e)
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))

@@ -1,4 +1,7 @@
-"""Property tests: on random configurations every CPU backend agrees with the float64 reference.
+"""Property tests: on random configurations every compiled CPU backend agrees with the
+float64 reference. (The reference itself is checked against independent oracles:
+torch in test_torch.py, finite differences in test_gradients.py; comparing it with
+itself here could not fail.)
 
 A configuration draws the cell (RNN tanh/ReLU, LSTM, GRU with reset_after True and
 False), T, B, I, H, layers, direction, layout, bias, lengths (0 and T included),
@@ -95,7 +98,7 @@ def check(cfg, dtype):
     honest = None
     if dtype == np.float32:
         honest = results_for(ref, "numpy", np.float32, x, hx, lengths, d_out, d_h_n)
-    for backend in CPU_BACKENDS:
+    for backend in [b for b in CPU_BACKENDS if b != "numpy"]:
         got = results_for(ref, backend, dtype, x, hx, lengths, d_out, d_h_n)
         assert got.keys() == truth.keys()
         for name, want in truth.items():

@@ -5,18 +5,17 @@ import numpy as np
 import pytest
 
 import fastrnn
-from conftest import LAYERS, make_layer, torch_or_skip
+from conftest import LAYERS, TORCH_KINDS, make_layer, torch_class, torch_or_skip
 
 
-@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("kind", TORCH_KINDS)
 def test_reverse_equals_torch_reverse_half(backend, kind):
     torch = torch_or_skip()
     rng = np.random.default_rng(31)
     T, B, I, H = 6, 3, 4, 5
     lengths = np.array([6, 2, 4])
     m = make_layer(kind, I, H, reverse=True, backend=backend, dtype=np.float64, seed=3)
-    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(kind, torch.nn.RNN)
-    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    cls, extra = torch_class(torch, kind)
     t = cls(I, H, bidirectional=True, **extra).double()
     sd = {k: torch.from_numpy(v.astype(np.float64)) for k, v in m.state_dict().items()}
     sd.update({k + "_reverse": v for k, v in sd.items()})

@@ -3,15 +3,11 @@
 import numpy as np
 import pytest
 
-from conftest import make_layer, random_lengths, torch_or_skip
-
-TORCH_KINDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]   # torch has no reset-before GRU
+from conftest import TORCH_KINDS, make_layer, n_states, random_lengths, torch_class, torch_or_skip
 
 
 def torch_layer(torch, kind, I, H, **kwargs):
-    cls = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN, "lstm": torch.nn.LSTM,
-           "gru": torch.nn.GRU}[kind]
-    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    cls, extra = torch_class(torch, kind)
     return cls(I, H, **extra, **kwargs)
 
 
@@ -26,7 +22,7 @@ def run_both(torch, kind, T, B, I, H, L, bidirectional, batch_first, bias, lengt
     t.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in
                        m.state_dict().items()})
     x = rng.standard_normal((B, T, I) if batch_first else (T, B, I))
-    states = [rng.standard_normal((L * D, B, H)) for _ in range(2 if kind == "lstm" else 1)]
+    states = [rng.standard_normal((L * D, B, H)) for _ in range(n_states(kind))]
     w_out = rng.standard_normal((B, T, D * H) if batch_first else (T, B, D * H))
     w_states = [rng.standard_normal((L * D, B, H)) for _ in states]
 

@@ -9,7 +9,7 @@ CBLAS ``?gemm`` directly. SciPy's BLAS is the second choice.
 
 The kernels receive the function's address as an integer (which keeps
 ``cache=True`` working: the address is an argument, not a compiled-in
-constant) and call it through :func:`gemm_call`. Passing the ctypes function
+constant) and call it through :data:`gemm_call_ilp64` or :data:`gemm_call_lp64`. Passing the ctypes function
 object itself also works, but Numba's dispatcher then types it anew at every
 call, which costs microseconds (``python bench/micro.py`` measures it): a
 tenth of a cell step.
@@ -31,7 +31,8 @@ _CANDIDATES = [("scipy_cblas_{}gemm64_", ctypes.c_int64), ("cblas_{}gemm64_", ct
 _HOSTS = [("numpy", "numpy._core._multiarray_umath"), ("numpy", "numpy.core._multiarray_umath"),
           ("scipy", "scipy.linalg.cython_blas")]
 
-CblasRowMajor, CblasNoTrans, CblasTrans = 101, 111, 112
+#: CBLAS enums: row-major order, and the two transposition flags the kernels pass.
+CblasRowMajor, NO_TRANS, TRANS = 101, 111, 112
 
 
 def _lookup():

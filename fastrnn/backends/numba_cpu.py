@@ -19,35 +19,27 @@ float32 activations use the vectorizable approximations of
 from __future__ import annotations
 
 import functools
+import itertools
 
+import numba
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # reported by unavailable_reason()
-    numba = None
+from . import CELLS, KERNEL_OPTIONS, gate_count, state_count
+from ._cblas import SGEMM, TRANS, NO_TRANS, gemm_call_ilp64, gemm_call_lp64, gemm_for
+from ._numba_math import FASTMATH, sigmoid, tanh
 
 xp = np
 
-from ._cblas import SGEMM, gemm_call_ilp64, gemm_call_lp64, gemm_for  # noqa: E402
+_jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
+                         error_model="numpy")
 
 
 def unavailable_reason():
-    if numba is None:
-        return "numba is not installed (pip install numba scipy)"
+    # numba itself is a dependency: without it this module fails to import, and the
+    # registry reports the ImportError.
     if SGEMM is None:
         return "no CBLAS sgemm/dgemm found in NumPy's or SciPy's BLAS"
     return None
-
-
-if numba is not None:
-    from ._numba_math import FASTMATH, sigmoid, tanh
-
-    _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
-                             error_model="numpy")
-else:  # pragma: no cover - the registry never loads this module's kernels then
-    def _jit(f):
-        return f
 
 
 # ----------------------------------------------------------------- helpers
@@ -81,12 +73,14 @@ def _mm(gemm, a, trans_a, b, trans_b, out, beta):
     ldb = max(b.strides[0] // size, b.shape[1], 1)
     ldc = max(out.strides[0] // size, N, 1)
     addr, ilp64 = gemm
+    op_a = TRANS if trans_a else NO_TRANS
+    op_b = TRANS if trans_b else NO_TRANS
     if ilp64:
-        gemm_call_ilp64(addr, out, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K,
-                        1.0, a.ctypes.data, lda, b.ctypes.data, ldb, beta, out.ctypes.data, ldc)
+        gemm_call_ilp64(addr, out, op_a, op_b, M, N, K, 1.0, a.ctypes.data, lda,
+                        b.ctypes.data, ldb, beta, out.ctypes.data, ldc)
     else:
-        gemm_call_lp64(addr, out, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K,
-                       1.0, a.ctypes.data, lda, b.ctypes.data, ldb, beta, out.ctypes.data, ldc)
+        gemm_call_lp64(addr, out, op_a, op_b, M, N, K, 1.0, a.ctypes.data, lda,
+                       b.ctypes.data, ldb, beta, out.ctypes.data, ldc)
 
 
 #: With this few rows (batch size, or T*B for the whole-sequence products) or
@@ -681,19 +675,21 @@ def warmup(dtypes=(np.float32, np.float64), cells=None):
     only load it. Calling this at start-up moves that cost out of the first
     real call.
     """
-    cells = cells or ("rnn_tanh", "rnn_relu", "lstm", "gru")
+    cells = cells or tuple(CELLS)
     rng = np.random.default_rng(0)
     for dtype in dtypes:
         x = rng.standard_normal((2, 2, 3)).astype(dtype)
         lengths = np.array([2, 1])
         for cell in cells:
-            G = {"lstm": 4, "gru": 3}.get(cell, 1) * 2
+            G = gate_count(cell) * 2
             w_ih, w_hh = np.ones((G, 3), dtype), np.ones((G, 2), dtype)
             b = np.ones(G, dtype)
-            states = (np.zeros((2, 2), dtype),) * (2 if cell == "lstm" else 1)
+            states = (np.zeros((2, 2), dtype),) * state_count(cell)
             fwd, bwd = globals()[f"{cell}_forward"], globals()[f"{cell}_backward"]
-            for options in ({"reset_after": True}, {"reset_after": False}) if cell == "gru" \
-                    else ({},):
+            # every combination of the kind's boolean kernel options
+            names = tuple(KERNEL_OPTIONS.get(cell, {}))
+            for values in itertools.product((True, False), repeat=len(names)):
+                options = dict(zip(names, values))
                 for training in (True, False):
                     for reverse in (False, True):
                         res = fwd(x, *states, w_ih, w_hh, b, b, lengths=lengths,

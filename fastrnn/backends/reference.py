@@ -45,7 +45,7 @@ def _bias_sum(b_ih, b_hh):
     return None if b_ih is None else b_ih + b_hh
 
 
-def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, b_ih, d_b_hh=None):
+def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, b_ih):
     """Whole-sequence GEMMs: d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh.
 
     d_a_x: (T, B, G) gradient of the pre-activations fed by x W_ih^T + b_ih.
@@ -62,7 +62,7 @@ def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, b_ih, d_b_hh=None):
     if b_ih is None:
         return d_x, d_w_ih, d_w_hh, None, None
     d_b_ih = d_a_x2.sum(axis=0)
-    return d_x, d_w_ih, d_w_hh, d_b_ih, (d_a_h2.sum(axis=0) if d_b_hh is None else d_b_hh)
+    return d_x, d_w_ih, d_w_hh, d_b_ih, d_a_h2.sum(axis=0)
 
 
 # ---------------------------------------------------------------- vanilla RNN
