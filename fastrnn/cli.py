@@ -262,7 +262,7 @@ def plot(rows, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'fastrnn[plot]'")
+        raise SystemExit("--plot needs matplotlib: pip install 'fastrnn[plot]'") from None
     modes = sorted({r["mode"] for r in rows})
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
     for ax, mode in zip(axes[0], modes):

@@ -324,7 +324,7 @@ class _RNNBase(Recurrent):
         if tuple(d_out.shape) != pending.shape_out:
             raise ValueError(f"d_out must have the shape of out, {pending.shape_out}, "
                              f"got {tuple(d_out.shape)}")
-        T, B, batched = pending.T, pending.B, pending.batched
+        B, batched = pending.B, pending.batched
         d_out = self._to_time_major(d_out, batched)
         d_states = self._check_states("d_h_n", d_h_n, B, batched)
         if pending.padded is not None:

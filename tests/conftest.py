@@ -1,6 +1,5 @@
 import os
 
-import numpy as np
 import pytest
 
 import fastrnn
@@ -21,7 +20,7 @@ def torch_or_skip():
         import torch
     except ImportError:
         if os.environ.get("CI"):
-            raise RuntimeError("torch must be installed in CI (pip install '.[test]')")
+            raise RuntimeError("torch must be installed in CI (pip install '.[test]')") from None
         pytest.skip("torch is not installed")
     torch.set_num_threads(1)
     return torch

@@ -167,14 +167,16 @@ def test_optimizer_matches_torch_over_steps(name, kwargs):
     theirs = getattr(torch.optim, name)(tensors, **kwargs)
     for _ in range(5):
         grads = [rng.standard_normal(t.shape) for t in tensors]
-        for (m, k), g in zip([(m, k) for m in models for k in m.params], grads):
-            m.grads[k][...] = g
+        pairs = [(mod, k) for mod in models for k in mod.params]
+        for (mod, k), g in zip(pairs, grads):
+            mod.grads[k][...] = g
         for t, g in zip(tensors, grads):
             t.grad = torch.tensor(g)
         ours.step()
         theirs.step()
-        for (m, k), t in zip([(m, k) for m in models for k in m.params], tensors):
-            np.testing.assert_allclose(m.params[k], t.detach().numpy(), rtol=1e-12, atol=1e-12)
+        for (mod, k), t in zip(pairs, tensors):
+            np.testing.assert_allclose(mod.params[k], t.detach().numpy(), rtol=1e-12,
+                                       atol=1e-12)
     ours.zero_grad()
     assert not any(g.any() for m in models for g in m.grads.values())
 
