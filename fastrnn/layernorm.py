@@ -48,7 +48,10 @@ def direction_suffix(layer, direction) -> str:
 
 
 def _refuse(cls_name, backend):
-    if isinstance(backend, str) and backend not in ("auto", *_KERNEL_MODULES):
+    """NotImplementedError for a known backend without layer-norm kernels (cuda); an
+    unknown name is left to :func:`fastrnn.backends.get`, which raises ValueError."""
+    known = set(backends.available()) | set(backends.why_absent())
+    if isinstance(backend, str) and backend in known and backend not in _KERNEL_MODULES:
         raise NotImplementedError(
             f"{cls_name}: LayerNorm has no kernels for backend {backend!r}; use backend='numba' "
             f"or 'numpy' (the CPU backends)")
