@@ -146,6 +146,18 @@ class _LayerNormRNN(_RNNBase):
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}, "
                 f"backend={self.backend!r}, dtype={self.dtype.name})")
 
+    def _check_params(self):
+        """Every parameter an ndarray of the layer's dtype and its shape, before any
+        kernel reads it (the numba kernels trust the shapes they are given)."""
+        for name, shape in self._param_shapes().items():
+            p = self.params.get(name)
+            if not isinstance(p, np.ndarray) or p.dtype != self.dtype:
+                raise TypeError(f"params[{name!r}] must be a numpy array of dtype {self.dtype}, "
+                                f"got {type(p).__name__}"
+                                f"{' of dtype ' + str(p.dtype) if hasattr(p, 'dtype') else ''}")
+            if p.shape != shape:
+                raise ValueError(f"params[{name!r}] must have shape {shape}, got {p.shape}")
+
     # ---------------------------------------------------------- computing
 
     def forward(self, x, hx=None, lengths=None):
@@ -178,6 +190,7 @@ class _LayerNormRNN(_RNNBase):
                 # 0 * nan padding would reach d_w_ih; padded outputs are 0 anyway.
                 padded = np.arange(T)[:, None] >= lengths[None, :]
                 x[padded] = 0
+        self._check_params()
         fwd, _ = self._kernels()
         S, D, H = self._num_states, self.num_directions, self.hidden_size
         states_n = tuple(np.empty((self.num_layers * D, B, H), self.dtype) for _ in range(S))

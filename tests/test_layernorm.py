@@ -366,6 +366,14 @@ def test_bad_call_arguments_change_nothing():
     with pytest.raises(ValueError, match="gamma_ih_l0"):
         m.load_state_dict(bad)
     assert m.params["gamma_ih_l0"].shape == (16,)
+    for name, value, error in (("gamma_c_l0", np.ones(3), ValueError),
+                               ("gamma_hh_l0", np.ones(16, np.float32), TypeError)):
+        saved = m.params[name]
+        m.params[name] = value
+        with pytest.raises(error, match=name):
+            m(x)
+        assert m._pending is pending
+        m.params[name] = saved
     m.backward(np.zeros_like(out))
     with pytest.raises(RuntimeError, match="backward needs a pending"):
         m.backward(np.zeros_like(out))
