@@ -230,7 +230,7 @@ class _LayerNormRNN(_RNNBase):
         if tuple(d_out.shape) != pending.shape_out:
             raise ValueError(f"d_out must have the shape of out, {pending.shape_out}, "
                              f"got {tuple(d_out.shape)}")
-        T, B, batched = pending.T, pending.B, pending.batched
+        B, batched = pending.B, pending.batched
         if not batched:
             d_out = d_out[:, None, :]
         elif self.batch_first:

@@ -18,13 +18,13 @@ CONFIGS = [(1, False, False, True, False),
 
 # ------------------------------------------------------------ torch oracle
 
-def torch_layernorm_rnn(torch, cell, params, x, hx, lengths, num_layers, D, H, bias):
+def torch_layernorm_rnn(torch, cell, params, x, hx, lengths, num_layers, D, H):
     """The equations of the fastrnn docstrings, written again with torch autograd.
 
-    x (T, B, I) time-major; hx a tuple of (L*D, B, H); returns out, tuple of finals."""
+    x (T, B, I) time-major; hx a tuple of (L*D, B, H); params by fastrnn's names (the
+    shifts absent without bias); returns out, tuple of final states."""
     F = torch.nn.functional
     T, B = x.shape[:2]
-    G = (4 if cell == "lstm" else 3) * H
     lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths)
     finals = [[None] * (num_layers * D) for _ in hx]
     layer_input = x
@@ -59,7 +59,6 @@ def torch_layernorm_rnn(torch, cell, params, x, hx, lengths, num_layers, D, H, b
                 active = (t < lengths)[:, None]
                 out[t] = torch.where(active, h_new, torch.zeros_like(h_new))
                 state = [torch.where(active, n_, s_) for n_, s_ in zip(new, state)]
-            assert G == p["weight_hh"].shape[0]
             outs.append(torch.stack(out))
             for f_list, s_ in zip(finals, state):
                 f_list[k] = s_
@@ -87,11 +86,10 @@ def random_problem(rng, cell, config, dtype, T=5, B=3, I=4, H=3):
 
 def run_fastrnn(model, x, hx, lengths, weights, dtype):
     """Forward and backward of loss = sum(out * w_out) + sum(state_n * w_state)."""
-    cast = (lambda a: a.astype(dtype))
     S = len(hx)
-    xf = cast(x)
-    hxf = tuple(cast(h) for h in hx)
-    w_out, w_states = cast(weights[0]), tuple(cast(w) for w in weights[1])
+    xf = x.astype(dtype)
+    hxf = tuple(h.astype(dtype) for h in hx)
+    w_out, w_states = weights[0].astype(dtype), tuple(w.astype(dtype) for w in weights[1])
     if model.batch_first:
         xf, w_out = xf.transpose(1, 0, 2).copy(), w_out.transpose(1, 0, 2).copy()
     model.zero_grad()
@@ -105,17 +103,18 @@ def run_fastrnn(model, x, hx, lengths, weights, dtype):
 
 
 def run_torch(torch, cell, model, x, hx, lengths, weights):
-    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=True)  # noqa
-    params = {k: t(v) for k, v in model.params.items()}
-    xt, hxt = t(x), tuple(t(h) for h in hx)
+    def leaf(a):
+        return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=True)
+
+    params = {k: leaf(v) for k, v in model.params.items()}
+    xt, hxt = leaf(x), tuple(leaf(h) for h in hx)
     out, states = torch_layernorm_rnn(torch, cell, params, xt, hxt, lengths, model.num_layers,
-                                      model.num_directions, model.hidden_size, model.bias)
+                                      model.num_directions, model.hidden_size)
     loss = (out * torch.tensor(weights[0])).sum()
     for s, w in zip(states, weights[1]):
         loss = loss + (s * torch.tensor(w)).sum()
     loss.backward()
-    np_ = (lambda a: a.detach().numpy())
-    return (np_(out), tuple(np_(s) for s in states), xt.grad.numpy(),
+    return (out.detach().numpy(), tuple(s.detach().numpy() for s in states), xt.grad.numpy(),
             tuple(h.grad.numpy() for h in hxt), {k: v.grad.numpy() for k, v in params.items()})
 
 
