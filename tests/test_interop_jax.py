@@ -14,7 +14,7 @@ def jax_or_skip():
         import jax
     except ImportError:
         if os.environ.get("CI"):
-            raise RuntimeError("jax must be installed in CI (pip install '.[test]')")
+            raise RuntimeError("jax must be installed in CI (pip install '.[test]')") from None
         pytest.skip("jax is not installed")
     return jax
 
@@ -101,7 +101,9 @@ def test_jit_and_grad_match_lax_scan(cell, bias, reverse, reset_after, with_leng
             return lambda *a: sum((o * w).sum() for o, w in zip(f(*a), w_out))
 
         args = (x, states, weights, [b for b in biases if b is not None])
-        call = (lambda f: (lambda x, s, w, b: f(x, s, w, b + [None] * (2 - len(b)))))
+        def call(f):
+            return lambda x, s, w, b: f(x, s, w, b + [None] * (2 - len(b)))
+
         got = jax.jit(call(ours))(*args)
         want = call(ref)(*args)
         for a, b in zip(got, want):

@@ -16,7 +16,7 @@ def keras_or_skip():
         import keras
     except ImportError:
         if os.environ.get("CI"):
-            raise RuntimeError("keras must be installed in CI (pip install '.[test]')")
+            raise RuntimeError("keras must be installed in CI (pip install '.[test]')") from None
         pytest.skip("keras is not installed")
     return keras
 

@@ -18,7 +18,7 @@ def onnx_or_skip():
     except ImportError:
         if os.environ.get("CI"):
             raise RuntimeError("onnx and onnxruntime must be installed in CI "
-                               "(pip install '.[test]')")
+                               "(pip install '.[test]')") from None
         pytest.skip("onnx or onnxruntime is not installed")
     return onnx, onnxruntime
 
@@ -229,6 +229,10 @@ def test_from_onnx_rejections_name_the_attribute(tmp_path):
     zero_p = onnx_node_model(onnx, "LSTM", 3, 4, extra_inputs={"P": np.zeros((1, 12),
                                                                               np.float32)})
     assert isinstance(fastrnn.from_onnx(zero_p)["rnn0"], fastrnn.LSTM)
+    # A node without a name is called "{op_type}_{index}".
+    unnamed = onnx_node_model(onnx, "RNN", 3, 4)
+    unnamed.graph.node[0].name = ""
+    assert list(fastrnn.from_onnx(unnamed)) == ["RNN_0"]
     # A path works as well as a ModelProto.
     path = tmp_path / "gru.onnx"
     onnx.save(onnx_node_model(onnx, "GRU", 3, 4), path)

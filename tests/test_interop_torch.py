@@ -171,8 +171,17 @@ def test_to_torch_rejections_name_the_option():
             np.testing.assert_array_equal(v, before[k])
     with pytest.raises(TypeError, match="Linear"):
         fastrnn.interop.to_torch(fastrnn.Linear(3, 4))
-    gru = fastrnn.interop.to_torch(fastrnn.GRU(3, 4, reset_after=False), fused=True)
-    assert gru.reset_after is False
+    layer = fastrnn.GRU(3, 4, reset_after=False, batch_first=True, seed=2)
+    gru = fastrnn.interop.to_torch(layer, fused=True)
+    assert gru.reset_after is False and gru.batch_first
+    x = np.random.default_rng(1).standard_normal((2, 5, 3)).astype(np.float32)
+    import torch
+    np.testing.assert_allclose(gru(torch.from_numpy(x))[0].detach().numpy(), layer(x)[0],
+                               rtol=1e-6, atol=1e-7)
+    back = fastrnn.from_torch(gru)                   # a fastrnn.torch module is a torch.nn.GRU
+    assert back.reset_after is False
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(back.params[k], v)
 
 
 # ------------------------------------------------------------------ fastrnn.torch

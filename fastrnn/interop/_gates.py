@@ -34,13 +34,20 @@ def from_torch_order(a, perm, axis=0):
     return to_torch_order(a, tuple(int(p) for p in inverse), axis=axis)
 
 
-def cell_of(layer) -> str:
-    """The cell kind of a fastrnn layer or cell (a key of :data:`fastrnn.backends.CELLS`)."""
-    name = type(layer).__name__.replace("Cell", "")
-    if name == "RNN":
-        return f"rnn_{layer.nonlinearity}"
-    cell = name.lower()
-    if cell not in backends.CELLS:
-        raise TypeError(f"expected a fastrnn RNN, LSTM or GRU layer or cell, got "
-                        f"{type(layer).__name__}")
-    return cell
+def cell_of(obj) -> str:
+    """The cell kind of a fastrnn RNN/LSTM/GRU layer or cell (a key of
+    :data:`fastrnn.backends.CELLS`); TypeError for anything else."""
+    from .. import cells, layers
+    for kind, classes in (("rnn", (layers.RNN, cells.RNNCell)),
+                          ("lstm", (layers.LSTM, cells.LSTMCell)),
+                          ("gru", (layers.GRU, cells.GRUCell))):
+        if isinstance(obj, classes):
+            return f"rnn_{obj.nonlinearity}" if kind == "rnn" else kind
+    raise TypeError(f"expected a fastrnn RNN, LSTM or GRU layer or cell, got "
+                    f"{type(obj).__name__}")
+
+
+def is_cell(obj) -> bool:
+    """Whether ``obj`` is a fastrnn RNNCell, LSTMCell or GRUCell."""
+    from .. import cells
+    return isinstance(obj, (cells.RNNCell, cells.LSTMCell, cells.GRUCell))

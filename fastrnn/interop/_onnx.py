@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import layers
-from ._gates import ONNX as PERM, cell_of, family, from_torch_order, to_torch_order
+from ._gates import ONNX as PERM, cell_of, family, from_torch_order, is_cell, to_torch_order
 
 _OPS = {"RNN": "rnn", "LSTM": "lstm", "GRU": "gru"}
 _DEFAULT_ACTIVATIONS = {"lstm": ["sigmoid", "tanh", "tanh"], "gru": ["sigmoid", "tanh"],
@@ -236,7 +236,7 @@ def to_onnx(model, path=None, *, sequence_lens=False, initial_state=False, opset
     Returns the ``onnx.ModelProto``.
     """
     cell = cell_of(model)
-    if not isinstance(model, layers._RNNBase):
+    if is_cell(model):
         raise TypeError(f"model must be a fastrnn RNN, LSTM or GRU layer, got "
                         f"{type(model).__name__}")
     kind = family(cell)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .. import cells, layers
-from ._gates import cell_of
+from ._gates import cell_of, is_cell
 
 _LAYERS = {"RNN_TANH": (layers.RNN, {"nonlinearity": "tanh"}),
            "RNN_RELU": (layers.RNN, {"nonlinearity": "relu"}),
@@ -86,12 +86,12 @@ def to_torch(layer, *, fused=False):
     """
     cell = cell_of(layer)
     dtype = torch.float64 if layer.dtype == np.float64 else torch.float32
-    is_cell = isinstance(layer, cells._CellBase)
-    if cell == "gru" and not layer.reset_after and not (fused and not is_cell):
+    cell_like = is_cell(layer)
+    if cell == "gru" and not layer.reset_after and not (fused and not cell_like):
         raise ValueError("reset_after=False has no torch.nn equivalent; use "
                          "to_torch(layer, fused=True) for a layer (fastrnn.torch.GRU)")
     extra = {"nonlinearity": layer.nonlinearity} if cell.startswith("rnn") else {}
-    if is_cell:
+    if cell_like:
         if fused:
             raise ValueError("fused=True is for layers; fastrnn.torch has no cells")
         cls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}.get(cell, torch.nn.RNNCell)
