@@ -188,11 +188,12 @@ def test_to_torch_rejections_name_the_option():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_gradcheck_float64(backend, kind):
+def test_fused_gradcheck_float64(kind):
+    """On the default backend: both backends run under torch in the next test."""
     torch = torch_or_skip()
     cls, extra = fused_cls(kind)
     torch.manual_seed(3)
-    m = cls(3, 2, 2, **extra, bidirectional=True, backend=backend).double()
+    m = cls(3, 2, 2, **extra, bidirectional=True).double()
     x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
     S = 2 if kind == "lstm" else 1
     hx = [torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(S)]
