@@ -162,7 +162,7 @@ class _FusedBase:
         else:
             out, *finals = self._infer(stack, lens, x, states, w)
         if packed:
-            out = self._repack(out, lens, input)
+            out = self._repack(out, input)
         elif not batched:
             out, finals = out.squeeze(1), [f.squeeze(1) for f in finals]
         elif self.batch_first:
@@ -180,12 +180,11 @@ class _FusedBase:
         return [torch.from_numpy(out)] + [torch.from_numpy(f) for f in finals]
 
     @staticmethod
-    def _repack(out, lens, like):
-        """``out`` (T, B, D*H) in the batch order of ``like`` as a PackedSequence."""
+    def _repack(out, like):
+        """``out`` (T, B, D*H), in the original batch order, packed as ``like``."""
         if like.sorted_indices is not None:
             out = out.index_select(1, like.sorted_indices)
-        data = pack_padded_sequence(out, lens[like.sorted_indices] if like.sorted_indices
-                                    is not None else lens).data
+        data = torch.cat([out[t, :int(n)] for t, n in enumerate(like.batch_sizes)])
         return PackedSequence(data, like.batch_sizes, like.sorted_indices,
                               like.unsorted_indices)
 

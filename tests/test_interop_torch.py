@@ -247,6 +247,9 @@ def test_fused_matches_torch_nn_float32(backend, kind):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # lengths= equals packing (with padded outputs 0); unbatched equals a batch of one.
     with torch.no_grad():
+        full = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([7, 7, 7]),
+                                                       batch_first=True)
+        torch.testing.assert_close(m(full)[0].data, ref(full)[0].data, rtol=1e-4, atol=1e-5)
         o_l, _ = m(x, lengths=lengths)
         o_p, _ = ref(torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
                                                              enforce_sorted=False))
