@@ -38,22 +38,44 @@ def test_check_passes_and_prints_a_table(capsys):
 
 
 def test_bench_writes_rows_with_the_documented_fields(tmp_path, capsys):
+    """The default protocol: one worker process per engine; every peer verified first."""
     path = tmp_path / "run.json"
     code = cli.main(["bench", "--sizes", "4x2x3x5", "--cells", "lstm", "gru", "--repeats", "2",
-                     "--json", str(path)])
+                     "--vs", "torch,onnxruntime,jax", "--json", str(path)])
     assert code == 0
     data = json.loads(path.read_text())
     assert data["machine"]["cores"] >= 1 and data["gemm_peak_gflops"] > 0
+    assert data["protocol"] == "subprocess"
     rows = data["rows"]
     contenders = {r["backend"] for r in rows}
-    assert set(CPU_BACKENDS) <= contenders
-    assert len(rows) == 2 * 2 * len(contenders)          # cells x modes x contenders
+    assert set(CPU_BACKENDS) | {"torch", "onnxruntime", "jax"} <= contenders
+    # fastrnn and torch and jax: both modes; onnxruntime: inference only
+    assert len(rows) == 2 * (2 * (len(CPU_BACKENDS) + 2) + 1)
     for r in rows:
         for key in ("backend", "cell", "mode", "T", "B", "I", "H", "dtype", "median_ms",
-                    "gflops"):
+                    "gflops", "peak_fraction"):
             assert key in r
         assert r["median_ms"] > 0 and r["gflops"] > 0
+        assert r["peak_fraction"] <= 1.0          # a %peak above 100 is never printed
+    assert all(v["passed"] for v in data["verified"].values())
+    # the BLAS of every engine's process is recorded, and no forced kernel reached it
+    for name, e in data["engines"].items():
+        assert e["blas"] is not None and e["versions"]["numpy"], name
+        assert e["env"] == {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}, name
+    fast = [r for r in rows if r["backend"] in CPU_BACKENDS]
+    assert all({"torch", "onnxruntime"} <= set(r["speedup_vs"]) for r in fast
+               if r["mode"] == "inference")
     assert "median ms" in capsys.readouterr().out
+
+
+def test_bench_reports_an_absent_peer(tmp_path, capsys, monkeypatch):
+    from fastrnn.bench import engines
+    monkeypatch.setattr(engines.JaxEngine, "requires", ("a_module_that_is_not_there",))
+    code = cli.main(["bench", "--sizes", "3x2x3x4", "--cells", "rnn_tanh", "--repeats", "1",
+                     "--backends", CPU_BACKENDS[0], "--vs", "jax", "--protocol", "inprocess"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "jax" in out and "absent" in out and "a_module_that_is_not_there" in out
 
 
 def test_bench_does_not_time_a_backend_that_fails_verification(monkeypatch, tmp_path, capsys):
@@ -69,10 +91,24 @@ def test_bench_does_not_time_a_backend_that_fails_verification(monkeypatch, tmp_
     monkeypatch.setattr(module, "lstm_forward", wrong)
     path = tmp_path / "run.json"
     code = cli.main(["bench", "--sizes", "3x2x3x4", "--cells", "lstm", "--backends", "numba",
-                     "--repeats", "1", "--no-torch", "--json", str(path)])
+                     "--repeats", "1", "--no-torch", "--protocol", "inprocess",
+                     "--json", str(path)])
     assert code == 1
     assert "FAILED, not timed" in capsys.readouterr().out
     assert json.loads(path.read_text())["rows"] == []
+
+
+def test_blas_warning_names_the_variables(monkeypatch):
+    from fastrnn import bench
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    info = [{"internal_api": "openblas", "architecture": "Haswell", "user_api": "blas"}]
+    monkeypatch.setattr(bench.machine, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert "OPENBLAS_CORETYPE=Haswell" in bench.blas_warning(info)
+    monkeypatch.setattr(bench.machine, "cpu_flags", lambda: {"avx2"})
+    assert bench.blas_warning(info) is None
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
+    assert bench.blas_warning(info) is None
 
 
 def test_bench_rejects_bad_sizes():
