@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import backends
 from .interop._stack import Stack, backward as _stack_backward, forward as _stack_forward

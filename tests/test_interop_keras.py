@@ -34,9 +34,8 @@ def make(keras, kind, units, **kw):
 #: (kind, options, compare gradients too): gradients for one case of each kind and GRU
 #: form (each jax.grad of a Keras layer compiles for a second or two).
 CASES = [("rnn", {}, True), ("rnn", {"activation": "relu", "use_bias": False}, False),
-         ("lstm", {}, False), ("lstm", {"use_bias": False, "go_backwards": True}, True),
+         ("lstm", {"use_bias": False, "go_backwards": True}, True),
          ("gru", {}, True), ("gru", {"reset_after": False}, True),
-         ("gru", {"go_backwards": True, "reset_after": False}, False),
          ("gru", {"use_bias": False}, False)]
 
 
@@ -96,7 +95,7 @@ def test_from_keras_matches_keras(kind, kw, grads):
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_bidirectional(kind):
     keras = keras_or_skip()
     rng = np.random.default_rng(4)

@@ -1,13 +1,15 @@
 """fastrnn.from_onnx / onnx_inputs / to_onnx against ONNX Runtime (the oracle)."""
 
+import io
 import os
+import warnings
 
 import numpy as np
 import pytest
 
 import fastrnn
 from fastrnn.interop import onnx_outputs
-from conftest import random_lengths
+from conftest import random_lengths, torch_or_skip
 
 
 def onnx_or_skip():
@@ -255,3 +257,25 @@ def test_onnx_inputs_and_to_onnx_rejections():
                              np.ones((1, 1, 4), np.float32))
     np.testing.assert_array_equal(kw["hx"][1], 0)     # a missing initial_c is zeros
     np.testing.assert_array_equal(kw["lengths"], [2])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_from_onnx_reads_torch_exports(kind):
+    """Another producer's graphs: torch.onnx.export of a two-layer bidirectional layer."""
+    onnx, _ = onnx_or_skip()
+    torch = torch_or_skip()
+    torch.manual_seed(5)
+    t = getattr(torch.nn, kind)(3, 4, 2, bidirectional=True).eval()
+    x = torch.randn(6, 2, 3)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(t, (x,), buffer, dynamo=False)
+    layers = list(fastrnn.from_onnx(onnx.load_from_string(buffer.getvalue())).values())
+    assert len(layers) == 2 and all(layer.bidirectional for layer in layers)
+    h = x.numpy()
+    for layer in layers:
+        h, _ = layer.eval()(h)
+    with torch.no_grad():
+        expected = t(x)[0].numpy()
+    np.testing.assert_allclose(h, expected, rtol=1e-5, atol=2e-6)
