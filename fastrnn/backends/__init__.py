@@ -137,8 +137,13 @@ class Backend:
         of letting BLAS read out of bounds. The cost is a few microseconds per
         call (``python bench/micro.py``).
         """
-        from . import contract
-        return contract.checked(self.name, self.xp, cell, *self.raw_kernels(cell))
+        checked = _checked.get((self.name, cell))
+        if checked is None:
+            from . import contract
+            self.raw_kernels(cell)   # an unknown cell raises here
+            checked = contract.checked(self.name, self.xp, cell, self.module)
+            _checked[(self.name, cell)] = checked
+        return checked
 
     def raw_kernels(self, cell: str):
         """``(forward, backward)`` without the boundary checks: for callers that
@@ -150,6 +155,8 @@ class Backend:
 
 
 _loaded: dict[str, Backend] = {}
+#: (backend, cell) -> the checked kernels, made once.
+_checked: dict = {}
 _why_absent: dict[str, str] = {}
 
 

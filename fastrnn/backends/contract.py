@@ -22,7 +22,8 @@ import numpy as np
 
 from . import KERNEL_OPTIONS, cell_kind
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_FLOATS = (_F32, _F64)
 
 
 class Cache:
@@ -77,56 +78,94 @@ def _lengths(xp, lengths, T, B):
                          f"{high}")
 
 
-def check_forward(xp, cell, args, kwargs):
+class _Signature:
+    """The forward signature of one cell kind, bound by hand: ``inspect.Signature.bind``
+    costs more than the kernel call at small sizes."""
+
+    def __init__(self, cell):
+        kind = cell_kind(cell)
+        self.cell, self.states, self.gates = cell, kind.states, kind.gates
+        self.arrays = ("x", "h0", "c0")[:1 + kind.states] + ("w_ih", "w_hh", "b_ih", "b_hh")
+        self.defaults = {"lengths": None, "reverse": False, "training": True,
+                         **KERNEL_OPTIONS.get(cell, {})}
+        self.options = tuple(self.defaults)
+        self.flags = self.options[1:]
+
+    def bind(self, args, kwargs):
+        """``(arrays list, options dict)`` of a call; TypeError for a wrong call."""
+        na, no = len(self.arrays), len(self.options)
+        if len(args) > na + no:
+            raise TypeError(f"{self.cell}_forward takes at most {na + no} positional "
+                            f"arguments, got {len(args)}")
+        arrays = list(args[:na])
+        options = dict(zip(self.options, args[na:]))
+        for key, value in kwargs.items():
+            if key in self.defaults:
+                if key in options:
+                    raise TypeError(f"{self.cell}_forward got two values for argument {key!r}")
+                options[key] = value
+            elif key in self.arrays:
+                index = self.arrays.index(key)
+                if index < len(arrays):
+                    raise TypeError(f"{self.cell}_forward got two values for argument {key!r}")
+                arrays.extend([_MISSING] * (index + 1 - len(arrays)))
+                arrays[index] = value
+            else:
+                raise TypeError(f"{self.cell}_forward got an unexpected argument {key!r}")
+        arrays.extend([_MISSING] * (na - len(arrays)))
+        missing = [n for n, a in zip(self.arrays, arrays) if a is _MISSING]
+        if missing:
+            raise TypeError(f"{self.cell}_forward is missing argument(s) {', '.join(missing)}")
+        return arrays, options
+
+
+_MISSING = object()
+
+
+def check_forward(xp, cell, args, kwargs, signature=None):
     """Check a forward call's arguments.
 
     Returns ``(arrays, options, (T, B, I, H, dtype))``: the positional array
     arguments, C-contiguous, and the keyword options."""
-    kind = cell_kind(cell)
-    S = kind.states
-    names = ("x", "h0", "c0")[:1 + S] + ("w_ih", "w_hh", "b_ih", "b_hh")
-    options = {"lengths": None, "reverse": False, "training": True,
-               **KERNEL_OPTIONS.get(cell, {})}
-    if len(args) > len(names) + len(options):
-        raise TypeError(f"{cell}_forward takes at most {len(names) + len(options)} positional "
-                        f"arguments, got {len(args)}")
-    given = dict(zip(names + tuple(options), args))
-    for key, value in kwargs.items():
-        if key not in options and key not in names:
-            raise TypeError(f"{cell}_forward got an unexpected argument {key!r}")
-        if key in given:
-            raise TypeError(f"{cell}_forward got two values for argument {key!r}")
-        given[key] = value
-    missing = [n for n in names if n not in given]
-    if missing:
-        raise TypeError(f"{cell}_forward is missing argument(s) {', '.join(missing)}")
-    x = given["x"]
-    dtype = _array(xp, "x", x, (None, None, None), None)
+    sig = signature or _Signature(cell)
+    arrays, options = sig.bind(args, kwargs)
+    x, h0 = arrays[0], arrays[1]
+    nd = xp.ndarray
+    if isinstance(x, nd) and x.ndim == 3 and (x.dtype == _F32 or x.dtype == _F64):
+        dtype = x.dtype
+    else:
+        dtype = _array(xp, "x", x, (None, None, None), None)
     T, B, I = x.shape
     if T == 0 or B == 0:
         raise ValueError(f"x must have T >= 1 and B >= 1, got shape {tuple(x.shape)}")
-    h0 = given["h0"]
-    _array(xp, "h0", h0, (B, None), dtype)
+    if not (isinstance(h0, nd) and h0.ndim == 2 and h0.shape[0] == B and h0.dtype == dtype):
+        _array(xp, "h0", h0, (B, None), dtype)
     H = h0.shape[1]
     if H == 0 or I == 0:
         raise ValueError(f"input and hidden sizes must be >= 1, got I={I}, H={H}")
-    if S == 2:
-        _array(xp, "c0", given["c0"], (B, H), dtype)
-    G = kind.gates * H
-    _array(xp, "w_ih", given["w_ih"], (G, I), dtype)
-    _array(xp, "w_hh", given["w_hh"], (G, H), dtype)
-    b_ih, b_hh = given["b_ih"], given["b_hh"]
+    G = sig.gates * H
+    want = {"c0": (B, H), "w_ih": (G, I), "w_hh": (G, H), "b_ih": (G,), "b_hh": (G,)}
+    b_ih, b_hh = arrays[-2], arrays[-1]
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be arrays or both be None")
-    if b_ih is not None:
-        _array(xp, "b_ih", b_ih, (G,), dtype)
-        _array(xp, "b_hh", b_hh, (G,), dtype)
-    _lengths(xp, given.get("lengths"), T, B)
-    for flag in ("reverse", "training", *KERNEL_OPTIONS.get(cell, {})):
-        if flag in given:
-            _flag(flag, given[flag])
-    arrays = [None if given[n] is None else xp.ascontiguousarray(given[n]) for n in names]
-    return arrays, {k: given[k] for k in options if k in given}, (T, B, I, H, dtype)
+    for k in range(2, len(arrays)):
+        a = arrays[k]
+        if a is None:
+            continue
+        name = sig.arrays[k]
+        # the fast test first; the message-making check only when it fails
+        if not (isinstance(a, nd) and a.shape == want[name] and a.dtype == dtype):
+            _array(xp, name, a, want[name], dtype)
+    if options.get("lengths") is not None:
+        _lengths(xp, options["lengths"], T, B)
+    for flag in sig.flags:
+        value = options.get(flag, False)
+        if value is not True and value is not False:
+            _flag(flag, value)
+    for k, a in enumerate(arrays):
+        if a is not None and not a.flags.c_contiguous:
+            arrays[k] = xp.ascontiguousarray(a)
+    return arrays, options, (T, B, I, H, dtype)
 
 
 def check_backward(xp, backend, cell, d_out, d_states, cache):
@@ -139,16 +178,21 @@ def check_backward(xp, backend, cell, d_out, d_states, cache):
     _array(xp, "d_out", d_out, (T, B, H), cache.dtype)
     for name, d in zip(("d_h_n", "d_c_n"), d_states):
         _array(xp, name, d, (B, H), cache.dtype)
-    return [xp.ascontiguousarray(d) for d in (d_out, *d_states)], cache.inner
+    return [d if d.flags.c_contiguous else xp.ascontiguousarray(d)
+            for d in (d_out, *d_states)], cache.inner
 
 
-def checked(backend, xp, cell, forward, backward):
-    """``(forward, backward)`` of ``cell`` with the contract checked at every call."""
+def checked(backend, xp, cell, module):
+    """``(forward, backward)`` of ``cell`` in the backend ``module`` with the contract
+    checked at every call. The module's functions are looked up at each call (a
+    patched kernel is the one that runs)."""
     S = cell_kind(cell).states
+    signature = _Signature(cell)
+    fname, bname = f"{cell}_forward", f"{cell}_backward"
 
     def checked_forward(*args, **kwargs):
-        arrays, options, (T, B, I, H, dtype) = check_forward(xp, cell, args, kwargs)
-        result = forward(*arrays, **options)
+        arrays, options, (T, B, I, H, dtype) = check_forward(xp, cell, args, kwargs, signature)
+        result = getattr(module, fname)(*arrays, **options)
         if result[-1] is None:
             return result
         return result[:-1] + (Cache(backend, cell, (T, B, I, H), dtype, result[-1]),)
@@ -159,8 +203,10 @@ def checked(backend, xp, cell, forward, backward):
                             f" and cache; got {1 + len(rest)} arguments")
         d_states, cache = rest[:S], rest[S]
         arrays, inner = check_backward(xp, backend, cell, d_out, d_states, cache)
-        return backward(*arrays, inner)
+        return getattr(module, bname)(*arrays, inner)
 
-    checked_forward.__name__, checked_forward.__doc__ = f"{cell}_forward", forward.__doc__
-    checked_backward.__name__, checked_backward.__doc__ = f"{cell}_backward", backward.__doc__
+    checked_forward.__name__ = fname
+    checked_forward.__doc__ = getattr(module, fname).__doc__
+    checked_backward.__name__ = bname
+    checked_backward.__doc__ = getattr(module, bname).__doc__
     return checked_forward, checked_backward
