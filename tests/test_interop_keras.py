@@ -158,6 +158,11 @@ def test_from_keras_rejections_name_the_option():
         (built(keras.layers.RNN(keras.layers.LSTMCell(3, **FAST))), TypeError, "RNN"),
         (built(keras.layers.Dense(3)), TypeError, "Dense"),
         (built(lstm(3, **FAST, dtype="float16")), TypeError, "float16"),
+        (built(keras.layers.Bidirectional(gru(3, **FAST, go_backwards=True),
+                                          backward_layer=gru(3, **FAST))), ValueError,
+         "go_backwards"),
+        (built(keras.layers.Bidirectional(gru(3, **FAST), backward_layer=gru(
+            3, **FAST, go_backwards=True, reset_after=False))), ValueError, "backward_layer"),
     ]
     for layer, exc, word in cases:
         before = [w.copy() for w in layer.get_weights()]

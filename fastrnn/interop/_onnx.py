@@ -231,6 +231,9 @@ def to_onnx(model, path=None, *, sequence_lens=False, initial_state=False, opset
     (L*D, B, H). Outputs ``Y`` (fastrnn's ``out`` layout), ``h_n`` (and
     ``c_n``), (L*D, B, H). One ONNX node per layer; T and B are dynamic.
 
+    The model has the layer's dtype; ONNX Runtime's CPU kernels run float32
+    only (export ``layer.copy(dtype=np.float32)``).
+
     Difference: a sequence of length 0 gives ``h_n = h0`` in fastrnn and
     zeros in ONNX Runtime (the same only when the initial state is zero).
     Returns the ``onnx.ModelProto``.
