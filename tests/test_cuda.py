@@ -2,7 +2,7 @@
 
 1. Without a GPU, when g++ is present: the kernels of ``csrc/`` are compiled as
    plain C++ (``tests/cuda_host_shim.h`` stands in for CUDA's keywords), and
-   the backend's host loop (:mod:`fastrnn.backends.cuda`) runs on NumPy arrays
+   the backend's host loops (:mod:`fastrnn.backends.cuda.loops`) run on NumPy arrays
    through them. Stepwise kernels run their grid-stride loops on one thread;
    persistent kernels run as a real grid of OS threads, with block barriers,
    per-block shared memory (NaN-filled) and the grid barrier's atomics, on
@@ -33,6 +33,7 @@ import pytest
 
 import fastrnn
 from fastrnn.backends import cuda, reference
+from fastrnn.backends.cuda import checks, loader, runtime
 
 CSRC = cuda.csrc_dir()
 UNITS = sorted(set(cuda.UNITS.values()))
@@ -154,7 +155,7 @@ def host_libs(tmp_path_factory):
     return libs
 
 
-class HostRuntime(cuda._Runtime):
+class HostRuntime(runtime.Runtime):
     """The backend's host loop on NumPy arrays, with the kernels compiled for the CPU."""
 
     xp = np
@@ -162,16 +163,23 @@ class HostRuntime(cuda._Runtime):
     def __init__(self, libs, limits=HOST_LIMITS):
         self.libs = libs
         self.limits = limits
-        self.launches = []
+        self.launches = []   # the kernel of every launch
+        self.found = []      # the kernel of every look-up of a stepwise kernel
 
     @staticmethod
     def _c_args(args):
         return [ctypes.c_int(a) if isinstance(a, int) else ctypes.c_void_p(a.ctypes.data)
                 for a in args]
 
-    def _launch(self, unit, name, n, args):
-        self.launches.append(name)
-        getattr(self.libs[unit], name)(*self._c_args(args))
+    def _step_launcher(self, unit, name, n):
+        self.found.append(name)
+        kernel = getattr(self.libs[unit], name)
+
+        def launch(args):
+            self.launches.append(name)
+            kernel(*self._c_args(args))
+
+        return launch
 
     def _launch_persistent(self, unit, name, plan, args):
         """One OS thread per CUDA thread; ctypes lets go of the GIL during each call."""
@@ -203,7 +211,7 @@ class HostRuntime(cuda._Runtime):
 @pytest.fixture
 def host_runtime(host_libs, monkeypatch):
     rt = HostRuntime(host_libs)
-    monkeypatch.setattr(cuda, "_runtime_override", rt)
+    monkeypatch.setattr(runtime, "_override", rt)
     monkeypatch.setattr(cuda, "_algorithm", "stepwise")
     return rt
 
@@ -232,11 +240,73 @@ def test_every_kernel_exists_in_the_sources(host_libs):
             assert hasattr(host_libs[unit], name), f"{name} missing from fastrnn_{unit}.cu"
 
 
+class FakeRawModule:
+    """``cupy.RawModule(path=...)`` and ``(code=...)``; a kernel is its name."""
+
+    fatbin_error = None   # what loading a fatbin raises, if anything
+
+    def __init__(self, path=None, code=None, options=()):
+        if path is not None and self.fatbin_error is not None:
+            raise self.fatbin_error
+        self.code = code
+
+    def get_function(self, name):
+        return name
+
+
+def test_loader_takes_the_fatbin_only_where_it_has_code_for_the_device(tmp_path, monkeypatch):
+    if CSRC is None:
+        pytest.skip("csrc/ not found")
+    for source in CSRC.glob("*.cu*"):
+        shutil.copy(source, tmp_path / source.name)
+    monkeypatch.setattr(loader, "csrc_dir", lambda: tmp_path)
+    got = loader.load("lstm", "90", FakeRawModule)
+    assert got.origin == f"NVRTC from {tmp_path / 'fastrnn_lstm.cu'} (no fatbin installed)"
+    assert sorted(got.functions) == sorted(cuda.kernel_names("lstm"))
+    fatbin = tmp_path / "fastrnn_lstm.fatbin"
+    fatbin.write_bytes(b"")
+    assert loader.load("lstm", "90", FakeRawModule).origin == f"fatbin {fatbin}"
+    assert "(the fatbin has no sm_75 code)" in loader.load("lstm", "75", FakeRawModule).origin
+    monkeypatch.setattr(FakeRawModule, "fatbin_error", RuntimeError("no binary for GPU"))
+    got = loader.load("lstm", "90", FakeRawModule)
+    assert "(the fatbin failed to load: RuntimeError: no binary for GPU)" in got.origin
+    assert sorted(got.functions) == sorted(cuda.kernel_names("lstm"))
+
+
+def test_units_and_kernel_names_come_from_the_registry():
+    assert cuda.UNITS == {cell: kind.family.lower()
+                          for cell, kind in fastrnn.backends.CELLS.items()}
+    for cell, unit in cuda.UNITS.items():
+        assert f"fastrnn_{cell}_persist_bwd_f32" in cuda.kernel_names(unit)
+
+
 def test_launch_rejects_wrong_arrays(host_runtime):
     with pytest.raises(TypeError, match="argument 0"):
-        host_runtime.launch("rnn", "fastrnn_rnn_tanh_bwd_f32", 1, np.zeros(3, np.float64))
+        host_runtime.kernel("rnn", "fastrnn_rnn_tanh_bwd_f32", 1)(np.zeros(3, np.float64))
     with pytest.raises(TypeError, match="C-contiguous"):
-        host_runtime.launch("rnn", "fastrnn_rnn_tanh_bwd_f64", 1, np.zeros((3, 4))[:, ::2])
+        host_runtime.kernel("rnn", "fastrnn_rnn_tanh_bwd_f64", 1)(np.zeros((3, 4))[:, ::2])
+    assert host_runtime.launches == []
+
+
+def test_stepwise_loop_finds_and_checks_each_kernel_once_per_sequence(host_runtime,
+                                                                       monkeypatch):
+    """A step is a GEMM and a launch: kernel look-up and argument checks happen once."""
+    checked = []
+    check = checks.launch_arguments
+    monkeypatch.setattr(checks, "launch_arguments",
+                        lambda name, args: (checked.append(name), check(name, args))[1])
+    T = 6
+    for cell, reset_after in CASES:
+        for training in (True, False):
+            host_runtime.launches.clear()
+            host_runtime.found.clear()
+            checked.clear()
+            check_against_reference(to_host, np.float64, cell, reset_after, False, True, True,
+                                    training, T=T)
+            kernels = sorted(set(host_runtime.launches))
+            assert sorted(host_runtime.found) == kernels, cell
+            assert sorted(checked) == kernels, cell
+            assert len(host_runtime.launches) == T * len(kernels), cell
 
 
 def test_forward_validates_arguments(host_runtime):
@@ -493,10 +563,10 @@ def test_gpu_persistent_runs_in_one_launch_per_direction(monkeypatch):
     """The persistent loop is taken on the GPU where the plan fits (nothing silently stepwise)."""
     plan, why = cuda.persistent_plan("lstm", 16, 256, np.float32)
     assert plan is not None, why
-    rt = cuda._runtime()
+    rt = runtime.current()
     launches = {"stepwise": [], "persistent": []}
-    stepwise, persistent = type(rt)._launch, type(rt)._launch_persistent
-    monkeypatch.setattr(type(rt), "_launch", lambda self, unit, name, *a: (
+    stepwise, persistent = type(rt)._step_launcher, type(rt)._launch_persistent
+    monkeypatch.setattr(type(rt), "_step_launcher", lambda self, unit, name, *a: (
         launches["stepwise"].append(name), stepwise(self, unit, name, *a))[1])
     monkeypatch.setattr(type(rt), "_launch_persistent", lambda self, unit, name, *a: (
         launches["persistent"].append(name), persistent(self, unit, name, *a))[1])
@@ -620,7 +690,7 @@ class LimitsOnly:
 
 def test_gpu_script_names_the_algorithm_of_each_point(monkeypatch):
     script = load_gpu_script()
-    monkeypatch.setattr(cuda, "_runtime_override", LimitsOnly())
+    monkeypatch.setattr(runtime, "_override", LimitsOnly())
     assert script.algorithm_used("lstm", "training", 64, 512) == "persistent"
     assert script.algorithm_used("gru", "inference", 16, 1024) == "persistent"
     tight = cuda.PersistentLimits(sms=132, shared_bytes=130 * 1024)  # B=1: bwd fits, fwd not
