@@ -25,10 +25,18 @@ def suffix(dtype) -> str:
         raise TypeError(f"x must be float32 or float64, got {dtype}") from None
 
 
-def device_array(xp, name, a, shape, dtype):
-    """``a`` as a C-contiguous ``xp`` array, after checking its type, dtype and shape."""
+def _ndarray(xp, name, a, dims=None):
+    """Check that ``a`` is an ``xp`` array, with one dimension per name in ``dims``."""
     if not isinstance(a, xp.ndarray):
         raise TypeError(f"{name} must be a {xp.__name__}.ndarray, got {type(a).__name__}")
+    if dims is not None and a.ndim != len(dims):
+        raise ValueError(f"{name} must have {len(dims)} dimensions ({', '.join(dims)}), "
+                         f"got shape {a.shape}")
+
+
+def device_array(xp, name, a, shape, dtype):
+    """``a`` as a C-contiguous ``xp`` array, after checking its type, dtype and shape."""
+    _ndarray(xp, name, a)
     if a.dtype != dtype:
         raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} (the dtype of x)")
     if tuple(a.shape) != tuple(shape):
@@ -38,18 +46,11 @@ def device_array(xp, name, a, shape, dtype):
 
 def forward(xp, cell, x, states, w_ih, w_hh, b_ih, b_hh):
     """Check the forward arguments of ``cell``; return contiguous copies and ``(T, B, I, H)``."""
-    if not isinstance(x, xp.ndarray):
-        raise TypeError(f"x must be a {xp.__name__}.ndarray, got {type(x).__name__}")
-    if x.ndim != 3:
-        raise ValueError(f"x must have 3 dimensions (T, B, I), got shape {x.shape}")
+    _ndarray(xp, "x", x, ("T", "B", "I"))
     suffix(x.dtype)
     T, B, I = x.shape
-    h0 = states[0]
-    if not isinstance(h0, xp.ndarray):
-        raise TypeError(f"h0 must be a {xp.__name__}.ndarray, got {type(h0).__name__}")
-    if h0.ndim != 2:
-        raise ValueError(f"h0 must have 2 dimensions (B, H), got shape {h0.shape}")
-    H = h0.shape[1]
+    _ndarray(xp, "h0", states[0], ("B", "H"))
+    H = states[0].shape[1]
     G = gate_count(cell) * H
     names = ("h0", "c0")[:state_count(cell)]
     states = tuple(device_array(xp, n, s, (B, H), x.dtype) for n, s in zip(names, states))
