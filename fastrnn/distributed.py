@@ -214,6 +214,10 @@ class DataParallel:
 
     def broadcast_params(self, root=0):
         """Copy rank ``root``'s parameters into every rank's arrays, in place (collective)."""
+        if (isinstance(root, bool) or not isinstance(root, numbers.Integral)
+                or not 0 <= root < self.size):
+            raise ValueError(f"root must be a rank in [0, {self.size}), got {root!r}")
+        self._check_plan("params")
         for b in self._buckets:
             values = b.buffer[:b.n_grads]
             if self.rank == root:
@@ -248,6 +252,7 @@ class DataParallel:
             w = float(weight)
             if not (np.isfinite(w) and w > 0):
                 raise ValueError(f"weight must be finite and > 0, got {weight!r}")
+        self._check_plan("grads")
         bad_keys = []
         for b in self._buckets:
             values = b.buffer[:b.n_grads]
@@ -302,6 +307,18 @@ class DataParallel:
         return all(d == digests[0] for d in digests)
 
     # ------------------------------------------------------------ helpers
+
+    def _check_plan(self, which):
+        """The models still match the buckets (a ``to(dtype=...)`` since would not): local,
+        before any communication, so a mismatch raises and changes nothing."""
+        for b in self._buckets:
+            for i, name, _, size in b.entries:
+                a = getattr(self.models[i], which).get(name)
+                if a is None or a.size != size or np.dtype(a.dtype) != b.dtype:
+                    got = "missing" if a is None else f"{np.dtype(a.dtype)} of {a.size} values"
+                    raise ValueError(f"models[{i}].{which}[{name!r}] is {got}, but this "
+                                     f"DataParallel was built for {b.dtype} of {size} values: "
+                                     f"build a new one after changing the models")
 
     def _in_place(self):
         from mpi4py import MPI

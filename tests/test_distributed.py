@@ -185,6 +185,8 @@ def test_argument_errors_name_the_argument(ranks):
     assert errors["comm"].startswith("TypeError: comm")
     assert errors["weight_zero"].startswith("ValueError: weight")
     assert errors["weight_str"].startswith("TypeError: weight")
+    assert errors["root"].startswith("ValueError: root must be a rank in [0, 2)")
+    assert errors["stale"].startswith("ValueError: models[1].grads['weight_ih_l0'] is float64")
 
 
 # ------------------------------------------------------------------ the example

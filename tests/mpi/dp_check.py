@@ -180,6 +180,17 @@ def run(comm, out_dir):
             errors[label] = None
         except (TypeError, ValueError) as exc:
             errors[label] = f"{type(exc).__name__}: {exc}"
+    try:
+        dp.broadcast_params(root=size)
+        errors["root"] = None
+    except ValueError as exc:
+        errors["root"] = f"{type(exc).__name__}: {exc}"
+    dp.models[1].to(dtype=np.float64)          # the buckets were planned for float32
+    try:
+        dp.allreduce_grads()
+        errors["stale"] = None
+    except ValueError as exc:
+        errors["stale"] = f"{type(exc).__name__}: {exc}"
     res["errors"] = errors
 
     # Small buckets: many Allreduce calls, same result as one.
