@@ -84,7 +84,7 @@ def test_matches_in_memory_call_on_local_cluster(client, kind):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+@pytest.mark.parametrize("scheduler", ["sync", "threads", "processes"])
 def test_numba_float32_batch_first_on_local_schedulers(scheduler):
     dask_or_skip()
     import dask
