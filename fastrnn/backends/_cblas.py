@@ -109,3 +109,29 @@ def _make_gemm_call(width):
 
 gemm_call_ilp64 = _make_gemm_call(64)
 gemm_call_lp64 = _make_gemm_call(32)
+
+
+def _thread_control():
+    """OpenBLAS's (get, set) number-of-threads functions in the library that holds
+    ``?gemm``, or (None, None) for another BLAS."""
+    for host, module_name in _HOSTS:
+        try:
+            handle = ctypes.CDLL(importlib.import_module(module_name).__file__)
+        except (ImportError, OSError):
+            continue
+        for get_name, set_name in (("scipy_openblas_get_num_threads64_",
+                                    "scipy_openblas_set_num_threads64_"),
+                                   ("openblas_get_num_threads", "openblas_set_num_threads"),
+                                   ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads")):
+            try:
+                get, put = getattr(handle, get_name), getattr(handle, set_name)
+            except AttributeError:
+                continue
+            get.restype, get.argtypes = ctypes.c_int, []
+            put.restype, put.argtypes = None, [ctypes.c_int]
+            return get, put
+    return None, None
+
+
+#: OpenBLAS's thread count, read and set process-wide (None where the BLAS is not OpenBLAS).
+blas_get_threads, blas_set_threads = _thread_control()

@@ -18,14 +18,19 @@ float32 activations use the vectorizable approximations of
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import itertools
+import os
+import threading
 
 import numba
 import numpy as np
 
 from . import CELLS, KERNEL_OPTIONS, gate_count, state_count
-from ._cblas import SGEMM, TRANS, NO_TRANS, gemm_call_ilp64, gemm_call_lp64, gemm_for
+from ._cblas import (NO_TRANS, SGEMM, TRANS, blas_get_threads, blas_set_threads, gemm_call_ilp64,
+                     gemm_call_lp64, gemm_for)
 from ._numba_math import FASTMATH, sigmoid, tanh
 
 xp = np
@@ -200,6 +205,83 @@ def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias, rows_hh=None):
     return d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh
 
 
+# -------------------------------------------------- threads over batch rows
+
+# Batch rows are independent in a time loop, forward and backward: split across
+# T threads, each runs the whole loop over its own rows, with single-threaded
+# GEMMs, and nothing meets until the end. One multi-threaded GEMM per step
+# instead makes the threads meet twice per step and runs the fused pointwise
+# pass on one core. The loops release the GIL (nogil), so plain Python threads
+# run them in parallel.
+
+#: Rows per thread below which a loop is not split.
+MIN_ROWS_PER_THREAD = 4
+#: Multiply-adds of the recurrent GEMMs (T * B * G * H) below which a loop is
+#: not split: handing work to a thread costs tens of microseconds.
+MIN_SPLIT_WORK = 1 << 21
+#: Threads a loop may use; None means the BLAS's own thread count.
+row_threads = None
+
+_pool = None
+_pool_lock = threading.Lock()
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved = None
+
+
+def _threads_for(B, work):
+    if blas_set_threads is None:       # another BLAS: its threads cannot be set to 1
+        return 1
+    threads = row_threads if row_threads is not None else \
+        (_blas_saved if _blas_users else blas_get_threads())
+    return max(1, min(threads, B // MIN_ROWS_PER_THREAD, 1 if work < MIN_SPLIT_WORK else B))
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """OpenBLAS single-threaded while split loops run (process-wide: its thread count
+    is one global), restored when the last of them ends."""
+    global _blas_users, _blas_saved
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_saved = blas_get_threads()
+            blas_set_threads(1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                blas_set_threads(_blas_saved)
+
+
+def _executor():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="fastrnn")
+        return _pool
+
+
+def _over_rows(loop, B, work, *args):
+    """Run ``loop(*args, b0, b1)`` over the batch rows [0, B), split over threads."""
+    P = _threads_for(B, work)
+    if P == 1:
+        loop(*args, 0, B)
+        return
+    bounds = [B * i // P for i in range(P + 1)]
+    with _single_threaded_blas():
+        pool = _executor()
+        futures = [pool.submit(loop, *args, bounds[i], bounds[i + 1]) for i in range(1, P)]
+        try:
+            loop(*args, 0, bounds[1])
+        finally:
+            for f in futures:
+                f.result()
+
+
 # Index of the state before / after step t (k-th step processed): time order with
 # offset r in training, ping-pong in inference.
 @_jit
@@ -240,7 +322,8 @@ def _add_row(src, dst):
 # ------------------------------------------------------------- vanilla RNN
 
 @_jit
-def _rnn_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training, relu, hs, out):
+def _rnn_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training, relu, hs, out,
+                      b0, b1):
     T, B, H = xw.shape
     r = 1 if reverse else 0
     a = np.empty((B, H), dtype=xw.dtype)
@@ -248,8 +331,8 @@ def _rnn_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training,
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r, training)
         h_prev, h_new = hs[prev], hs[new]
-        _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
-        for b in range(B):
+        _mm(gemm, h_prev[b0:b1], False, w_hh, trans_w, a[b0:b1], 0.0)
+        for b in range(b0, b1):
             if t < lengths[b]:
                 for j in range(H):
                     v = a[b, j] + xw[t, b, j] + bias[j]
@@ -261,14 +344,14 @@ def _rnn_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training,
 
 
 @_jit
-def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
+def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a, b0, b1):
     T, B, H = d_out.shape
     r = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
     for k in range(T):
         t = k if reverse else T - 1 - k
         h_new = hs[t + 1 - r]
-        for b in range(B):
+        for b in range(b0, b1):
             if t < lengths[b]:
                 for j in range(H):
                     dh = d_out[t, b, j] + d_h[b, j]
@@ -279,8 +362,8 @@ def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a):
                         d_a[t, b, j] = dh * (1 - hv * hv)
             else:
                 _zero_row(d_a[t, b])
-        _mm(gemm, d_a[t], False, w_hh, False, tmp, 0.0)
-        for b in range(B):
+        _mm(gemm, d_a[t][b0:b1], False, w_hh, False, tmp[b0:b1], 0.0)
+        for b in range(b0, b1):
             if t < lengths[b]:
                 _copy_row(tmp[b], d_h[b])
 
@@ -294,8 +377,9 @@ def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
     out = np.empty((T, B, H), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _rnn_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
-                      training, relu, hs, out)
+    _over_rows(_rnn_forward_loop, B, T * B * H * H,
+               gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
+               training, relu, hs, out)
     cache = None
     if training:
         cache = (x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu)
@@ -308,8 +392,9 @@ def _rnn_backward(d_out, d_h_n, cache):
     r = int(reverse)
     d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
-    _rnn_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, w_hh, full, reverse,
-                       relu, hs, d_a)
+    _over_rows(_rnn_backward_loop, B, T * B * w_hh.size,
+               gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, w_hh, full, reverse,
+               relu, hs, d_a)
     grads = _param_grads(d_a, d_a, x, hs[r:T + r], w_ih, has_bias)
     return (grads[0], d_h) + grads[1:]
 
@@ -354,7 +439,7 @@ def _lstm_row(a, x, bias, c_prev, c_new, h_new, H):
 
 @_jit
 def _lstm_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training, hs, cs, out,
-                       gates):
+                       gates, b0, b1):
     T, B, G = xw.shape
     H = G // 4
     r = 1 if reverse else 0
@@ -365,8 +450,8 @@ def _lstm_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training
         h_prev, c_prev, h_new, c_new = hs[prev], cs[prev], hs[new], cs[new]
         # In training the recurrent GEMM writes straight into this step's cache rows.
         a = gates[t] if training else scratch
-        _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
-        for b in range(B):
+        _mm(gemm, h_prev[b0:b1], False, w_hh, trans_w, a[b0:b1], 0.0)
+        for b in range(b0, b1):
             if t < lengths[b]:
                 _lstm_row(a[b], xw[t, b], bias, c_prev[b], c_new[b], h_new[b], H)
                 _copy_row(h_new[b], out[t, b])
@@ -390,21 +475,21 @@ def _lstm_backward_row(g, c_prev, c_new, d_out, d_h, d_c, d_a, H):
 
 
 @_jit
-def _lstm_backward_loop(gemm, d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, d_a):
+def _lstm_backward_loop(gemm, d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, d_a, b0, b1):
     T, B, H = d_out.shape
     r = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
     for k in range(T):
         t = k if reverse else T - 1 - k
         c_prev, c_new = cs[t + r], cs[t + 1 - r]
-        for b in range(B):
+        for b in range(b0, b1):
             if t < lengths[b]:
                 _lstm_backward_row(gates[t, b], c_prev[b], c_new[b], d_out[t, b], d_h[b], d_c[b],
                                    d_a[t, b], H)
             else:
                 _zero_row(d_a[t, b])
-        _mm(gemm, d_a[t], False, w_hh, False, tmp, 0.0)
-        for b in range(B):
+        _mm(gemm, d_a[t][b0:b1], False, w_hh, False, tmp[b0:b1], 0.0)
+        for b in range(b0, b1):
             if t < lengths[b]:
                 _copy_row(tmp[b], d_h[b])
 
@@ -420,8 +505,9 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     out = np.empty((T, B, H), dtype=x.dtype)
     gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _lstm_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
-                       training, hs, cs, out, gates)
+    _over_rows(_lstm_forward_loop, B, T * B * w_hh.size,
+               gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
+               training, hs, cs, out, gates)
     cache = None
     if training:
         cache = (x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse)
@@ -436,8 +522,9 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
     d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
     d_c = d_c_n.astype(x.dtype, copy=True)
-    _lstm_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, d_c, w_hh, full,
-                        reverse, cs, gates, d_a)
+    _over_rows(_lstm_backward_loop, B, T * B * w_hh.size,
+               gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, d_c, w_hh, full,
+               reverse, cs, gates, d_a)
     grads = _param_grads(d_a, d_a, x, hs[r:T + r], w_ih, has_bias)
     return (grads[0], d_h, d_c) + grads[1:]
 
@@ -463,7 +550,7 @@ def _gru_row(a, x, bias, b_hn, h_prev, h_new, hn_out, H):
 
 @_jit
 def _gru_forward_loop(gemm, xw, bias, w_hh, trans_w, b_hn, lengths, reverse, training, hs, out,
-                      gates, hns):
+                      gates, hns, b0, b1):
     """reset_after=True: per step one GEMM h W_hh^T, then the gates."""
     T, B, G = xw.shape
     H = G // 3
@@ -475,8 +562,8 @@ def _gru_forward_loop(gemm, xw, bias, w_hh, trans_w, b_hn, lengths, reverse, tra
         prev, new = _slots(t, k, r_, training)
         h_prev, h_new = hs[prev], hs[new]
         a, hn = (gates[t], hns[t]) if training else (scratch, scratch_hn)
-        _mm(gemm, h_prev, False, w_hh, trans_w, a, 0.0)
-        for b in range(B):
+        _mm(gemm, h_prev[b0:b1], False, w_hh, trans_w, a[b0:b1], 0.0)
+        for b in range(b0, b1):
             if t < lengths[b]:
                 _gru_row(a[b], xw[t, b], bias, b_hn, h_prev[b], h_new[b], hn[b], H)
                 _copy_row(h_new[b], out[t, b])
@@ -486,7 +573,7 @@ def _gru_forward_loop(gemm, xw, bias, w_hh, trans_w, b_hn, lengths, reverse, tra
 
 @_jit
 def _gru_forward_loop_reset_before(gemm, xw, bias, w_hrz, w_hn, trans_w, lengths, reverse, training,
-                                   hs, out, gates):
+                                   hs, out, gates, b0, b1):
     """reset_after=False: GEMM for r, z; then (r * h) W_hn^T for n."""
     T, B, G = xw.shape
     H = G // 3
@@ -499,8 +586,8 @@ def _gru_forward_loop_reset_before(gemm, xw, bias, w_hrz, w_hn, trans_w, lengths
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r_, training)
         h_prev, h_new = hs[prev], hs[new]
-        _mm(gemm, h_prev, False, w_hrz, trans_w, a_rz, 0.0)
-        for b in range(B):
+        _mm(gemm, h_prev[b0:b1], False, w_hrz, trans_w, a_rz[b0:b1], 0.0)
+        for b in range(b0, b1):
             for j in range(H):
                 r = sigmoid(a_rz[b, j] + xw[t, b, j] + bias[j])
                 zs[b, j] = sigmoid(a_rz[b, H + j] + xw[t, b, H + j] + bias[H + j])
@@ -508,8 +595,8 @@ def _gru_forward_loop_reset_before(gemm, xw, bias, w_hrz, w_hn, trans_w, lengths
                 if training:
                     gates[t, b, j] = r
                     gates[t, b, H + j] = zs[b, j]
-        _mm(gemm, rh, False, w_hn, trans_w, a_n, 0.0)
-        for b in range(B):
+        _mm(gemm, rh[b0:b1], False, w_hn, trans_w, a_n[b0:b1], 0.0)
+        for b in range(b0, b1):
             if t < lengths[b]:
                 for j in range(H):
                     n = tanh(xw[t, b, 2 * H + j] + bias[2 * H + j] + a_n[b, j])
@@ -542,29 +629,30 @@ def _gru_backward_row(g, hn, h_prev, d_out, d_h, d_ax, d_ah, H):
 
 
 @_jit
-def _gru_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x, d_a_h):
+def _gru_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x, d_a_h,
+                       b0, b1):
     T, B, H = d_out.shape
     rv = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
     for k in range(T):
         t = k if reverse else T - 1 - k
         h_prev = hs[t + rv]
-        for b in range(B):
+        for b in range(b0, b1):
             if t < lengths[b]:
                 _gru_backward_row(gates[t, b], hns[t, b], h_prev[b], d_out[t, b], d_h[b],
                                   d_a_x[t, b], d_a_h[t, b], H)
             else:
                 _zero_row(d_a_x[t, b])
                 _zero_row(d_a_h[t, b])
-        _mm(gemm, d_a_h[t], False, w_hh, False, tmp, 0.0)
-        for b in range(B):
+        _mm(gemm, d_a_h[t][b0:b1], False, w_hh, False, tmp[b0:b1], 0.0)
+        for b in range(b0, b1):
             if t < lengths[b]:
                 _add_row(tmp[b], d_h[b])
 
 
 @_jit
 def _gru_backward_loop_reset_before(gemm, d_out, d_h, w_hrz, w_hn, lengths, reverse, hs, gates,
-                                    d_a):
+                                    d_a, b0, b1):
     T, B, H = d_out.shape
     rv = 1 if reverse else 0
     d_an = np.empty((B, H), dtype=d_out.dtype)
@@ -575,7 +663,7 @@ def _gru_backward_loop_reset_before(gemm, d_out, d_h, w_hrz, w_hn, lengths, reve
     for k in range(T):
         t = k if reverse else T - 1 - k
         h_prev = hs[t + rv]
-        for b in range(B):
+        for b in range(b0, b1):
             active = t < lengths[b]
             for j in range(H):
                 z, n = gates[t, b, H + j], gates[t, b, 2 * H + j]
@@ -587,15 +675,15 @@ def _gru_backward_loop_reset_before(gemm, d_out, d_h, w_hrz, w_hn, lengths, reve
                     d_an[b, j] = 0
                     d_arz[b, H + j] = 0
                 direct[b, j] = dh * z
-        _mm(gemm, d_an, False, w_hn, False, d_rh, 0.0)
-        for b in range(B):
+        _mm(gemm, d_an[b0:b1], False, w_hn, False, d_rh[b0:b1], 0.0)
+        for b in range(b0, b1):
             active = t < lengths[b]
             for j in range(H):
                 r = gates[t, b, j]
                 d_arz[b, j] = d_rh[b, j] * h_prev[b, j] * r * (1 - r) if active else 0.0
                 direct[b, j] += d_rh[b, j] * r
-        _mm(gemm, d_arz, False, w_hrz, False, tmp, 0.0)
-        for b in range(B):
+        _mm(gemm, d_arz[b0:b1], False, w_hrz, False, tmp[b0:b1], 0.0)
+        for b in range(b0, b1):
             for j in range(2 * H):
                 d_a[t, b, j] = d_arz[b, j]
             for j in range(H):
@@ -622,15 +710,17 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
         b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
         hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
-        _gru_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), b_hn, full,
-                          reverse, training, hs, out, gates, hns)
+        _over_rows(_gru_forward_loop, B, T * B * w_hh.size,
+                   gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), b_hn, full,
+                   reverse, training, hs, out, gates, hns)
     else:
         xw = _project(x, w_ih)
         bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
         w_hrz, trans_w = _recurrent_weight(w_hh[:2 * H], B, T)
         w_hn, _ = _recurrent_weight(w_hh[2 * H:], B, T)
-        _gru_forward_loop_reset_before(gemm_for(x.dtype), xw, bias, w_hrz, w_hn, trans_w, full,
-                                       reverse, training, hs, out, gates)
+        _over_rows(_gru_forward_loop_reset_before, B, T * B * w_hh.size,
+                   gemm_for(x.dtype), xw, bias, w_hrz, w_hn, trans_w, full,
+                   reverse, training, hs, out, gates)
     cache = None
     if training:
         cache = (x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, reset_after)
@@ -649,14 +739,15 @@ def gru_backward(d_out, d_h_n, cache):
     if reset_after:
         d_a_x = np.empty((T, B, 3 * H), dtype=x.dtype)
         d_a_h = np.empty((T, B, 3 * H), dtype=x.dtype)
-        _gru_backward_loop(gemm_for(x.dtype), d_out, d_h, w_hh, full, reverse, hs, gates, hns,
-                           d_a_x, d_a_h)
+        _over_rows(_gru_backward_loop, B, T * B * w_hh.size,
+                   gemm_for(x.dtype), d_out, d_h, w_hh, full, reverse, hs, gates, hns,
+                   d_a_x, d_a_h)
         grads = _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias)
     else:
         d_a = np.empty((T, B, 3 * H), dtype=x.dtype)
-        _gru_backward_loop_reset_before(gemm_for(x.dtype), d_out, d_h, w_hh[:2 * H], w_hh[2 * H:],
-                                        full, reverse,
-                                        hs, gates, d_a)
+        _over_rows(_gru_backward_loop_reset_before, B, T * B * w_hh.size,
+                   gemm_for(x.dtype), d_out, d_h, w_hh[:2 * H], w_hh[2 * H:],
+                   full, reverse, hs, gates, d_a)
         grads = _param_grads(d_a, d_a, x, h_prev, w_ih, has_bias, rows_hh=2 * H)
         # n's recurrent GEMM input is r * h_{t-1}.
         rh = (gates[:, :, :H] * h_prev).reshape(T * B, H)
