@@ -56,38 +56,39 @@ def test_from_keras_matches_keras(kind, kw, grads):
     x = rng.standard_normal((B, T, I)).astype(np.float32)
     layer.build(x.shape)
     random_weights(keras, layer, 1)
-    expected = [np.asarray(a) for a in layer(x)]
     m = fastrnn.from_keras(layer)
     assert m.batch_first and m.reverse == kw.get("go_backwards", False)
-    out, s_n = m(x)
-    s_n = s_n if isinstance(s_n, tuple) else (s_n,)
+    w = rng.standard_normal((B, T, H)).astype(np.float32)
     # Keras returns a go_backwards layer's sequence in processing order: flipped in time.
-    keras_out = out[:, ::-1] if m.reverse else out
-    np.testing.assert_allclose(keras_out, expected[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(s_n, expected[1:]):
-        np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-5)
-    if not grads:
-        return
-
-    # Gradients: jax's autodiff of Keras' own layer, for L = sum(out * w).
-    w = rng.standard_normal(out.shape).astype(np.float32)
     w_keras = w[:, ::-1] if m.reverse else w
+
+    # Keras' own layer, and jax's autodiff of it for L = sum(out * w): one compilation.
     tv = [v.value for v in layer.trainable_variables]
     ntv = [v.value for v in layer.non_trainable_variables]
 
     def loss(x, tv):
-        return (layer.stateless_call(tv, ntv, x)[0][0] * w_keras).sum()
+        outs = layer.stateless_call(tv, ntv, x)[0]
+        return (outs[0] * w_keras).sum(), outs
 
-    d_x, d_tv = jax.grad(loss, argnums=(0, 1))(x, tv)
+    if grads:
+        (_, expected), (d_x, d_tv) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                                                has_aux=True))(x, tv)
+    else:
+        _, expected = jax.jit(loss)(x, tv)
+    out, s_n = m(x)
+    s_n = s_n if isinstance(s_n, tuple) else (s_n,)
+    np.testing.assert_allclose(out[:, ::-1] if m.reverse else out, np.asarray(expected[0]),
+                               rtol=1e-5, atol=1e-5)
+    for a, b in zip(s_n, expected[1:]):
+        np.testing.assert_allclose(a[0], np.asarray(b), rtol=1e-5, atol=1e-5)
+    if not grads:
+        return
     ours, _ = m.backward(w)
     np.testing.assert_allclose(ours, np.asarray(d_x), rtol=1e-4, atol=1e-5)
     perm = KERAS[kind]
-    np.testing.assert_allclose(m.grads["weight_ih_l0"], to_torch_order(np.asarray(d_tv[0]).T,
-                                                                       perm), rtol=1e-4,
-                               atol=1e-5)
-    np.testing.assert_allclose(m.grads["weight_hh_l0"], to_torch_order(np.asarray(d_tv[1]).T,
-                                                                       perm), rtol=1e-4,
-                               atol=1e-5)
+    for name, d_kernel in (("weight_ih_l0", d_tv[0]), ("weight_hh_l0", d_tv[1])):
+        np.testing.assert_allclose(m.grads[name], to_torch_order(np.asarray(d_kernel).T, perm),
+                                   rtol=1e-4, atol=1e-5)
     if m.bias:
         d_b = np.asarray(d_tv[2])
         d_b_ih = d_b[0] if d_b.ndim == 2 else d_b
