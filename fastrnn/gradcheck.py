@@ -143,8 +143,13 @@ def gradcheck(model, x, hx=None, lengths=None, *, eps=1e-6, atol=1e-7, rtol=1e-5
     w_out = xp.asarray(rng.standard_normal(out.shape))
     w_states = tuple(xp.asarray(rng.standard_normal(s.shape)) for s in states)
 
+    # The loss runs in eval mode (nothing recorded), unless train mode computes
+    # something else (dropout masks; a caller holds them fixed to check them).
+    stochastic = bool(getattr(m, "dropout", 0))
+
     def loss():
-        o, s = m.eval()(x, hx if is_pair else hx[0], lengths)
+        o, s = (m.train() if stochastic else m.eval())(x, hx if is_pair else hx[0], lengths)
+        m._forget()
         s = s if is_pair else (s,)
         total = float((o * w_out).sum())
         for si, wi in zip(s, w_states):

@@ -8,31 +8,43 @@ walk layers and directions, and call the backend's single-layer kernels
 from __future__ import annotations
 
 import functools
+import numbers
+import warnings
 
 import numpy as np
 
 from . import backends
-from ._module import _check_bool, _check_positive_int
+from ._module import _check_bool, _check_positive_int, _rng
 from ._recurrent import Recurrent, direction_suffix, rnn_kind
 
 class _Pending:
     """What a train-mode forward leaves for backward."""
 
-    __slots__ = ("caches", "shape_out", "batched", "T", "B", "padded")
+    __slots__ = ("caches", "shape_out", "batched", "T", "B", "padded", "masks")
 
-    def __init__(self, caches, shape_out, batched, T, B, padded=None):
+    def __init__(self, caches, shape_out, batched, T, B, padded=None, masks=()):
         self.caches, self.shape_out, self.batched, self.T, self.B = caches, shape_out, batched, T, B
         #: (T, B) bool, True at padded steps; None without lengths.
         self.padded = padded
+        #: Dropout masks (scaled by 1 / (1 - p)) applied to the outputs of layers
+        #: 0 .. L-2, in order; empty without dropout.
+        self.masks = masks
 
 
 class _RNNBase(Recurrent):
     """Shared machinery of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, *, bias=True,
-                 batch_first=False, bidirectional=False, reverse=False, backend="auto",
-                 dtype=np.float32, seed=None, **options):
+                 batch_first=False, bidirectional=False, reverse=False, dropout=0.0,
+                 backend="auto", dtype=np.float32, seed=None, **options):
         self.num_layers = _check_positive_int("num_layers", num_layers)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or \
+                not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn("dropout acts between layers: with num_layers=1 it does nothing "
+                          f"(dropout={self.dropout}, num_layers=1)", UserWarning, stacklevel=3)
         self.batch_first = _check_bool("batch_first", batch_first)
         self.bidirectional = _check_bool("bidirectional", bidirectional)
         #: A single direction that runs backward in time (ONNX direction="reverse",
@@ -43,6 +55,13 @@ class _RNNBase(Recurrent):
             raise ValueError("reverse=True runs one direction backward in time; it cannot be "
                              "combined with bidirectional=True")
         super().__init__(cell, input_size, hidden_size, bias, backend, dtype, seed, **options)
+        # A stream of its own, reproducible from ``seed`` but apart from the weights'.
+        self.seed_dropout(None if seed is None else np.random.SeedSequence(seed).spawn(1)[0])
+
+    def seed_dropout(self, seed=None):
+        """Reseed the generator of the dropout masks (``seed``: what numpy's
+        ``default_rng`` takes; None draws fresh entropy)."""
+        self._dropout_rng = _rng(seed)
 
     # ------------------------------------------------------------ structure
 
@@ -73,6 +92,8 @@ class _RNNBase(Recurrent):
         fields = {"num_layers": self.num_layers} if self.num_layers != 1 else {}
         fields.update({flag: True for flag in ("batch_first", "bidirectional", "reverse")
                        if getattr(self, flag)})
+        if self.dropout:
+            fields["dropout"] = self.dropout
         fields.update(super()._repr_fields())
         return fields
 
@@ -197,9 +218,12 @@ class _RNNBase(Recurrent):
         S, D, H = self._num_states, self.num_directions, self.hidden_size
         states_n = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
                          for _ in range(S))
-        caches = []
+        caches, masks = [], []
         layer_input = x
         for layer in range(self.num_layers):
+            if layer and self.training and self.dropout:
+                layer_input, mask = self._drop(layer_input)
+                masks.append(mask)
             # Both directions write into one (T, B, D*H) output; a single direction
             # run in one call keeps the kernel's own output (no copy).
             layer_out = None if D == 1 and run == self._run_direction else \
@@ -217,9 +241,16 @@ class _RNNBase(Recurrent):
                     s_n[k] = s
             layer_input = out if layer_out is None else layer_out
         out, states_n = self._from_time_major(layer_input, states_n, batched)
-        self._pending = (_Pending(caches, tuple(out.shape), batched, T, B, padded)
+        self._pending = (_Pending(caches, tuple(out.shape), batched, T, B, padded, masks)
                          if self.training else None)
         return out, (states_n if S == 2 else states_n[0])
+
+    def _drop(self, a):
+        """Dropout of a layer's output (train mode): ``(a * mask, mask)``, the mask 0 with
+        probability p and 1 / (1 - p) otherwise, drawn from the layer's generator."""
+        keep = self._dropout_rng.random(a.shape) >= self.dropout
+        mask = self._xp.asarray((keep / (1.0 - self.dropout)).astype(self.dtype))
+        return a * mask, mask
 
     def _to_time_major(self, seq, batched):
         """A (T, B, .) view of the caller's ``x`` or ``d_out`` (batch-first or unbatched)."""
@@ -351,6 +382,8 @@ class _RNNBase(Recurrent):
                 for name, g in zip(names, result[1 + S:]):
                     new_grads[name] = g
             d_layer = d_input
+            if layer:
+                d_layer = d_layer * pending.masks[layer - 1] if pending.masks else d_layer
         # Everything succeeded: now, and only now, change the layer's state.
         for name, g in new_grads.items():
             self.grads[name] += g
@@ -368,10 +401,10 @@ class RNN(_RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", *,
                  bias=True, batch_first=False, bidirectional=False, reverse=False,
-                 backend="auto", dtype=np.float32, seed=None):
+                 dropout=0.0, backend="auto", dtype=np.float32, seed=None):
         super().__init__(rnn_kind(nonlinearity), input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
-                         backend=backend, dtype=dtype, seed=seed)
+                         dropout=dropout, backend=backend, dtype=dtype, seed=seed)
         self.nonlinearity = nonlinearity
 
 
@@ -383,11 +416,11 @@ class LSTM(_RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, reverse=False, backend="auto", dtype=np.float32,
-                 seed=None):
+                 bidirectional=False, reverse=False, dropout=0.0, backend="auto",
+                 dtype=np.float32, seed=None):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
-                         backend=backend, dtype=dtype, seed=seed)
+                         dropout=dropout, backend=backend, dtype=dtype, seed=seed)
 
 
 class GRU(_RNNBase):
@@ -399,11 +432,12 @@ class GRU(_RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, reverse=False, backend="auto", dtype=np.float32,
-                 seed=None, reset_after=True):
+                 bidirectional=False, reverse=False, dropout=0.0, backend="auto",
+                 dtype=np.float32, seed=None, reset_after=True):
         super().__init__("gru", input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
-                         backend=backend, dtype=dtype, seed=seed, reset_after=reset_after)
+                         dropout=dropout, backend=backend, dtype=dtype, seed=seed,
+                         reset_after=reset_after)
 
     @property
     def reset_after(self) -> bool:
