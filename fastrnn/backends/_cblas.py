@@ -114,7 +114,7 @@ gemm_call_lp64 = _make_gemm_call(32)
 def _thread_control():
     """OpenBLAS's (get, set) number-of-threads functions in the library that holds
     ``?gemm``, or (None, None) for another BLAS."""
-    for host, module_name in _HOSTS:
+    for _, module_name in _HOSTS:
         try:
             handle = ctypes.CDLL(importlib.import_module(module_name).__file__)
         except (ImportError, OSError):
