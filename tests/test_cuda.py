@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ import pytest
 
 import fastrnn
 from fastrnn.backends import cuda, reference
-from fastrnn.backends.cuda import checks, loader, runtime
+from fastrnn.backends.cuda import _cupy, checks, loader, runtime
 
 CSRC = cuda.csrc_dir()
 UNITS = sorted(set(cuda.UNITS.values()))
@@ -41,8 +42,10 @@ HAS_GPU = "cuda" in fastrnn.backends.available()
 gpu = pytest.mark.skipif(not HAS_GPU, reason=f"no cuda backend here: "
                          f"{fastrnn.backends.why_absent().get('cuda')}")
 
-# (cell, gru reset_after) pairs: every kernel path.
-CASES = [("rnn_tanh", None), ("rnn_relu", None), ("lstm", None), ("gru", True), ("gru", False)]
+# (cell, reset_after) pairs, None for a cell without that option: every kernel path.
+CASES = [(cell, reset_after) for cell in fastrnn.backends.CELLS
+         for reset_after in ((True, False) if "reset_after" in
+                             fastrnn.backends.KERNEL_OPTIONS.get(cell, {}) else (None,))]
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
 
@@ -271,6 +274,75 @@ def test_loader_takes_the_fatbin_only_where_it_has_code_for_the_device(tmp_path,
     got = loader.load("lstm", "90", FakeRawModule)
     assert "(the fatbin failed to load: RuntimeError: no binary for GPU)" in got.origin
     assert sorted(got.functions) == sorted(cuda.kernel_names("lstm"))
+
+
+class FakeCupy:
+    """What the loader uses of CuPy: the current device, RawModule, and CuPy's memoizer
+    (``cupy.memoize``: one entry per argument and, with for_each_device, per device)."""
+
+    RawModule = FakeRawModule
+
+    def __init__(self):
+        self.current = types.SimpleNamespace(id=0, compute_capability="90")
+        self.cuda = types.SimpleNamespace(Device=lambda: self.current)
+
+    def memoize(self, for_each_device=False):
+        assert for_each_device, "the loader's modules belong to one device"
+
+        def decorate(function):
+            memo = {}
+
+            def memoized(*args):
+                key = (self.current.id, args)
+                if key not in memo:
+                    memo[key] = function(*args)
+                return memo[key]
+            return memoized
+        return decorate
+
+
+def test_loader_memoizes_one_module_per_unit_and_device(tmp_path, monkeypatch):
+    if CSRC is None:
+        pytest.skip("csrc/ not found")
+    for source in CSRC.glob("*.cu*"):
+        shutil.copy(source, tmp_path / source.name)
+    (tmp_path / "fastrnn_lstm.fatbin").write_bytes(b"")
+    fake = FakeCupy()
+    for module in (_cupy, loader):
+        monkeypatch.setattr(module, "cupy", fake)
+    monkeypatch.setattr(loader, "csrc_dir", lambda: tmp_path)
+    monkeypatch.setattr(loader, "_origins", {})
+    # loader.loaded as it is decorated where CuPy is installed, here with the fake
+    loaded = _cupy.per_device(getattr(loader.loaded, "__wrapped__", loader.loaded))
+    on_0 = loaded("lstm")
+    assert loaded("lstm") is on_0 and on_0.origin.startswith("fatbin")
+    fake.current = types.SimpleNamespace(id=1, compute_capability="75")
+    on_1 = loaded("lstm")
+    assert on_1 is not on_0 and "no sm_75 code" in on_1.origin
+    assert loaded("gru") is not on_1
+    assert sorted(loader.origins()) == [(0, "lstm"), (1, "gru"), (1, "lstm")]
+
+
+def test_cupy_runtime_launches_a_stepwise_kernel_once_found(monkeypatch):
+    """CuPy's launcher: the kernel of the current device found when the sequence starts, a
+    grid of ceil(n / 256) blocks (at most 65535: the kernels loop with a grid stride), and
+    C ints passed as int32."""
+    name = "fastrnn_rnn_tanh_bwd_f32"
+    calls, found = [], []
+    kernel = lambda grid, block, args: calls.append((grid, block, args))  # noqa: E731
+    monkeypatch.setattr(loader, "loaded", lambda unit: (
+        found.append(unit), loader.LoadedUnit({name: kernel}, "test"))[1])
+    rt = runtime.CupyRuntime()
+    step = rt.kernel("rnn", name, 300)
+    a = np.zeros(3, np.float32)
+    for t in range(3):
+        step(t, a)
+    assert found == ["rnn"] and [c[:2] for c in calls] == [((2,), (256,))] * 3
+    assert [type(c[2][0]) for c in calls] == [np.int32] * 3 and calls[2][2][1] is a
+    rt.kernel("rnn", name, 10 ** 9)(0, a)
+    assert calls[-1][0] == (65535,)
+    rt.kernel("rnn", name, 0)(0, a)   # no elements: no launch
+    assert len(calls) == 4
 
 
 def test_units_and_kernel_names_come_from_the_registry():

@@ -56,8 +56,7 @@ choice of algorithm, :func:`persistent_plan` for the current device and :func:`i
 
 from __future__ import annotations
 
-from . import loader, loops, runtime
-from ._cupy import cupy as _cupy
+from . import _cupy, loader, loops, runtime
 from .loader import FATBIN_ARCHS, UNITS, csrc_dir, kernel_names, nvrtc_source
 from .planner import PersistentLimits, PersistentPlan
 from .planner import persistent_plan as _persistent_plan
@@ -72,7 +71,7 @@ __all__ = [
 ]
 
 #: The array module of this backend (``cupy``; ``None`` where CuPy is absent).
-xp = _cupy
+xp = _cupy.cupy
 
 
 # ------------------------------------------------------------------ algorithm
@@ -121,7 +120,7 @@ def info(load: bool = False) -> dict:
     result = {
         "available": reason is None,
         "reason": reason,
-        "cupy": getattr(_cupy, "__version__", None),
+        "cupy": getattr(_cupy.cupy, "__version__", None),
         "csrc": str(folder) if folder else None,
         "fatbins": sorted(p.name for p in folder.glob("*.fatbin")) if folder else [],
         "fatbin_archs": [f"sm_{a}" for a in FATBIN_ARCHS] + ["compute_90 (PTX)"],
@@ -129,8 +128,8 @@ def info(load: bool = False) -> dict:
         "algorithm": _algorithm,
     }
     if reason is None:
-        device = _cupy.cuda.Device()
-        props = _cupy.cuda.runtime.getDeviceProperties(device.id)
+        device = _cupy.cupy.cuda.Device()
+        props = _cupy.cupy.cuda.runtime.getDeviceProperties(device.id)
         name = props["name"]
         result["device"] = name.decode() if isinstance(name, bytes) else str(name)
         result["compute_capability"] = device.compute_capability
