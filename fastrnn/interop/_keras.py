@@ -58,8 +58,11 @@ def _parse(layer, ignore_dropout, where):
         raise TypeError(f"{where}: dtype={layer.dtype!r}; fastrnn supports float32 and "
                         f"float64")
     cell = layer.cell
-    numpy = keras.ops.convert_to_numpy
-    kernel, recurrent = np.asarray(numpy(cell.kernel)), np.asarray(numpy(cell.recurrent_kernel))
+
+    def numpy(variable):   # through the backend tensor: works with every Keras backend
+        return np.asarray(keras.ops.convert_to_numpy(variable.value))
+
+    kernel, recurrent = numpy(cell.kernel), numpy(cell.recurrent_kernel)
     H = recurrent.shape[0]
     perm = PERM[kind]
     state = {"weight_ih": to_torch_order(kernel.T, perm),
@@ -71,7 +74,7 @@ def _parse(layer, ignore_dropout, where):
     if kind == "gru":
         kwargs["reset_after"] = bool(cfg.get("reset_after", True))
     if use_bias:
-        b = np.asarray(numpy(cell.bias))
+        b = numpy(cell.bias)
         if kind == "gru" and kwargs["reset_after"]:
             b_ih, b_hh = b[0], b[1]
         else:
