@@ -40,6 +40,14 @@ def _numpy(t):
     return np.ascontiguousarray(t.detach().numpy())
 
 
+def _grouped(stack, flat):
+    """torch's flat weight list as numpy (w_ih, w_hh, b_ih, b_hh) per layer and direction."""
+    per = 4 if stack.bias else 2
+    arrays = [_numpy(w) for w in flat]
+    return [tuple(arrays[k:k + per]) + ((None, None) if per == 2 else ())
+            for k in range(0, len(arrays), per)]
+
+
 class _Fused(torch.autograd.Function):
     """Forward and BPTT of a whole stack, one autograd node.
 
@@ -52,18 +60,15 @@ class _Fused(torch.autograd.Function):
     def forward(ctx, stack, lengths, x, *tensors):
         S = stack.S
         states = tuple(_numpy(s) for s in tensors[:S])
-        flat = [_numpy(w) for w in tensors[S:]]
-        per = 4 if stack.bias else 2
-        weights = [tuple(flat[k * per:(k + 1) * per]) + ((None, None) if per == 2 else ())
-                   for k in range(len(flat) // per)]
-        out, finals, caches = _stack_forward(stack, _numpy(x), states, weights, lengths,
+        out, finals, caches = _stack_forward(stack, _numpy(x), states,
+                                             _grouped(stack, tensors[S:]), lengths,
                                              training=True)
         outputs = (torch.from_numpy(out),) + tuple(torch.from_numpy(f) for f in finals)
         ctx.stack, ctx.lengths, ctx.caches = stack, lengths, caches
-        ctx.n_inputs = 1 + len(tensors)
-        # The kernel caches hold numpy views of these tensors: saving them makes
-        # torch raise in backward if any was modified in place after forward.
-        ctx.save_for_backward(x, *tensors, *outputs)
+        # The kernel caches hold numpy views of the inputs: saving them makes torch
+        # raise in backward if any was modified in place after forward. The outputs
+        # are not in the caches: the caller may modify them in place.
+        ctx.save_for_backward(x, *tensors)
         return outputs
 
     @staticmethod
@@ -171,12 +176,8 @@ class _FusedBase:
 
     @staticmethod
     def _infer(stack, lens, x, states, w):
-        per = 4 if stack.bias else 2
-        flat = [_numpy(t) for t in w]
-        weights = [tuple(flat[k * per:(k + 1) * per]) + ((None, None) if per == 2 else ())
-                   for k in range(len(flat) // per)]
         out, finals, _ = _stack_forward(stack, _numpy(x), tuple(_numpy(s) for s in states),
-                                        weights, lens, training=False)
+                                        _grouped(stack, w), lens, training=False)
         return [torch.from_numpy(out)] + [torch.from_numpy(f) for f in finals]
 
     @staticmethod

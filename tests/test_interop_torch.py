@@ -271,6 +271,36 @@ def test_fused_in_place_modification_is_detected():
         out.sum().backward()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_outputs_may_be_modified_in_place(kind):
+    """The outputs are not in the kernels' cache: in-place changes keep gradients right."""
+    torch = torch_or_skip()
+    cls, extra = fused_cls(kind)
+    ref_cls, _ = torch_cls(torch, kind)
+    m = cls(3, 2, 2, **extra).double()
+    ref = ref_cls(3, 2, 2, **extra).double()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    grads = []
+    for mod in (m, ref):
+        xi = x.clone().requires_grad_()
+        out, _ = mod(xi)
+        with torch.no_grad():
+            expected = out.clone() * 3
+        out.mul_(3)
+        torch.testing.assert_close(out.detach(), expected)
+        if mod is ref and kind == "lstm":
+            break          # torch's own LSTM refuses this (it saves its output)
+        out.square().sum().backward()
+        grads.append(xi.grad)
+    if kind != "lstm":
+        torch.testing.assert_close(grads[0], grads[1])
+    else:   # the same loss through torch.nn.LSTM without the in-place change
+        xi = x.clone().requires_grad_()
+        (ref(xi)[0] * 3).square().sum().backward()
+        torch.testing.assert_close(grads[0], xi.grad)
+
+
 def test_fused_rejections_name_the_argument():
     torch = torch_or_skip()
     import fastrnn.torch as ft
