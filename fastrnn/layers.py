@@ -84,12 +84,32 @@ class _RNNBase(Recurrent):
         """Torch's parameter names and shapes, in torch's order."""
         shapes = {}
         for layer, _, _, suffix in self._directions():
-            layer_in = self.input_size if layer == 0 else self.num_directions * self.hidden_size
+            layer_in = self.input_size if layer == 0 else self.num_directions * self._out_size
             shapes.update(self._gate_shapes(suffix, layer_in))
+            if self.proj_size:   # torch's order: the projection after the biases
+                G = self._kind.gates * self.hidden_size
+                shapes["weight_hh" + suffix] = (G, self.proj_size)
+                shapes["weight_hr" + suffix] = (self.proj_size, self.hidden_size)
         return shapes
+
+    def _direction_options(self, suffix) -> dict:
+        """Kernel keywords of one layer and direction: the cell's options, and the
+        projection ``w_hr`` with proj_size."""
+        if not self.proj_size:
+            return self._options
+        return {**self._options, "w_hr": self.params["weight_hr" + suffix]}
+
+    def _grad_names(self, suffix) -> tuple:
+        """Parameter names in the order the backward kernels return their gradients
+        (the bias gradients are None without biases)."""
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        names += ("weight_hr",) if self.proj_size else ()
+        return tuple(n + suffix for n in names)
 
     def _repr_fields(self) -> dict:
         fields = {"num_layers": self.num_layers} if self.num_layers != 1 else {}
+        if self.proj_size:
+            fields["proj_size"] = self.proj_size
         fields.update({flag: True for flag in ("batch_first", "bidirectional", "reverse")
                        if getattr(self, flag)})
         if self.dropout:
@@ -143,17 +163,25 @@ class _RNNBase(Recurrent):
             return None  # every sequence is full: no masking needed
         return self._xp.asarray(host.astype(np.int64))
 
-    def _state_shape(self, B, batched):
-        LD = self.num_layers * self.num_directions
-        return (LD, B, self.hidden_size) if batched else (LD, self.hidden_size)
+    #: torch's proj_size (the LSTM's projection of h); 0 means none.
+    proj_size = 0
+
+    @property
+    def _out_size(self) -> int:
+        """Features of h (and of each direction's output): proj_size or hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def _state_widths(self) -> tuple:
+        """Features of each state array: h (proj_size or H), and the LSTM's c (H)."""
+        return (self._out_size, self.hidden_size)[:self._num_states]
 
     def _check_states(self, name, states, B, batched):
-        """Return a tuple of (L*D, B, H) arrays from hx / d_h_n (None gives zeros)."""
+        """Return a tuple of (L*D, B, width) arrays from hx / d_h_n (None gives zeros)."""
         S = self._num_states
-        shape = self._state_shape(B, batched)
+        LD = self.num_layers * self.num_directions
+        widths = self._state_widths()
         if states is None:
-            return tuple(self._xp.zeros((shape[0], B, self.hidden_size), dtype=self.dtype)
-                         for _ in range(S))
+            return tuple(self._xp.zeros((LD, B, w), dtype=self.dtype) for w in widths)
         if S == 2:
             if not isinstance(states, (tuple, list)) or len(states) != 2:
                 raise ValueError(f"{name} must be a pair (h, c) for an LSTM, got "
@@ -162,11 +190,14 @@ class _RNNBase(Recurrent):
         else:
             states, names = (states,), (name,)
         out = []
-        for n, s in zip(names, states):
+        for n, s, w, what in zip(names, states, widths,
+                                 ("proj_size" if self.proj_size else "hidden_size",
+                                  "hidden_size")):
             s = self._check_array(n, s)
+            shape = (LD, B, w) if batched else (LD, w)
             if tuple(s.shape) != shape:
                 raise ValueError(f"{n} must have shape {shape} (num_layers * num_directions, "
-                                 f"{'B, ' if batched else ''}hidden_size), got {tuple(s.shape)}")
+                                 f"{'B, ' if batched else ''}{what}), got {tuple(s.shape)}")
             out.append(self._xp.ascontiguousarray(s if batched else s[:, None, :]))
         return tuple(out)
 
@@ -215,9 +246,9 @@ class _RNNBase(Recurrent):
         run = self._run_direction if chunk is None or T <= chunk else \
             functools.partial(self._run_chunked, chunk=chunk)
         fwd, _ = self._backend.kernels(self._cell)
-        S, D, H = self._num_states, self.num_directions, self.hidden_size
-        states_n = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
-                         for _ in range(S))
+        S, D, H = self._num_states, self.num_directions, self._out_size
+        states_n = tuple(xp.empty((self.num_layers * D, B, w), dtype=self.dtype)
+                         for w in self._state_widths())
         caches, masks = [], []
         layer_input = x
         for layer in range(self.num_layers):
@@ -230,10 +261,10 @@ class _RNNBase(Recurrent):
                 xp.empty((T, B, D * H), dtype=self.dtype)
             for direction in range(D):
                 k = layer * D + direction
+                suffix = direction_suffix(layer, direction)
                 out, finals, cache = run(
-                    fwd, layer_input, tuple(s[k] for s in h0s),
-                    self._weights_of(direction_suffix(layer, direction)), lengths,
-                    self._runs_reverse(direction),
+                    fwd, layer_input, tuple(s[k] for s in h0s), self._weights_of(suffix),
+                    self._direction_options(suffix), lengths, self._runs_reverse(direction),
                     None if layer_out is None else
                     layer_out[:, :, direction * H:(direction + 1) * H])
                 caches.append(cache)
@@ -266,12 +297,12 @@ class _RNNBase(Recurrent):
             seq = self._xp.ascontiguousarray(seq.transpose(1, 0, 2))
         return seq, states
 
-    def _run_direction(self, fwd, x, states, weights, lengths, reverse, out):
+    def _run_direction(self, fwd, x, states, weights, options, lengths, reverse, out):
         """One layer and direction over ``x`` (T, B, I) in one kernel call; the output
         goes to ``out`` (a (T, B, H) view) if given. Returns ``(output, final states,
         cache)``."""
         result = fwd(x, *states, *weights, lengths=lengths, reverse=reverse,
-                     training=self.training, **self._options)
+                     training=self.training, **options)
         if out is not None:
             out[...] = result[0]
         return result[0], result[1:1 + self._num_states], result[-1]
@@ -283,7 +314,7 @@ class _RNNBase(Recurrent):
     #: needs the whole cache).
     eval_chunk = 1024
 
-    def _run_chunked(self, fwd, x, states, weights, lengths, reverse, out, chunk):
+    def _run_chunked(self, fwd, x, states, weights, options, lengths, reverse, out, chunk):
         """Inference of one layer and direction over ``x`` (T, B, I), ``chunk`` steps at a time.
 
         Chunks run in time order (reverse: from the end), each starting from
@@ -300,7 +331,7 @@ class _RNNBase(Recurrent):
             t1 = min(t0 + chunk, T)
             lens = None if lengths is None else xp.clip(lengths - t0, 0, t1 - t0)
             result = fwd(x[t0:t1], *states, *weights, lengths=lens, reverse=reverse,
-                         training=False, **self._options)
+                         training=False, **options)
             out[t0:t1] = result[0]
             states = tuple(result[1:1 + S])
         return out, states, None
@@ -364,9 +395,9 @@ class _RNNBase(Recurrent):
             d_out = d_out.copy()
             d_out[pending.padded] = 0
         _, bwd = self._backend.kernels(self._cell)
-        S, D, H = self._num_states, self.num_directions, self.hidden_size
-        d_states0 = tuple(xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
-                          for _ in range(S))
+        S, D, H = self._num_states, self.num_directions, self._out_size
+        d_states0 = tuple(xp.empty((self.num_layers * D, B, w), dtype=self.dtype)
+                          for w in self._state_widths())
         new_grads = {}
         d_layer = d_out
         for layer in reversed(range(self.num_layers)):
@@ -378,9 +409,10 @@ class _RNNBase(Recurrent):
                 d_input = result[0] if d_input is None else d_input + result[0]
                 for s0, s in zip(d_states0, result[1:1 + S]):
                     s0[k] = s
-                names = self._gate_shapes(direction_suffix(layer, direction), 0)
+                names = self._grad_names(direction_suffix(layer, direction))
                 for name, g in zip(names, result[1 + S:]):
-                    new_grads[name] = g
+                    if g is not None:
+                        new_grads[name] = g
             d_layer = d_input
             if layer:
                 d_layer = d_layer * pending.masks[layer - 1] if pending.masks else d_layer
@@ -411,16 +443,34 @@ class RNN(_RNNBase):
 class LSTM(_RNNBase):
     """LSTM with PyTorch's gate order (i, f, g, o); ``hx`` and ``h_n`` are pairs (h, c).
 
-    Parameters as ``torch.nn.LSTM`` (no ``proj_size``); plus ``reverse``,
-    ``backend``, ``dtype`` and ``seed``.
+    Parameters as ``torch.nn.LSTM``, ``proj_size`` included; plus ``reverse``,
+    ``backend``, ``dtype`` and ``seed``. With ``proj_size=P`` (0 < P < H) it is
+    torch's LSTM with projections: ``h_t = W_hr (o_t * tanh(c_t))`` with
+    ``weight_hr_l{k}`` (P, H); ``weight_hh_l{k}`` is (4H, P), ``h_n`` (L*D, B, P),
+    ``c_n`` (L*D, B, H), the output D*P features. The cuda backend has no projection
+    kernels: it raises NotImplementedError naming proj_size.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, reverse=False, dropout=0.0, backend="auto",
+                 bidirectional=False, reverse=False, dropout=0.0, proj_size=0, backend="auto",
                  dtype=np.float32, seed=None):
+        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral) or \
+                proj_size < 0:
+            raise ValueError(f"proj_size must be a non-negative integer, got {proj_size!r}")
+        if proj_size and isinstance(hidden_size, numbers.Integral) and proj_size >= hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size, got proj_size="
+                             f"{proj_size} and hidden_size={hidden_size}")
+        self.proj_size = int(proj_size)
+        if self.proj_size:
+            _refuse_cuda_projection(backend)
         super().__init__("lstm", input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
                          dropout=dropout, backend=backend, dtype=dtype, seed=seed)
+
+    def to(self, backend=None, dtype=None):
+        if self.proj_size and backend is not None:
+            _refuse_cuda_projection(backend)
+        return super().to(backend=backend, dtype=dtype)
 
 
 class GRU(_RNNBase):
@@ -443,6 +493,13 @@ class GRU(_RNNBase):
     def reset_after(self) -> bool:
         """Which form of the candidate n this layer computes (fixed at construction)."""
         return self._options["reset_after"]
+
+
+
+def _refuse_cuda_projection(backend):
+    if backend == "cuda" or (backend == "auto" and backends.auto_name() == "cuda"):
+        raise NotImplementedError("proj_size: the cuda backend has no kernels for the LSTM "
+                                  "projection yet; use backend='numba' or 'numpy'")
 
 
 _FAMILIES = {cls.__name__: cls for cls in (RNN, LSTM, GRU)}

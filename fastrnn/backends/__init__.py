@@ -13,7 +13,11 @@ name       shape           meaning
 x          (T, B, I)       input sequence, time-major
 h0, c0     (B, H)          initial hidden (and LSTM cell) state
 w_ih       (G, I)          input-to-hidden weights (``weight_ih_l{k}``)
-w_hh       (G, H)          hidden-to-hidden weights (``weight_hh_l{k}``)
+w_hh       (G, H)          hidden-to-hidden weights (``weight_hh_l{k}``); (G, P)
+                           with a projection
+w_hr       (P, H) or None  LSTM only: the projection (``weight_hr_l{k}``, torch's
+                           ``proj_size=P``); h0, h_n, out and d_* of them then have
+                           P columns instead of H, c0 and c_n keep H
 b_ih, b_hh (G,) or None    biases; ``None`` when the layer has ``bias=False``
 lengths    (B,) or None    valid steps per sequence, ``0 <= lengths[b] <= T``
 out        (T, B, H)       hidden state after every step; 0 at padded steps
@@ -25,13 +29,14 @@ Every backend exposes, for each cell kind in :data:`CELLS`, one single-layer,
 single-direction pair of stateless functions::
 
     {cell}_forward(x, h0[, c0], w_ih, w_hh, b_ih, b_hh, lengths=None,
-                   reverse=False, training=True[, reset_after=True])
+                   reverse=False, training=True[, reset_after=True][, w_hr=None])
         -> out, h_n[, c_n], cache
     {cell}_backward(d_out, d_h_n[, d_c_n], cache)
-        -> d_x, d_h0[, d_c0], d_w_ih, d_w_hh, d_b_ih, d_b_hh
+        -> d_x, d_h0[, d_c0], d_w_ih, d_w_hh, d_b_ih, d_b_hh[, d_w_hr]
 
 ``c0``/``c_n``/``d_c_n``/``d_c0`` exist for the LSTM only, ``reset_after``
-for the GRU only. ``cache`` is ``None`` when ``training`` is false; it is
+for the GRU only, ``w_hr`` for the LSTM only (``d_w_hr`` is returned when it
+was given). ``cache`` is ``None`` when ``training`` is false; it is
 opaque to callers and holds what backward needs (post-activation gates and
 states), so backward never recomputes a pre-activation. ``d_b_*`` are
 ``None`` when the biases are. Gradients in ``d_out`` at padded steps are
@@ -71,6 +76,9 @@ class CellKind(NamedTuple):
     family: str
     #: Constructor options of the family that select this kind.
     options: tuple = ()
+    #: Optional array arguments of the kernels (keywords, default None): the LSTM's
+    #: projection ``w_hr`` (P, H) (torch's ``proj_size``).
+    optional_arrays: tuple = ()
 
     def constructor_options(self) -> dict:
         return dict(self.options)
@@ -81,7 +89,7 @@ class CellKind(NamedTuple):
 CELLS = {
     "rnn_tanh": CellKind(1, 1, "RNN", (("nonlinearity", "tanh"),)),
     "rnn_relu": CellKind(1, 1, "RNN", (("nonlinearity", "relu"),)),
-    "lstm": CellKind(4, 2, "LSTM"),
+    "lstm": CellKind(4, 2, "LSTM", optional_arrays=("w_hr",)),
     "gru": CellKind(3, 1, "GRU"),
 }
 

@@ -36,8 +36,8 @@ class Cache:
         self.inner = inner
 
     def __repr__(self):
-        T, B, I, H = self.shape
-        return f"<{self.backend} {self.cell} cache T={T} B={B} I={I} H={H} {self.dtype}>"
+        T, B, I, H, P = self.shape
+        return f"<{self.backend} {self.cell} cache T={T} B={B} I={I} H={H} P={P} {self.dtype}>"
 
 
 def _array(xp, name, a, shape, dtype):
@@ -87,9 +87,11 @@ class _Signature:
         self.cell, self.states, self.gates = cell, kind.states, kind.gates
         self.arrays = ("x", "h0", "c0")[:1 + kind.states] + ("w_ih", "w_hh", "b_ih", "b_hh")
         self.defaults = {"lengths": None, "reverse": False, "training": True,
-                         **KERNEL_OPTIONS.get(cell, {})}
+                         **KERNEL_OPTIONS.get(cell, {}),
+                         **{name: None for name in kind.optional_arrays}}
         self.options = tuple(self.defaults)
-        self.flags = self.options[1:]
+        self.optional = kind.optional_arrays
+        self.flags = tuple(k for k in self.options[1:] if k not in self.optional)
 
     def bind(self, args, kwargs):
         """``(arrays list, options dict)`` of a call; TypeError for a wrong call."""
@@ -125,8 +127,9 @@ _MISSING = object()
 def check_forward(xp, cell, args, kwargs, signature=None):
     """Check a forward call's arguments.
 
-    Returns ``(arrays, options, (T, B, I, H, dtype))``: the positional array
-    arguments, C-contiguous, and the keyword options."""
+    Returns ``(arrays, options, (T, B, I, H, P, dtype))``: the positional array
+    arguments, C-contiguous, the keyword options, and the sizes (``P`` is the LSTM
+    projection's, ``H`` without one)."""
     sig = signature or _Signature(cell)
     arrays, options = sig.bind(args, kwargs)
     x, h0 = arrays[0], arrays[1]
@@ -140,11 +143,23 @@ def check_forward(xp, cell, args, kwargs, signature=None):
         raise ValueError(f"x must have T >= 1 and B >= 1, got shape {tuple(x.shape)}")
     if not (isinstance(h0, nd) and h0.ndim == 2 and h0.shape[0] == B and h0.dtype == dtype):
         _array(xp, "h0", h0, (B, None), dtype)
-    H = h0.shape[1]
+    P = h0.shape[1]
+    w_hr = options.get("w_hr")
+    if sig.states == 2:
+        _array(xp, "c0", arrays[2], (B, None if w_hr is not None else P), dtype)
+        H = arrays[2].shape[1]
+    else:
+        H = P
+    if w_hr is not None:
+        _array(xp, "w_hr", w_hr, (P, H), dtype)
+        if w_hr.ndim == 2 and not P < H:
+            raise ValueError(f"w_hr must project to fewer features than hidden_size: got "
+                             f"shape {tuple(w_hr.shape)} (P={P} >= H={H})")
+        options["w_hr"] = w_hr if w_hr.flags.c_contiguous else xp.ascontiguousarray(w_hr)
     if H == 0 or I == 0:
         raise ValueError(f"input and hidden sizes must be >= 1, got I={I}, H={H}")
     G = sig.gates * H
-    want = {"c0": (B, H), "w_ih": (G, I), "w_hh": (G, H), "b_ih": (G,), "b_hh": (G,)}
+    want = {"c0": (B, H), "w_ih": (G, I), "w_hh": (G, P), "b_ih": (G,), "b_hh": (G,)}
     b_ih, b_hh = arrays[-2], arrays[-1]
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be arrays or both be None")
@@ -165,7 +180,7 @@ def check_forward(xp, cell, args, kwargs, signature=None):
     for k, a in enumerate(arrays):
         if a is not None and not a.flags.c_contiguous:
             arrays[k] = xp.ascontiguousarray(a)
-    return arrays, options, (T, B, I, H, dtype)
+    return arrays, options, (T, B, I, H, P, dtype)
 
 
 def check_backward(xp, backend, cell, d_out, d_states, cache):
@@ -174,10 +189,10 @@ def check_backward(xp, backend, cell, d_out, d_states, cache):
     if not isinstance(cache, Cache) or cache.backend != backend or cache.cell != cell:
         raise TypeError(f"cache must be what a train-mode {backend} {cell}_forward returned, "
                         f"got {cache!r}")
-    T, B, _, H = cache.shape
-    _array(xp, "d_out", d_out, (T, B, H), cache.dtype)
-    for name, d in zip(("d_h_n", "d_c_n"), d_states):
-        _array(xp, name, d, (B, H), cache.dtype)
+    T, B, _, H, P = cache.shape
+    _array(xp, "d_out", d_out, (T, B, P), cache.dtype)
+    for name, d, n in zip(("d_h_n", "d_c_n"), d_states, (P, H)):
+        _array(xp, name, d, (B, n), cache.dtype)
     return [d if d.flags.c_contiguous else xp.ascontiguousarray(d)
             for d in (d_out, *d_states)], cache.inner
 
@@ -191,11 +206,12 @@ def checked(backend, xp, cell, module):
     fname, bname = f"{cell}_forward", f"{cell}_backward"
 
     def checked_forward(*args, **kwargs):
-        arrays, options, (T, B, I, H, dtype) = check_forward(xp, cell, args, kwargs, signature)
+        arrays, options, (T, B, I, H, P, dtype) = check_forward(xp, cell, args, kwargs,
+                                                                signature)
         result = getattr(module, fname)(*arrays, **options)
         if result[-1] is None:
             return result
-        return result[:-1] + (Cache(backend, cell, (T, B, I, H), dtype, result[-1]),)
+        return result[:-1] + (Cache(backend, cell, (T, B, I, H, P), dtype, result[-1]),)
 
     def checked_backward(d_out, *rest):
         if len(rest) != S + 1:

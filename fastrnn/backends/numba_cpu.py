@@ -150,10 +150,11 @@ def _bias(b_ih, b_hh, G, dtype):
 
 
 def _state_buffers(T, B, H, dtype, training, reverse, *inits):
-    """(T+1, B, H) buffers in training (time order, offset r), (2, B, H) ping-pong else."""
+    """(T+1, B, H) buffers in training (time order, offset r), (2, B, H) ping-pong else
+    (each as wide as its initial state: the LSTM's projected h is narrower than c)."""
     bufs = []
     for init in inits:
-        buf = np.empty((T + 1 if training else 2, B, H), dtype=dtype)
+        buf = np.empty((T + 1 if training else 2, B, init.shape[-1]), dtype=dtype)
         buf[int(reverse) * T if training else 0] = init
         bufs.append(buf)
     return bufs
@@ -494,39 +495,127 @@ def _lstm_backward_loop(gemm, d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates
                 _copy_row(tmp[b], d_h[b])
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
-    """LSTM (gates i, f, g, o): see :func:`fastrnn.backends.reference.lstm_forward`."""
+@_jit
+def _lstmp_forward_loop(gemm, xw, bias, w_hh, trans_w, w_hr, trans_r, lengths, reverse,
+                        training, hs, cs, out, gates, ms, b0, b1):
+    """With the projection (proj_size): per step the recurrent GEMM, the fused row
+    pass into m = o * tanh(c), then h = m W_hr^T, a second GEMM."""
+    T, B, G = xw.shape
+    H = G // 4
+    r = 1 if reverse else 0
+    scratch = np.empty((B, G), dtype=xw.dtype)
+    m_scratch = np.empty((B, H), dtype=xw.dtype)
+    for k in range(T):
+        t = T - 1 - k if reverse else k
+        prev, new = _slots(t, k, r, training)
+        h_prev, c_prev, h_new, c_new = hs[prev], cs[prev], hs[new], cs[new]
+        a = gates[t] if training else scratch
+        m = ms[t] if training else m_scratch
+        _mm(gemm, h_prev[b0:b1], False, w_hh, trans_w, a[b0:b1], 0.0)
+        for b in range(b0, b1):
+            if t < lengths[b]:
+                _lstm_row(a[b], xw[t, b], bias, c_prev[b], c_new[b], m[b], H)
+            else:
+                _copy_row(c_prev[b], c_new[b])
+                _zero_row(m[b])
+        _mm(gemm, m[b0:b1], False, w_hr, trans_r, h_new[b0:b1], 0.0)
+        for b in range(b0, b1):
+            if t < lengths[b]:
+                _copy_row(h_new[b], out[t, b])
+            else:
+                _carry_row(h_prev[b], h_new[b], out[t, b])
+
+
+@_jit
+def _lstmp_backward_loop(gemm, d_out, d_h, d_c, w_hh, w_hr, lengths, reverse, cs, gates, d_a,
+                         d_hp, b0, b1):
+    """Backward of the projected LSTM: d_hp[t] = dL/dh_t (kept for d_w_hr), the
+    gradient of m is d_hp[t] W_hr, then the LSTM row pass and the recurrent GEMM."""
+    T, B, P = d_out.shape
+    H = cs.shape[2]
+    r = 1 if reverse else 0
+    tmp = np.empty((B, P), dtype=d_out.dtype)
+    d_m = np.empty((B, H), dtype=d_out.dtype)
+    zeros = np.zeros(H, dtype=d_out.dtype)
+    for k in range(T):
+        t = k if reverse else T - 1 - k
+        c_prev, c_new = cs[t + r], cs[t + 1 - r]
+        for b in range(b0, b1):
+            if t < lengths[b]:
+                for j in range(P):
+                    d_hp[t, b, j] = d_out[t, b, j] + d_h[b, j]
+            else:
+                _zero_row(d_hp[t, b])
+        _mm(gemm, d_hp[t][b0:b1], False, w_hr, False, d_m[b0:b1], 0.0)
+        for b in range(b0, b1):
+            if t < lengths[b]:
+                _lstm_backward_row(gates[t, b], c_prev[b], c_new[b], d_m[b], zeros, d_c[b],
+                                   d_a[t, b], H)
+            else:
+                _zero_row(d_a[t, b])
+        _mm(gemm, d_a[t][b0:b1], False, w_hh, False, tmp[b0:b1], 0.0)
+        for b in range(b0, b1):
+            if t < lengths[b]:
+                _copy_row(tmp[b], d_h[b])
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                 w_hr=None):
+    """LSTM (gates i, f, g, o), with ``w_hr`` the projected LSTM: see
+    :func:`fastrnn.backends.reference.lstm_forward`."""
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
-    H = h0.shape[1]
+    H = c0.shape[1]
     xw = _project(x, w_ih)
     bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
-    out = np.empty((T, B, H), dtype=x.dtype)
+    out = np.empty((T, B, h0.shape[1]), dtype=x.dtype)
     gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _over_rows(_lstm_forward_loop, B, T * B * w_hh.size,
-               gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
-               training, hs, cs, out, gates)
+    ms = None
+    if w_hr is None:
+        _over_rows(_lstm_forward_loop, B, T * B * w_hh.size,
+                   gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
+                   training, hs, cs, out, gates)
+    else:
+        (w_hr,) = _c(w_hr)
+        ms = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+        _over_rows(_lstmp_forward_loop, B, T * B * (w_hh.size + w_hr.size),
+                   gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T),
+                   *_recurrent_weight(w_hr, B, T), full, reverse, training, hs, cs, out, gates,
+                   ms)
     cache = None
     if training:
-        cache = (x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse)
+        cache = (x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse, w_hr, ms)
     return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
 
 
 def lstm_backward(d_out, d_h_n, d_c_n, cache):
-    """Backward of :func:`lstm_forward`."""
-    x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse = cache
+    """Backward of :func:`lstm_forward` (``d_w_hr`` last, with the projection)."""
+    x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse, w_hr, ms = cache
     T, B, _ = x.shape
     r = int(reverse)
     d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
     d_c = d_c_n.astype(x.dtype, copy=True)
-    _over_rows(_lstm_backward_loop, B, T * B * w_hh.size,
-               gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, d_c, w_hh, full,
-               reverse, cs, gates, d_a)
+    d_out = np.ascontiguousarray(d_out)
+    if w_hr is None:
+        _over_rows(_lstm_backward_loop, B, T * B * w_hh.size,
+                   gemm_for(x.dtype), d_out, d_h, d_c, w_hh, full, reverse, cs, gates, d_a)
+    else:
+        d_hp = np.empty(d_out.shape, dtype=x.dtype)
+        _over_rows(_lstmp_backward_loop, B, T * B * (w_hh.size + w_hr.size),
+                   gemm_for(x.dtype), d_out, d_h, d_c, w_hh, w_hr, full, reverse, cs, gates,
+                   d_a, d_hp)
     grads = _param_grads(d_a, d_a, x, hs[r:T + r], w_ih, has_bias)
-    return (grads[0], d_h, d_c) + grads[1:]
+    result = (grads[0], d_h, d_c) + grads[1:]
+    if w_hr is None:
+        return result
+    H, P = cs.shape[2], w_hr.shape[0]
+    d_w_hr = np.empty((P, H), dtype=x.dtype)
+    _mm(gemm_for(x.dtype), d_hp.reshape(T * B, P), True, ms.reshape(T * B, H), False, d_w_hr,
+        0.0)
+    return result + (d_w_hr,)
 
 
 # --------------------------------------------------------------------- GRU

@@ -146,8 +146,10 @@ def rnn_relu_backward(d_out, d_h_n, cache):
 
 # ----------------------------------------------------------------------- LSTM
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
-    """LSTM, one layer, one direction, PyTorch's gate order i, f, g, o.
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                 w_hr=None):
+    """LSTM, one layer, one direction, PyTorch's gate order i, f, g, o; with ``w_hr``
+    (P, H) torch's LSTM with projections (``proj_size=P``).
 
     Equations
     ---------
@@ -155,18 +157,21 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         [a_i, a_f, a_g, a_o] = W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}
         i = \\sigma(a_i),\\ f = \\sigma(a_f),\\ g = \\tanh(a_g),\\ o = \\sigma(a_o)
         c_t = f \\odot c_{t-1} + i \\odot g
-        h_t = o \\odot \\tanh(c_t)
+        m_t = o \\odot \\tanh(c_t),\\quad h_t = W_{hr} m_t \\ (\\text{or } m_t \\text{ without } W_{hr})
 
-    The cache keeps the gates after activation, ``tanh(c_t)`` and the states.
+    Shapes with ``w_hr``: ``h0``, ``h_n`` and ``out`` have P columns, ``w_hh`` is
+    (4H, P); ``c0`` and ``c_n`` keep H. The cache keeps the gates after activation,
+    ``tanh(c_t)``, ``m_t`` (with ``w_hr``) and the states.
     """
     T, B, _ = x.shape
-    H = h0.shape[1]
+    H, P = c0.shape[1], h0.shape[1]
     r = int(reverse)
     xw = _project(x, w_ih, _bias_sum(b_ih, b_hh))
-    out = np.zeros((T, B, H), dtype=x.dtype)
+    out = np.zeros((T, B, P), dtype=x.dtype)
     gates = np.empty((T, B, 4 * H), dtype=x.dtype) if training else None
     tanh_cs = np.empty((T, B, H), dtype=x.dtype) if training else None
-    hs = np.empty((T + 1, B, H), dtype=x.dtype)
+    ms = np.empty((T, B, H), dtype=x.dtype) if training and w_hr is not None else None
+    hs = np.empty((T + 1, B, P), dtype=x.dtype)
     cs = np.empty((T + 1, B, H), dtype=x.dtype)
     hs[r * T], cs[r * T] = h0, c0
     h, c = h0, c0
@@ -178,7 +183,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         o = _sigmoid(a[:, 3 * H:4 * H])
         c_new = f * c + i * g
         tanh_c = np.tanh(c_new)
-        h_new = o * tanh_c
+        m_t = o * tanh_c
+        h_new = m_t if w_hr is None else m_t @ w_hr.T
         m = _active(lengths, t, B)
         out[t] = np.where(m, h_new, 0)
         h = np.where(m, h_new, h)
@@ -187,10 +193,12 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         if training:
             gates[t] = np.concatenate([i, f, g, o], axis=1)
             tanh_cs[t] = tanh_c
+            if ms is not None:
+                ms[t] = m_t
     cache = None
     if training:
         cache = dict(x=x, hs=hs, cs=cs, gates=gates, tanh_cs=tanh_cs, w_ih=w_ih, w_hh=w_hh,
-                     b_ih=b_ih, lengths=lengths, reverse=reverse)
+                     b_ih=b_ih, lengths=lengths, reverse=reverse, w_hr=w_hr, ms=ms)
     return out, h.copy(), c.copy(), cache
 
 
@@ -206,19 +214,28 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
         \\delta a_g = \\delta c\\, i (1-g^2),\\ \\delta a_o = \\delta h \\tanh(c_t)\\, o(1-o)
         \\partial L/\\partial h_{t-1} = \\delta a W_{hh},\\quad
         \\partial L/\\partial c_{t-1} = \\delta c\\, f
+
+    With projections ``\\delta h`` above is ``\\delta m = (\\partial L/\\partial h_t) W_{hr}``
+    and ``\\partial L/\\partial W_{hr} = \\sum_t (\\partial L/\\partial h_t)^T m_t``, returned
+    last.
     """
     x, hs, cs, gates, tanh_cs = (cache[k] for k in ("x", "hs", "cs", "gates", "tanh_cs"))
     w_hh, lengths, reverse = cache["w_hh"], cache["lengths"], cache["reverse"]
+    w_hr, ms = cache["w_hr"], cache["ms"]
     T, B, _ = x.shape
-    H = hs.shape[2]
+    H = cs.shape[2]
     r = int(reverse)
     d_a = np.zeros((T, B, 4 * H), dtype=x.dtype)
+    d_hp = None if w_hr is None else np.zeros((T, B, w_hr.shape[0]), dtype=x.dtype)
     d_h, d_c = d_h_n.copy(), d_c_n.copy()
     for t in _steps(T, not reverse):
         m = _active(lengths, t, B)
         i, f, g, o = (gates[t, :, k * H:(k + 1) * H] for k in range(4))
         tanh_c, c_prev = tanh_cs[t], cs[t + r]
         d_h_total = d_out[t] + d_h
+        if w_hr is not None:
+            d_hp[t] = np.where(m, d_h_total, 0)
+            d_h_total = d_h_total @ w_hr      # the gradient of m_t
         d_c_total = d_c + d_h_total * o * (1 - tanh_c * tanh_c)
         d_a_t = np.concatenate([
             d_c_total * g * i * (1 - i),
@@ -231,7 +248,10 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
         d_c = np.where(m, d_c_total * f, d_c)
     d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _param_grads(
         d_a, d_a, x, hs[r:T + r], cache["w_ih"], cache["b_ih"])
-    return d_x, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+    if w_hr is None:
+        return d_x, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+    d_w_hr = d_hp.reshape(T * B, -1).T @ ms.reshape(T * B, H)
+    return d_x, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr
 
 
 # ------------------------------------------------------------------------ GRU

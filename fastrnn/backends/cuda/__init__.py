@@ -174,8 +174,10 @@ def rnn_relu_backward(d_out, d_h_n, cache):
     return _call(loops.rnn_backward, getattr(d_out, "dtype", None), d_out, d_h_n, cache)
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
-    """LSTM on the GPU, PyTorch's gate order i, f, g, o.
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                 w_hr=None):
+    """LSTM on the GPU, PyTorch's gate order i, f, g, o. The projection ``w_hr``
+    (torch's proj_size) has no CUDA kernels yet: NotImplementedError.
 
     Equations
     ---------
@@ -186,6 +188,9 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
 
     Arrays are CuPy arrays; shapes, returns and masking follow :mod:`fastrnn.backends`.
     """
+    if w_hr is not None:
+        raise NotImplementedError("w_hr (proj_size): the cuda backend has no kernels for the "
+                                  "LSTM projection yet; use the numba or numpy backend")
     return _call(loops.lstm_forward, getattr(x, "dtype", None), x, h0, c0, w_ih, w_hh, b_ih,
                  b_hh, lengths, reverse, training)
 
