@@ -140,9 +140,7 @@ def test_round_trip_torch_fastrnn_torch(kind):
 
 def test_from_torch_rejections_name_the_option():
     torch = torch_or_skip()
-    cases = [(torch.nn.LSTM(3, 4, proj_size=2), ValueError, "proj_size"),
-             (torch.nn.GRU(3, 4, 2, dropout=0.5), ValueError, "dropout"),
-             (torch.nn.RNN(3, 4).half(), TypeError, "float16"),
+    cases = [(torch.nn.RNN(3, 4).half(), TypeError, "float16"),
              (torch.nn.Linear(3, 4), TypeError, "Linear")]
     for module, exc, word in cases:
         before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -150,9 +148,12 @@ def test_from_torch_rejections_name_the_option():
             fastrnn.from_torch(module)
         for k, v in module.state_dict().items():
             assert torch.equal(v, before[k])
-    # dropout only acts in training: ignore_dropout=True drops it, exact at inference.
+    # dropout carries over; ignore_dropout=True drops it, exact at inference.
     t = torch.nn.GRU(3, 4, 2, dropout=0.5).eval()
+    assert fastrnn.from_torch(t).dropout == 0.5
+    assert fastrnn.interop.to_torch(fastrnn.from_torch(t)).dropout == 0.5
     m = fastrnn.from_torch(t, ignore_dropout=True).eval()
+    assert m.dropout == 0.0
     x = np.random.default_rng(3).standard_normal((4, 2, 3)).astype(np.float32)
     np.testing.assert_allclose(m(x)[0], t(torch.from_numpy(x))[0].detach().numpy(),
                                rtol=1e-5, atol=1e-6)
@@ -352,3 +353,19 @@ def test_fused_inference_under_no_grad_keeps_no_graph():
     torch.testing.assert_close(out, ref(x)[0].detach(), rtol=1e-4, atol=1e-5)
     out, _ = m(x)                           # parameters require grad: a graph
     assert out.grad_fn is not None
+
+
+def test_from_torch_lstm_with_projections_round_trip():
+    torch = torch_or_skip()
+    t = torch.nn.LSTM(3, 6, 2, proj_size=2, bidirectional=True).double()
+    m = fastrnn.from_torch(t)
+    assert m.proj_size == 2 and m.dtype == np.float64
+    x = np.random.default_rng(4).standard_normal((5, 2, 3))
+    out, (h, c) = m.eval()(x)
+    to, (th, tc) = t(torch.from_numpy(x))
+    np.testing.assert_allclose(out, to.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h, th.detach().numpy(), rtol=1e-10, atol=1e-12)
+    back = fastrnn.interop.to_torch(m)
+    assert back.proj_size == 2
+    for k, v in t.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k

@@ -34,23 +34,20 @@ def from_torch(module, *, backend="auto", ignore_dropout=False):
     ``fastrnn.RNN/LSTM/GRU`` or the matching cell with copies of the weights,
     the same options and dtype, on ``backend`` (move it with ``.to("cuda")``).
 
-    Raises ValueError naming ``proj_size`` or ``dropout`` (dropout between
-    layers, which fastrnn lacks; ``ignore_dropout=True`` drops it, which is
-    exact at inference), TypeError for another class or a dtype other than
-    float32/float64.
+    ``dropout`` (between layers) and ``proj_size`` (LSTM projections) carry over;
+    ``ignore_dropout=True`` sets dropout to 0 (exact at inference). Raises
+    TypeError for another class or a dtype other than float32/float64.
     """
     if isinstance(module, torch.nn.RNNBase):
         if module.mode not in _LAYERS:
             raise TypeError(f"unsupported torch RNN mode {module.mode!r}")
-        if getattr(module, "proj_size", 0):
-            raise ValueError(f"proj_size={module.proj_size} is not supported by fastrnn "
-                             f"(LSTM projections)")
-        if module.dropout and not ignore_dropout:
-            raise ValueError(f"dropout={module.dropout} is not supported by fastrnn; pass "
-                             f"ignore_dropout=True to drop it (exact at inference)")
         cls, extra = _LAYERS[module.mode]
         if module.mode == "GRU":
             extra = {"reset_after": getattr(module, "reset_after", True)}
+        if getattr(module, "proj_size", 0):
+            extra = {**extra, "proj_size": module.proj_size}
+        if module.dropout and not ignore_dropout and module.num_layers > 1:
+            extra = {**extra, "dropout": float(module.dropout)}
         layer = cls(module.input_size, module.hidden_size, module.num_layers, **extra,
                     bias=module.bias, batch_first=module.batch_first,
                     bidirectional=module.bidirectional, backend=backend,
@@ -109,9 +106,11 @@ def to_torch(layer, *, fused=False):
             extra["backend"] = backend
         else:
             cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
+        if getattr(layer, "proj_size", 0):
+            extra["proj_size"] = layer.proj_size
         module = cls(layer.input_size, layer.hidden_size, layer.num_layers, bias=layer.bias,
                      batch_first=layer.batch_first, bidirectional=layer.bidirectional,
-                     dtype=dtype, **extra)
+                     dropout=getattr(layer, "dropout", 0.0), dtype=dtype, **extra)
     state = {k: torch.from_numpy(np.asarray(v.get() if hasattr(v, "get") else v))
              for k, v in layer.state_dict().items()}
     module.load_state_dict(state)
