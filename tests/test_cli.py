@@ -34,7 +34,8 @@ def test_check_passes_and_prints_a_table(capsys):
     assert cli.main(["check", "--cells", "gru", "--backends", *CPU_BACKENDS]) == 0
     text = capsys.readouterr().out
     assert "reset_after=False" in text
-    assert f"{6 * len(CPU_BACKENDS)} passed, 0 failed" in text
+    assert "reverse=True" in text
+    assert f"{7 * len(CPU_BACKENDS)} passed, 0 failed" in text
 
 
 def test_bench_writes_rows_with_the_documented_fields(tmp_path, capsys):
