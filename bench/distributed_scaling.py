@@ -107,35 +107,57 @@ def bench_mpi(args):
 
 
 def bench_dask(args):
+    import contextlib
+    import logging
+
     import dask.array as da
     from distributed import Client, LocalCluster, wait
-    import logging
+
     from fastrnn.dask import apply
     T, B, I, H, block = 100, 1024, 64, 128, 64
-    models = [fastrnn.LSTM(I, H, backend=args.backend, seed=k) for k in range(args.repeats + 1)]
-    records = []
+    models = iter([fastrnn.LSTM(I, H, backend=args.backend, seed=k)
+                   for k in range(2 * args.repeats + 2)])
+    x_local = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+    local = fastrnn.LSTM(I, H, backend=args.backend, seed=0).eval()
     print(f"# LSTM({I}, {H}), T = {T}, {B} sequences in blocks of {block}, backend "
-          f"{models[0].backend}, load average {load():.2f}")
-    for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.CRITICAL) as cluster, \
-                Client(cluster) as client:
+          f"{local.backend}, load average {load():.2f}; runs interleaved, medians of "
+          f"{args.repeats}")
+    with contextlib.ExitStack() as stack:
+        runners = {}
+        for workers in (1, 2):
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True,
+                dashboard_address=":0", silence_logs=logging.CRITICAL))
+            client = stack.enter_context(Client(cluster))
             # the input is made on the workers and kept there: only the model travels
             x = da.random.default_rng(0).standard_normal((T, B, I), chunks=(T, block, I))
             dx = client.persist(x.astype(np.float32))
             wait(dx)
-            runs = iter(models)
 
-            def run():
+            def run(client=client, dx=dx):
                 # a model of its own seed each time: new keys, so nothing is reused
-                out = client.persist(apply(next(runs), dx))   # computed, kept on the workers
+                out = client.persist(apply(next(models), dx))   # computed, kept on the workers
                 wait(out)
                 del out
             run()                                        # warm-up: kernels loaded on workers
-            t = median_time(run, args.repeats)
-        records.append({"workers": workers, "seconds": t, "sequences_per_s": B / t})
-        print(f"{workers} worker(s): {t:.3f} s, {B / t:.0f} sequences/s")
-    print(f"2 workers / 1 worker: {records[1]['sequences_per_s'] / records[0]['sequences_per_s']:.2f}x")
+            runners[workers] = run
+        # the same work in this process, one call on the whole batch
+        runners["in-process"] = lambda: local(x_local)
+        runners["in-process"]()
+        times = {label: [] for label in runners}
+        for _ in range(args.repeats):                    # interleaved: the load hits all alike
+            for label, run in runners.items():
+                t0 = time.perf_counter()
+                run()
+                times[label].append(time.perf_counter() - t0)
+    records = []
+    for label in ("in-process", 1, 2):
+        t = float(np.median(times[label]))
+        records.append({"workers": label, "seconds": t, "sequences_per_s": B / t})
+        name = "in-process, one call" if label == "in-process" else f"{label} worker(s)"
+        print(f"{name:22}: {t:.3f} s, {B / t:.0f} sequences/s")
+    ratio = records[2]["sequences_per_s"] / records[1]["sequences_per_s"]
+    print(f"2 workers / 1 worker: {ratio:.2f}x")
     save(args, {"kind": "dask", "load": load(), "T": T, "B": B, "I": I, "H": H,
                 "block": block, "records": records})
 

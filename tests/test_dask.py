@@ -114,6 +114,23 @@ def test_output_only_without_lengths():
     np.testing.assert_allclose(out.compute(scheduler="sync"), want, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("layer", ["LayerNormLSTM", "LayerNormGRU"])
+def test_layernorm_layers(layer):
+    dask_or_skip()
+    import dask.array as da
+    from fastrnn.dask import apply
+    model = getattr(fastrnn, layer)(I, H, num_layers=2, backend="numpy", dtype=np.float64,
+                                    seed=4)
+    x = np.random.default_rng(8).standard_normal((T, B, I))
+    out, state = apply(model, da.from_array(x, chunks=(T, CHUNKS, I)), LENGTHS,
+                       return_state=True)
+    got_out, *got_state = da.compute(out, *states(state), scheduler="sync")
+    want_out, want_state = in_memory(model, x, LENGTHS)
+    np.testing.assert_allclose(got_out, want_out, rtol=0, atol=1e-13)
+    for got, want in zip(got_state, want_state, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+
+
 # ------------------------------------------------------------------ the graph
 
 def test_model_enters_the_graph_once_and_is_left_alone():
