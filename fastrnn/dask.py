@@ -69,7 +69,8 @@ def apply(model, x, lengths=None, *, return_state=False, rechunk=False):
     Returns
     -------
     out : dask array (T, B, D * H) ((B, T, D * H) with ``batch_first``)
-        Chunked along B as ``x``, of the model's dtype.
+        Chunked along B as ``x``, of the model's dtype (an LSTM with ``proj_size``:
+        proj_size in place of H, as in its own call).
     h_n : dask array (L * D, B, H), with ``return_state``; LSTM: ``(h_n, c_n)``
         Chunked along B as ``x``.
 
@@ -130,6 +131,7 @@ def apply(model, x, lengths=None, *, return_state=False, rechunk=False):
     graph = HighLevelGraph.from_collections(run_name, layer, dependencies=deps)
 
     D, H, L = model.num_directions, model.hidden_size, model.num_layers
+    P = getattr(model, "proj_size", 0) or H     # features of h and of each direction's output
     meta = np.empty((0, 0, 0), model.dtype)
 
     def part(label, position, chunks, b_at):
@@ -140,14 +142,13 @@ def apply(model, x, lengths=None, *, return_state=False, rechunk=False):
                            {**graph.dependencies, name: {run_name}})
         return da.Array(g, name, chunks, meta=meta)
 
-    out_chunks = [None, None, (D * H,)]
+    out_chunks = [None, None, (D * P,)]
     out_chunks[b_axis], out_chunks[t_axis] = b_chunks, (T,)
     out = part(f"fastrnn-out-{model._cell}", 0, tuple(out_chunks), b_axis)
     if not return_state:
         return out
-    state_chunks = ((L * D,), b_chunks, (H,))
-    states = [part(f"fastrnn-{label}-{model._cell}", 1 + k, state_chunks, 1)
-              for k, label in enumerate(("h_n", "c_n")[:model._num_states])]
+    states = [part(f"fastrnn-{label}-{model._cell}", 1 + k, ((L * D,), b_chunks, (size,)), 1)
+              for k, (label, size) in enumerate((("h_n", P), ("c_n", H))[:model._num_states])]
     return out, (tuple(states) if len(states) == 2 else states[0])
 
 

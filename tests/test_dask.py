@@ -114,6 +114,23 @@ def test_output_only_without_lengths():
     np.testing.assert_allclose(out.compute(scheduler="sync"), want, rtol=0, atol=1e-13)
 
 
+def test_lstm_with_projection():
+    dask_or_skip()
+    import dask.array as da
+    from fastrnn.dask import apply
+    model = fastrnn.LSTM(I, H, bidirectional=True, proj_size=3, backend="numpy",
+                         dtype=np.float64, seed=6)
+    x = np.random.default_rng(9).standard_normal((T, B, I))
+    out, (h_n, c_n) = apply(model, da.from_array(x, chunks=(T, CHUNKS, I)), LENGTHS,
+                            return_state=True)
+    assert out.chunks[2] == (6,) and h_n.chunks[2] == (3,) and c_n.chunks[2] == (H,)
+    got = da.compute(out, h_n, c_n, scheduler="sync")
+    want_out, want_state = in_memory(model, x, LENGTHS)
+    for g, w in zip(got, (want_out, *want_state), strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("layer", ["LayerNormLSTM", "LayerNormGRU"])
 def test_layernorm_layers(layer):
     dask_or_skip()
