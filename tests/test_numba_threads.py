@@ -83,5 +83,4 @@ def test_overlapping_calls_restore_the_blas_threads(forced_split):
 def test_small_problems_are_not_split():
     assert nb._threads_for(1, 1 << 30) == 1                     # one row
     assert nb._threads_for(64, 10) == 1                         # too little work
-    if nb.blas_set_threads is not None and nb.blas_get_threads() > 1 and nb.row_threads is None:
-        assert nb._threads_for(64, 1 << 30) > 1
+    assert nb.row_threads == 1 and nb._threads_for(64, 1 << 30) == 1   # off by default

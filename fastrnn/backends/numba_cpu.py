@@ -220,8 +220,12 @@ MIN_ROWS_PER_THREAD = 4
 #: Multiply-adds of the recurrent GEMMs (T * B * G * H) below which a loop is
 #: not split: handing work to a thread costs tens of microseconds.
 MIN_SPLIT_WORK = 1 << 21
-#: Threads a loop may use; None means the BLAS's own thread count.
-row_threads = None
+#: Threads a loop may use: 1 (the default) runs every loop on the calling thread
+#: with OpenBLAS's own threads inside each GEMM; None means the BLAS's thread count.
+#: The split measured slower at every point of the benchmark grid on this
+#: project's 2-core machine (docs/numba.md): single-threaded OpenBLAS GEMMs with
+#: few rows spend most of their time packing W_hh, and each thread packs it anew.
+row_threads = 1
 
 _pool = None
 _pool_lock = threading.Lock()
