@@ -155,7 +155,8 @@ def cmd_bench(args) -> int:
           f"{args.threads} threads per engine; protocol {args.protocol}")
     result = runner.run(names + peers, args.cells, sizes, args.modes, args.dtype, repeats,
                         budget, args.threads, args.protocol, args.keep_blas_env,
-                        progress=lambda work: tqdm(work, desc="bench", unit="point"))
+                        progress=lambda work: tqdm(work, desc="bench", unit="point"),
+                        variants=args.variants)
     blas = next((p for e in result.engines.values() for p in e.get("blas", [])
                  if p["user_api"] == "blas"), None)
     if blas:
@@ -164,7 +165,8 @@ def cmd_bench(args) -> int:
               f"({result.peak_source})")
     shown = [p for p in peers if any(p in r["speedup_vs"] for r in result.rows)]
     report.print_table(result.rows, shown)
-    for backend in [n for n in names if n != "numpy"] or names:
+    ours = [n for n in names + peers if n in bench.OURS and n != "numpy"] or names
+    for backend in ours:
         summary = report.summarize(result.rows, backend, shown)
         if summary:
             print(summary)
@@ -201,6 +203,9 @@ def build_parser():
                         "an absent one is reported")
     b.add_argument("--protocol", choices=("subprocess", "inprocess"), default="subprocess",
                    help="one process per engine, taking turns (default), or all in this one")
+    b.add_argument("--variants", nargs="+", choices=tuple(bench.VARIANTS), default=[],
+                   help="also time these LSTM variants: proj (proj_size=H/2), layernorm "
+                        "(LayerNormLSTM)")
     b.add_argument("--keep-blas-env", action="store_true",
                    help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in the workers")
     b.add_argument("--modes", nargs="+", choices=("inference", "training"),

@@ -57,16 +57,6 @@ def _refuse(cls_name, backend):
             f"or 'numpy' (the CPU backends)")
 
 
-class _Pending:
-    """What a train-mode forward leaves for backward."""
-
-    __slots__ = ("caches", "shape_out", "batched", "T", "B", "padded")
-
-    def __init__(self, caches, shape_out, batched, T, B, padded):
-        self.caches, self.shape_out, self.batched = caches, shape_out, batched
-        self.T, self.B, self.padded = T, B, padded
-
-
 class _LayerNormRNN(_RNNBase):
     """Shared machinery of :class:`LayerNormLSTM` and :class:`LayerNormGRU`."""
 
@@ -159,114 +149,14 @@ class _LayerNormRNN(_RNNBase):
                 raise ValueError(f"params[{name!r}] must have shape {shape}, got {p.shape}")
 
     # ---------------------------------------------------------- computing
+    # The layer loop, checks, chunked inference and backward are _RNNBase's; these
+    # hooks give it the layer-norm kernels and their parameters.
 
-    def forward(self, x, hx=None, lengths=None):
-        """Run the layer over a sequence; arguments and returns as :meth:`fastrnn.LSTM.forward`
-        (LayerNormLSTM) or :meth:`fastrnn.GRU.forward` (LayerNormGRU).
+    def _direction_args(self, suffix):
+        return tuple(None if n is None else self.params[n] for n in self._names(suffix)), {}
 
-        Parameters
-        ----------
-        x : (T, B, input_size), (B, T, input_size) if ``batch_first``, or
-            (T, input_size) unbatched; the layer's dtype.
-        hx : (num_layers * D, B, H) initial state, a pair ``(h0, c0)`` for the
-            LSTM; None means zeros.
-        lengths : integer array (B,), values in [0, T]; None means all T.
-
-        Returns
-        -------
-        out : (T, B, D * H) (batch_first: (B, T, D * H)), 0 at padded steps.
-        h_n : (num_layers * D, B, H), for the LSTM a pair ``(h_n, c_n)``.
-        """
-        x_in = x
-        x, batched = self._check_input(x)
-        T, B = x.shape[:2]
-        lengths = self._check_lengths(lengths, T, B, batched)
-        h0s = self._check_states("hx", hx, B, batched)
-        padded = None
-        if self.training:
-            if x is x_in or np.may_share_memory(x, x_in):
-                x = x.copy()   # the caches keep x until backward
-            if lengths is not None:
-                # 0 * nan padding would reach d_w_ih; padded outputs are 0 anyway.
-                padded = np.arange(T)[:, None] >= lengths[None, :]
-                x[padded] = 0
-        self._check_params()
-        fwd, _ = self._kernels()
-        S, D, H = self._num_states, self.num_directions, self.hidden_size
-        states_n = tuple(np.empty((self.num_layers * D, B, H), self.dtype) for _ in range(S))
-        caches = []
-        layer_input = x
-        for layer in range(self.num_layers):
-            outs = []
-            for direction in range(D):
-                k = layer * D + direction
-                params = tuple(None if n is None else self.params[n]
-                               for n in self._names(direction_suffix(layer, direction)))
-                result = fwd(layer_input, *(s[k] for s in h0s), *params, lengths=lengths,
-                             reverse=self._runs_reverse(direction), training=self.training)
-                outs.append(result[0])
-                for s_n, s in zip(states_n, result[1:1 + S]):
-                    s_n[k] = s
-                caches.append(result[-1])
-            layer_input = outs[0] if D == 1 else np.concatenate(outs, axis=2)
-        out = layer_input
-        if not batched:
-            out, states_n = out[:, 0], tuple(s[:, 0] for s in states_n)
-        elif self.batch_first:
-            out = np.ascontiguousarray(out.transpose(1, 0, 2))
-        self._pending = (_Pending(caches, tuple(out.shape), batched, T, B, padded)
-                         if self.training else None)
-        return out, (states_n if S == 2 else states_n[0])
-
-    def backward(self, d_out, d_h_n=None):
-        """Backpropagate through the last train-mode forward call; as
-        :meth:`fastrnn.LSTM.backward`. Parameter gradients (the norms' gains and
-        shifts included) are added to :attr:`grads`; the pending call is consumed."""
-        pending = self._pending
-        if pending is None:
-            raise RuntimeError("backward needs a pending train-mode forward call: call the "
-                               "model in train mode first (each backward consumes one)")
-        d_out = self._check_array("d_out", d_out)
-        if tuple(d_out.shape) != pending.shape_out:
-            raise ValueError(f"d_out must have the shape of out, {pending.shape_out}, "
-                             f"got {tuple(d_out.shape)}")
-        B, batched = pending.B, pending.batched
-        if not batched:
-            d_out = d_out[:, None, :]
-        elif self.batch_first:
-            d_out = d_out.transpose(1, 0, 2)
-        d_states = self._check_states("d_h_n", d_h_n, B, batched)
-        if pending.padded is not None:
-            d_out = d_out.copy()
-            d_out[pending.padded] = 0   # ignored there, and kept from the arithmetic
-        _, bwd = self._kernels()
-        S, D, H = self._num_states, self.num_directions, self.hidden_size
-        d_states0 = tuple(np.empty((self.num_layers * D, B, H), self.dtype) for _ in range(S))
-        new_grads = {}
-        d_layer = d_out
-        for layer in reversed(range(self.num_layers)):
-            d_input = None
-            for direction in range(D):
-                k = layer * D + direction
-                d_out_dir = np.ascontiguousarray(d_layer[:, :, direction * H:(direction + 1) * H])
-                result = bwd(d_out_dir, *(s[k] for s in d_states), pending.caches[k])
-                d_input = result[0] if d_input is None else d_input + result[0]
-                for s0, s in zip(d_states0, result[1:1 + S]):
-                    s0[k] = s
-                for name, g in zip(self._names(direction_suffix(layer, direction)),
-                                   result[1 + S:]):
-                    if name is not None:
-                        new_grads[name] = g
-            d_layer = d_input
-        for name, g in new_grads.items():   # only now, after every kernel succeeded
-            self.grads[name] += g
-        self._pending = None
-        d_x = d_layer
-        if not batched:
-            d_x, d_states0 = d_x[:, 0], tuple(s[:, 0] for s in d_states0)
-        elif self.batch_first:
-            d_x = np.ascontiguousarray(d_x.transpose(1, 0, 2))
-        return d_x, (d_states0 if S == 2 else d_states0[0])
+    def _grad_names(self, suffix):
+        return self._names(suffix)
 
 
 class LayerNormLSTM(_LayerNormRNN):

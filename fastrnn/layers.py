@@ -99,6 +99,21 @@ class _RNNBase(Recurrent):
             return self._options
         return {**self._options, "w_hr": self.params["weight_hr" + suffix]}
 
+    # Hooks of the layer loop: a layer family with kernels of its own (the
+    # LayerNorm layers) overrides these three and shares everything else.
+
+    def _kernels(self):
+        """``(forward, backward)`` single-layer kernels of the layer's backend."""
+        return self._backend.kernels(self._cell)
+
+    def _direction_args(self, suffix):
+        """``(positional weight arrays, keyword options)`` of one layer and direction."""
+        return self._weights_of(suffix), self._direction_options(suffix)
+
+    def _check_params(self):
+        """Called before the kernels read the parameters (the contract's checks of
+        the plain kernels cover them)."""
+
     def _grad_names(self, suffix) -> tuple:
         """Parameter names in the order the backward kernels return their gradients
         (the bias gradients are None without biases)."""
@@ -245,7 +260,8 @@ class _RNNBase(Recurrent):
         chunk = None if self.training else _check_positive_int("eval_chunk", self.eval_chunk)
         run = self._run_direction if chunk is None or T <= chunk else \
             functools.partial(self._run_chunked, chunk=chunk)
-        fwd, _ = self._backend.kernels(self._cell)
+        self._check_params()
+        fwd, _ = self._kernels()
         S, D, H = self._num_states, self.num_directions, self._out_size
         states_n = tuple(xp.empty((self.num_layers * D, B, w), dtype=self.dtype)
                          for w in self._state_widths())
@@ -261,10 +277,10 @@ class _RNNBase(Recurrent):
                 xp.empty((T, B, D * H), dtype=self.dtype)
             for direction in range(D):
                 k = layer * D + direction
-                suffix = direction_suffix(layer, direction)
+                weights, options = self._direction_args(direction_suffix(layer, direction))
                 out, finals, cache = run(
-                    fwd, layer_input, tuple(s[k] for s in h0s), self._weights_of(suffix),
-                    self._direction_options(suffix), lengths, self._runs_reverse(direction),
+                    fwd, layer_input, tuple(s[k] for s in h0s), weights, options, lengths,
+                    self._runs_reverse(direction),
                     None if layer_out is None else
                     layer_out[:, :, direction * H:(direction + 1) * H])
                 caches.append(cache)
@@ -394,7 +410,7 @@ class _RNNBase(Recurrent):
             # nan or inf there cannot reach any kernel's arithmetic.
             d_out = d_out.copy()
             d_out[pending.padded] = 0
-        _, bwd = self._backend.kernels(self._cell)
+        _, bwd = self._kernels()
         S, D, H = self._num_states, self.num_directions, self._out_size
         d_states0 = tuple(xp.empty((self.num_layers * D, B, w), dtype=self.dtype)
                           for w in self._state_widths())
@@ -411,7 +427,7 @@ class _RNNBase(Recurrent):
                     s0[k] = s
                 names = self._grad_names(direction_suffix(layer, direction))
                 for name, g in zip(names, result[1 + S:]):
-                    if g is not None:
+                    if name is not None and g is not None:
                         new_grads[name] = g
             d_layer = d_input
             if layer:

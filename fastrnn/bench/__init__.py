@@ -14,10 +14,10 @@ GFLOP/s counts the matrix products only, the work every implementation must do
 (:meth:`.cases.Case.flops`).
 """
 
-from .cases import FULL_GRID, MODES, QUICK_GRID, Case, build_layer, inputs, make_layer
-from .engines import FASTRNN, PEERS, fastrnn_runner, torch_runner, verify_backend
+from .cases import FULL_GRID, MODES, QUICK_GRID, VARIANTS, Case, build_layer, inputs, make_layer
+from .engines import FASTRNN, OURS, PEERS, fastrnn_runner, torch_runner, verify_backend
 from .machine import blas_info, blas_warning, gemm_peak, machine_info
 
-__all__ = ["Case", "FULL_GRID", "QUICK_GRID", "MODES", "build_layer", "make_layer", "inputs",
+__all__ = ["Case", "FULL_GRID", "QUICK_GRID", "MODES", "VARIANTS", "OURS", "build_layer", "make_layer", "inputs",
            "FASTRNN", "PEERS", "fastrnn_runner", "torch_runner", "verify_backend",
            "blas_info", "blas_warning", "gemm_peak", "machine_info"]

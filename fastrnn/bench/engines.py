@@ -32,6 +32,8 @@ class Engine:
     precision = None
     #: Relative error allowed against the float64 reference in float32.
     tolerance32 = 1e-4
+    #: Layer variants it can run (cases.VARIANTS; "" is the plain layer).
+    variants = ("",)
 
     def unavailable_reason(self) -> str | None:
         for module in self.requires:
@@ -59,6 +61,7 @@ class Engine:
 class FastrnnEngine(Engine):
     def __init__(self, backend):
         self.name = backend
+        self.variants = ("",) if backend == "cuda" else ("", "proj", "layernorm")
 
     def unavailable_reason(self):
         return backends.why_absent().get(self.name)
@@ -112,18 +115,21 @@ def fastrnn_runner(case: Case, backend: str, mode: str, x, d_out):
 
 # ------------------------------------------------------------------- torch
 
-def torch_module(case: Case, state_dict, device="cpu"):
+def torch_module(case: Case, state_dict, device="cpu", namespace=None):
     import torch
     kind = backends.cell_kind(case.cell)
-    layer = getattr(torch.nn, kind.family)(case.I, case.H, **kind.constructor_options())
+    options = kind.constructor_options()
+    if case.variant == "proj":
+        options["proj_size"] = case.P
+    layer = getattr(namespace or torch.nn, kind.family)(case.I, case.H, **options)
     layer = layer.to(device=device, dtype=getattr(torch, case.dtype))
     layer.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()})
     return layer
 
 
-def torch_runner(case: Case, mode: str, x, d_out, state_dict, device="cpu"):
+def torch_runner(case: Case, mode: str, x, d_out, state_dict, device="cpu", namespace=None):
     import torch
-    layer = torch_module(case, state_dict, device)
+    layer = torch_module(case, state_dict, device, namespace)
     xt = torch.from_numpy(x).to(device)
     dt = torch.from_numpy(d_out).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -148,6 +154,10 @@ def torch_runner(case: Case, mode: str, x, d_out, state_dict, device="cpu"):
 class TorchEngine(Engine):
     name = "torch"
     requires = ("torch",)
+    variants = ("", "proj")
+
+    def _namespace(self):
+        return None            # torch.nn
 
     def setup(self, threads):
         import torch
@@ -155,12 +165,12 @@ class TorchEngine(Engine):
 
     def runner(self, case, mode, threads):
         x, d_out, state = inputs(case)
-        return torch_runner(case, mode, x, d_out, state)
+        return torch_runner(case, mode, x, d_out, state, namespace=self._namespace())
 
     def compute(self, case, mode, threads):
         import torch
         x, d_out, state = inputs(case)
-        layer = torch_module(case, state)
+        layer = torch_module(case, state, namespace=self._namespace())
         xt = torch.from_numpy(x).requires_grad_(mode == "training")
         out, _ = layer(xt)
         result = {"out": out.detach().numpy()}
@@ -169,6 +179,18 @@ class TorchEngine(Engine):
             result["x"] = xt.grad.numpy()
             result.update({k: p.grad.numpy() for k, p in layer.named_parameters()})
         return {k: np.asarray(v, np.float64) for k, v in result.items()}
+
+
+class FastrnnTorchEngine(TorchEngine):
+    """``fastrnn.torch`` modules: torch's API and autograd over fastrnn's numba kernels,
+    what a torch user on the CPU gets by changing one import."""
+
+    name = "fastrnn.torch"
+    variants = ("",)
+
+    def _namespace(self):
+        import fastrnn.torch
+        return fastrnn.torch
 
 
 # ------------------------------------------------- ONNX Runtime, OpenVINO
@@ -341,7 +363,9 @@ class JaxEngine(Engine):
 # ---------------------------------------------------------------- registry
 
 FASTRNN = ("numpy", "numba", "cuda")
-PEERS = ("torch", "onnxruntime", "openvino", "openvino-bf16", "jax")
+PEERS = ("torch", "onnxruntime", "openvino", "openvino-bf16", "jax", "fastrnn.torch")
+#: The engines whose rows are fastrnn's, with speedups over the peers.
+OURS = FASTRNN + ("fastrnn.torch",)
 
 
 def engine(name: str) -> Engine:
@@ -349,6 +373,7 @@ def engine(name: str) -> Engine:
     if name in FASTRNN:
         return FastrnnEngine(name)
     makers = {"torch": TorchEngine, "onnxruntime": OnnxRuntimeEngine, "jax": JaxEngine,
+              "fastrnn.torch": FastrnnTorchEngine,
               "openvino": lambda: OpenVinoEngine("f32"),
               "openvino-bf16": lambda: OpenVinoEngine("bf16")}
     if name not in makers:
@@ -363,13 +388,16 @@ VERIFY_SHAPE = (7, 4, 5, 6)
 def reference(case: Case, mode: str) -> dict:
     """The float64 numpy reference of :meth:`Engine.compute` (same weights and inputs)."""
     ref = FastrnnEngine("numpy")
-    return ref.compute(Case(case.cell, case.T, case.B, case.I, case.H, "float64"), mode, 1)
+    return ref.compute(Case(case.cell, case.T, case.B, case.I, case.H, "float64", case.variant),
+                       mode, 1)
 
 
-def verify(eng: Engine, cell: str, mode: str, dtype: str, threads: int) -> tuple[bool, float]:
+def verify(eng: Engine, kind: str, mode: str, dtype: str, threads: int) -> tuple[bool, float]:
     """``(passed, worst relative error)`` of ``eng`` against the float64 reference on
-    the small problem :data:`VERIFY_SHAPE` of ``cell`` in ``mode``."""
-    case = Case(cell, *VERIFY_SHAPE, dtype)
+    the small problem :data:`VERIFY_SHAPE` of ``kind`` (a cell kind, or
+    'cell:variant') in ``mode``."""
+    cell, _, variant = kind.partition(":")
+    case = Case(cell, *VERIFY_SHAPE, dtype, variant)
     want = reference(case, mode)
     got = eng.compute(case, mode, threads)
     missing = set(want) - set(got)

@@ -9,14 +9,14 @@ import numpy as np
 
 
 def print_table(rows, peers=("torch",), out=print):
-    head = (f"{'backend':<13} {'cell':<8} {'mode':<9} {'T':>5} {'B':>4} {'I':>5} {'H':>5} "
+    head = (f"{'backend':<13} {'cell':<14} {'mode':<9} {'T':>5} {'B':>4} {'I':>5} {'H':>5} "
             f"{'median ms':>10} {'GFLOP/s':>8} {'%peak':>6}")
     out(head + "".join(f" {'vs ' + p:>14}" for p in peers))
     for r in rows:
         speed = "".join(f" {r['speedup_vs'][p]:>13.2f}x" if p in r.get("speedup_vs", {})
                         else f" {'-':>14}" for p in peers)
         frac = r.get("peak_fraction")
-        out(f"{r['backend']:<13} {r['cell']:<8} {r['mode']:<9} {r['T']:>5} {r['B']:>4} "
+        out(f"{r['backend']:<13} {r.get('kind', r['cell']):<14} {r['mode']:<9} {r['T']:>5} {r['B']:>4} "
             f"{r['I']:>5} {r['H']:>5} {r['median_ms']:>10.3f} {r['gflops']:>8.1f} "
             f"{'-' if frac is None else f'{100 * frac:.0f}%':>6}{speed}")
 
@@ -37,7 +37,8 @@ def summarize(rows, backend="numba", peers=("torch",)) -> str:
                 where = [r for r in rows if r["backend"] == backend and r["mode"] == mode and
                          peer in r.get("speedup_vs", {})][worst]
                 lines.append(f"{backend} {mode} vs {peer}: geometric mean {geomean(s):.2f}x, "
-                             f"min {min(s):.2f}x ({where['cell']} {where['T']}x{where['B']}x"
+                             f"min {min(s):.2f}x ({where.get('kind', where['cell'])} "
+                             f"{where['T']}x{where['B']}x"
                              f"{where['I']}x{where['H']}), {len(s)} points")
     return "\n".join(lines)
 
@@ -71,7 +72,7 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(modes), figsize=(8 * len(modes), 5), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         sel = [r for r in rows if r["mode"] == mode]
-        labels = sorted({(r["cell"], r["T"], r["B"], r["I"], r["H"]) for r in sel},
+        labels = sorted({(r.get("kind", r["cell"]), r["T"], r["B"], r["I"], r["H"]) for r in sel},
                         key=lambda k: (k[0], -k[2] * k[4]))
         names = sorted({r["backend"] for r in sel})
         width = 0.8 / len(names)
@@ -79,7 +80,7 @@ def plot(rows, path):
             vals = []
             for lab in labels:
                 match = [r for r in sel if r["backend"] == name and
-                         (r["cell"], r["T"], r["B"], r["I"], r["H"]) == lab]
+                         (r.get("kind", r["cell"]), r["T"], r["B"], r["I"], r["H"]) == lab]
                 vals.append(match[0]["gflops"] if match else 0)
             ax.bar(np.arange(len(labels)) + k * width, vals, width, label=name)
         ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)

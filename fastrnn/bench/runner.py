@@ -65,6 +65,7 @@ class LocalWorker:
 
     def __init__(self, name, threads, keep_blas_env=True):
         self.name, self.threads = name, threads
+        self._cached = (None, None)
         self.engine = engines.engine(name)
         self.reason = self.engine.unavailable_reason()
         if self.reason is None:
@@ -74,21 +75,26 @@ class LocalWorker:
         if op == "info":
             return {"absent": self.reason, "blas": machine.blas_info(),
                     "machine": machine.machine_info(), "modes": list(self.engine.modes),
-                    "precision": self.engine.precision, "env": {}}
+                    "precision": self.engine.precision, "variants": list(self.engine.variants),
+                    "env": {}}
         if self.reason is not None:
             raise WorkerError(f"{self.name} is absent: {self.reason}")
         if op == "peak":
             return {"gflops": machine.gemm_peak(request["dtype"])}
         if op == "verify":
-            ok, err = engines.verify(self.engine, request["cell"], request["mode"],
+            ok, err = engines.verify(self.engine, request["kind"], request["mode"],
                                      request["dtype"], self.threads)
             return {"ok": ok, "err": err}
         if op == "verify_backend":
             ok, err = engines.verify_backend(self.name, request["cells"], request["dtype"])
             return {"ok": ok, "err": err}
         if op == "time":
-            run = self.engine.runner(Case(**request["case"]), request["mode"], self.threads)
-            return {"samples": worker.time_runs(run, request["repeats"], request["budget_s"])}
+            key = (repr(request["case"]), request["mode"])
+            if self._cached[0] != key:
+                self._cached = (key, self.engine.runner(Case(**request["case"]),
+                                                        request["mode"], self.threads))
+            return {"samples": worker.time_runs(self._cached[1], request["repeats"],
+                                                request["budget_s"])}
         raise WorkerError(f"unknown request {op!r}")
 
     def close(self):
@@ -108,9 +114,18 @@ class Result:
     failed_fastrnn: bool = False
 
 
+#: Rounds per point: the engines take turns this many times, each round timing
+#: ``repeats / ROUNDS`` runs; a noisy spell of the machine then spreads over all of
+#: them instead of landing on one.
+ROUNDS = 3
+
+
 def run(names, cells, sizes, modes, dtype, repeats, budget_s, threads, protocol="subprocess",
-        keep_blas_env=False, progress=None, log=print) -> Result:
-    """Verify every engine of ``names``, then time the grid. Returns a :class:`Result`."""
+        keep_blas_env=False, progress=None, log=print, variants=()) -> Result:
+    """Verify every engine of ``names``, then time the grid (``cells`` x ``sizes``, and
+    each of ``variants`` x ``sizes``). Returns a :class:`Result`."""
+    from .cases import VARIANTS
+    kinds = list(cells) + [f"{VARIANTS[v]}:{v}" for v in variants]
     make = ProcessWorker if protocol == "subprocess" else LocalWorker
     result = Result()
     workers = {}
@@ -130,10 +145,12 @@ def run(names, cells, sizes, modes, dtype, repeats, budget_s, threads, protocol=
                 result.peak = workers[name].ask(op="peak", dtype=dtype)["gflops"]
                 result.peak_source = f"numpy GEMM in the {name} worker, best of 5 (1024^3, 2048^3)"
                 break
-        # Verification: every engine, cell kind and mode it offers.
+        # Verification: every engine, kind and mode it offers. fastrnn's backends get
+        # the stronger check (lengths, bidirectional, states) for the plain kinds.
         for name, w in list(workers.items()):
-            is_fastrnn = name in engines.FASTRNN
-            if is_fastrnn:
+            info = result.engines[name]
+            own = [k for k in kinds if k.partition(":")[2] in info["variants"]]
+            if name in engines.FASTRNN:
                 ok, err = _verify_fastrnn(w, name, cells, dtype, protocol, threads)
                 for cell in cells:
                     for mode in modes:
@@ -141,46 +158,61 @@ def run(names, cells, sizes, modes, dtype, repeats, budget_s, threads, protocol=
                 log(f"verify {name:<13} forward and gradients vs float64 reference: "
                     f"max rel err {err:.1e} -> {'ok' if ok else 'FAILED, not timed'}")
                 result.failed_fastrnn |= not ok
-                continue
-            for cell in cells:
+                own = [k for k in own if ":" in k]
+                if not own:
+                    continue
+            for kind in own:
                 for mode in modes:
-                    if mode not in result.engines[name]["modes"]:
+                    if mode not in info["modes"]:
                         continue
                     try:
-                        answer = w.ask(op="verify", cell=cell, mode=mode, dtype=dtype)
+                        answer = w.ask(op="verify", kind=kind, mode=mode, dtype=dtype)
                         verdict = (answer["ok"], answer["err"])
                     except WorkerError as exc:
                         verdict = (False, float("nan"))
-                        log(f"verify {name} {cell} {mode}: {exc}")
-                    result.verified[(name, cell, mode)] = verdict
+                        log(f"verify {name} {kind} {mode}: {exc}")
+                    result.verified[(name, kind, mode)] = verdict
+                    if name in engines.FASTRNN:
+                        result.failed_fastrnn |= not verdict[0]
             errs = [v for k, v in result.verified.items() if k[0] == name]
             bad = [f"{c} {m}" for (n, c, m), (ok, _) in result.verified.items()
                    if n == name and not ok]
             worst = max((e for _, e in errs), default=float("nan"))
             label = f" ({result.engines[name]['precision']})" if result.engines[name][
                 "precision"] else ""
-            log(f"verify {name + label:<13} vs float64 reference: max rel err {worst:.1e} -> "
+            which = ", ".join(sorted({k for (n, k, _) in result.verified if n == name}))
+            log(f"verify {name + label:<13} ({which}) vs float64 reference: max rel err "
+                f"{worst:.1e} -> "
                 + ("ok" if not bad else f"FAILED for {', '.join(bad)}: not timed there"))
         # The grid: at each point the engines take turns, in a rotating order.
         cases = [Case(c, T, B, I, H, dtype) for c in cells for (T, B, I, H) in sizes]
+        cases += [Case(VARIANTS[v], T, B, I, H, dtype, v) for v in variants
+                  for (T, B, I, H) in sizes]
         work = [(case, mode) for case in cases for mode in modes]
         order = list(workers)
+        rounds = min(ROUNDS, repeats)
         for k, (case, mode) in enumerate(progress(work) if progress else work):
             turn = order[k % len(order):] + order[:k % len(order)] if order else []
-            for name in turn:
-                if not result.verified.get((name, case.cell, mode), (False,))[0]:
-                    continue
-                if name == "numpy" and case.T * case.B * case.H * case.I > 5e8:
-                    continue   # the reference is the oracle, not a contender, at large sizes
-                try:
-                    samples = workers[name].ask(op="time", case=case.as_dict(), mode=mode,
-                                                repeats=repeats, budget_s=budget_s)["samples"]
-                except WorkerError as exc:
-                    result.not_timed.setdefault(name, f"{case.label()} {mode}: {exc}")
-                    log(f"{name} failed at {case.label()} {mode}: {exc}")
-                    continue
-                result.rows.append(_row(name, case, mode, samples,
-                                        result.engines[name]["precision"]))
+            turn = [name for name in turn
+                    if result.verified.get((name, case.kind, mode), (False,))[0]
+                    # the reference is the oracle, not a contender, at large sizes
+                    and not (name == "numpy" and case.T * case.B * case.H * case.I > 5e8)]
+            samples = {name: [] for name in turn}
+            for r in range(rounds):
+                for name in (turn if r % 2 == 0 else turn[::-1]):
+                    if name not in samples:
+                        continue
+                    try:
+                        samples[name] += workers[name].ask(
+                            op="time", case=case.as_dict(), mode=mode,
+                            repeats=-(-repeats // rounds),
+                            budget_s=None if budget_s is None else budget_s / rounds)["samples"]
+                    except WorkerError as exc:
+                        result.not_timed.setdefault(name, f"{case.label()} {mode}: {exc}")
+                        log(f"{name} failed at {case.label()} {mode}: {exc}")
+                        del samples[name]
+            for name, s in samples.items():
+                result.rows.append(_row(name, case, mode, s, result.engines[name]["precision"]))
     finally:
         for w in workers.values():
             w.close()
@@ -196,7 +228,8 @@ def _verify_fastrnn(w, name, cells, dtype, protocol, threads):
 
 def _row(name, case, mode, samples, precision):
     seconds = float(np.median(samples))
-    return {"backend": name, "precision": precision, "cell": case.cell, "mode": mode,
+    return {"backend": name, "precision": precision, "cell": case.cell, "kind": case.kind,
+            "variant": case.variant, "mode": mode,
             "T": case.T, "B": case.B, "I": case.I, "H": case.H, "dtype": case.dtype,
             "median_ms": seconds * 1e3, "samples": len(samples),
             "spread": float((np.max(samples) - np.min(samples)) / seconds) if samples else 0.0,
@@ -206,7 +239,9 @@ def _row(name, case, mode, samples, precision):
 def _relate(result: Result):
     """%peak and speedups. A rate above the measured peak means the peak measurement
     was disturbed: the peak is raised to the best rate seen, and the source says so."""
-    best = max((r["gflops"] for r in result.rows), default=0.0)
+    # bf16 rows are not float32 work: they do not move the float32 peak
+    best = max((r["gflops"] for r in result.rows if r["precision"] in (None, "f32")),
+               default=0.0)
     if best > result.peak:
         result.peak_source += f"; raised to the best rate measured in the grid ({best:.0f})"
         result.peak = best
@@ -214,12 +249,12 @@ def _relate(result: Result):
         r["peak_fraction"] = r["gflops"] / result.peak if result.peak else None
     by_point = {}
     for r in result.rows:
-        by_point.setdefault((r["cell"], r["mode"], r["T"], r["B"], r["I"], r["H"]), {})[
+        by_point.setdefault((r["kind"], r["mode"], r["T"], r["B"], r["I"], r["H"]), {})[
             r["backend"]] = r["median_ms"]
     for r in result.rows:
-        times = by_point[(r["cell"], r["mode"], r["T"], r["B"], r["I"], r["H"])]
-        # speedups of fastrnn's backends over the peers (above 1: fastrnn is faster)
+        times = by_point[(r["kind"], r["mode"], r["T"], r["B"], r["I"], r["H"])]
+        # speedups of fastrnn's engines over the peers (above 1: fastrnn is faster)
         r["speedup_vs"] = {peer: times[peer] / r["median_ms"] for peer in times
-                           if peer not in engines.FASTRNN} \
-            if r["backend"] in engines.FASTRNN else {}
+                           if peer not in engines.OURS} \
+            if r["backend"] in engines.OURS else {}
         r["speedup_vs_torch"] = r["speedup_vs"].get("torch")

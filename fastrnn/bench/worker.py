@@ -5,7 +5,7 @@ lines on stdin, answers as JSON lines on stdout.
 ENGINE THREADS``) and sends them the points in turn, so that only one engine is
 busy at any moment and no engine's idle, spinning threads share a process with
 the engine being timed. Requests: ``{"op": "info"}``, ``{"op": "peak", "dtype"}``,
-``{"op": "verify", "cell", "mode", "dtype"}``, ``{"op": "verify_backend", "cells",
+``{"op": "verify", "kind", "mode", "dtype"}``, ``{"op": "verify_backend", "cells",
 "dtype"}`` (fastrnn's backends), ``{"op": "time", "case", "mode",
 "repeats", "budget_s"}``, ``{"op": "quit"}``.
 """
@@ -63,6 +63,7 @@ def serve(name: str, threads: int, stdin=sys.stdin, stdout=sys.stdout) -> None:
     from .cases import Case
 
     eng = engines.engine(name)
+    cached = [None, None]     # (key, runner) of the last point timed
     reason = eng.unavailable_reason()
     if reason is None:
         eng.setup(threads)
@@ -76,23 +77,30 @@ def serve(name: str, threads: int, stdin=sys.stdin, stdout=sys.stdout) -> None:
                 info = machine.machine_info()
                 answer = {"absent": reason, "blas": machine.blas_info(), "machine": info,
                           "modes": list(eng.modes), "precision": eng.precision,
+                          "variants": list(eng.variants),
                           "env": {k: os.environ.get(k) for k in machine.BLAS_OVERRIDES}}
             elif reason is not None:
                 answer = {"error": f"{name} is absent: {reason}"}
             elif op == "peak":
                 answer = {"gflops": machine.gemm_peak(request["dtype"])}
             elif op == "verify":
-                ok, err = engines.verify(eng, request["cell"], request["mode"],
+                ok, err = engines.verify(eng, request["kind"], request["mode"],
                                          request["dtype"], threads)
                 answer = {"ok": ok, "err": err}
             elif op == "verify_backend":
                 ok, err = engines.verify_backend(name, request["cells"], request["dtype"])
                 answer = {"ok": ok, "err": err}
             elif op == "time":
-                case = Case(**request["case"])
-                run = eng.runner(case, request["mode"], threads)
+                key = (json.dumps(request["case"], sort_keys=True), request["mode"])
+                fresh = cached[0] != key
+                if fresh:   # the same point again (a later round): same runner
+                    cached[:] = [None, None]   # free the old runner before building
+                    cached[:] = [key, eng.runner(Case(**request["case"]), request["mode"],
+                                                 threads)]
+                run = cached[1]
                 time.sleep(SETTLE_S)
-                samples = time_runs(run, request["repeats"], request.get("budget_s"))
+                samples = time_runs(run, request["repeats"], request.get("budget_s"),
+                                    warmup=2 if fresh else 1)
                 answer = {"samples": samples}
             else:
                 answer = {"error": f"unknown request {op!r}"}
