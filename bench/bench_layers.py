@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import bench as B
+from fastrnn import bench
 
 CELLS = ("lstm", "gru", "rnn_tanh")
 CONTENDERS = [b for b in ("numpy", "numba") if b in fastrnn.backends.available()] + ["torch"]
@@ -31,16 +31,16 @@ def _runner(case, contender, mode):
     if contender == "torch":
         torch = pytest.importorskip("torch")
         torch.set_num_threads(2)
-        return B.torch_runner(case, mode, x, d_out, B.make_layer(case, "numpy").state_dict())
-    return B.fastrnn_runner(case, contender, mode, x, d_out)[0]
+        return bench.torch_runner(case, mode, x, d_out, bench.make_layer(case, "numpy").state_dict())
+    return bench.fastrnn_runner(case, contender, mode, x, d_out)[0]
 
 
 @pytest.mark.parametrize("mode", ["inference", "training"])
 @pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("size", B.FULL_GRID, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("size", bench.FULL_GRID, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("cell", CELLS)
 def bench_layer(benchmark, cell, size, contender, mode):
-    case = B.Case(cell, *size)
+    case = bench.Case(cell, *size)
     if contender == "numpy" and np.prod(size) > MAX_REFERENCE_WORK:
         pytest.skip("the reference is the oracle, not a contender, at this size")
     run = _runner(case, contender, mode)
