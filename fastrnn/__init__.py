@@ -39,36 +39,10 @@ __all__ += ["Linear", "Embedding", "losses", "optim", "tbptt", "truncated_bptt",
             "clip_grad_norm_", "clip_grad_value_"]
 
 
-# Interop (docs/interop.md): each function imports its framework only when called.
-
-def from_torch(module, **kwargs):
-    """The fastrnn layer or cell equivalent to a ``torch.nn`` RNN/LSTM/GRU (or ``*Cell``)."""
-    from .interop import from_torch as f
-    return f(module, **kwargs)
+# Interop (docs/interop.md): fastrnn.interop imports no framework; each function
+# imports its own when called.
+from .interop import from_keras, from_onnx, from_torch, onnx_inputs, to_onnx  # noqa: E402
 
 
-def from_keras(layer, **kwargs):
-    """The fastrnn layer equivalent to a Keras SimpleRNN/LSTM/GRU or Bidirectional layer."""
-    from .interop import from_keras as f
-    return f(layer, **kwargs)
-
-
-def from_onnx(model_or_path, **kwargs):
-    """``{node_name: layer}`` for every RNN, LSTM and GRU node of an ONNX model."""
-    from .interop import from_onnx as f
-    return f(model_or_path, **kwargs)
-
-
-def onnx_inputs(layer, x, sequence_lens=None, initial_h=None, initial_c=None):
-    """``layer(**kw)`` arguments from an ONNX node's X, sequence_lens and initial states."""
-    from .interop import onnx_inputs as f
-    return f(layer, x, sequence_lens, initial_h, initial_c)
-
-
-def to_onnx(model, path=None, **kwargs):
-    """An ONNX model (``onnx.ModelProto``) of a fastrnn layer, written to ``path`` if given."""
-    from .interop import to_onnx as f
-    return f(model, path, **kwargs)
-
-
-__all__ += ["from_torch", "from_keras", "from_onnx", "onnx_inputs", "to_onnx"]
+__all__ += ["from_torch", "from_keras", "from_onnx", "onnx_inputs", "to_onnx",
+            "LayerNormLSTM", "LayerNormGRU"]

@@ -14,14 +14,26 @@ LAYERS = KINDS   # name kept for the tests that import it
 TORCH_KINDS = list(fastrnn.backends.CELLS)
 
 
+def require(*modules):
+    """Import ``modules`` (optional packages the tests use as oracles): skipped where one
+    is absent, but never in CI, where a missing one is an error (`.ci/run` sets CI=1).
+    Returns the first module, or all of them for several."""
+    import importlib
+    loaded = []
+    for name in modules:
+        try:
+            loaded.append(importlib.import_module(name))
+        except ImportError:
+            if os.environ.get("CI"):
+                raise RuntimeError(f"{name} must be installed in CI "
+                                   f"(pip install '.[test]')") from None
+            pytest.skip(f"{name} is not installed")
+    return loaded[0] if len(loaded) == 1 else tuple(loaded)
+
+
 def torch_or_skip():
-    """torch is the independent oracle: skipped where absent, but never in CI."""
-    try:
-        import torch
-    except ImportError:
-        if os.environ.get("CI"):
-            raise RuntimeError("torch must be installed in CI (pip install '.[test]')") from None
-        pytest.skip("torch is not installed")
+    """torch is the independent oracle."""
+    torch = require("torch")
     torch.set_num_threads(1)
     return torch
 

@@ -11,20 +11,11 @@ import numpy as np
 import pytest
 
 import fastrnn
-from conftest import KINDS, make_layer, n_states
+from conftest import KINDS, make_layer, n_states, require
 
 
 def dask_or_skip():
-    """dask[array] and distributed: skipped where absent, but never in CI."""
-    try:
-        import dask.array  # noqa: F401
-        import distributed
-    except ImportError:
-        if os.environ.get("CI"):
-            raise RuntimeError("dask and distributed must be installed in CI "
-                               "(pip install '.[test]')") from None
-        pytest.skip("dask or distributed is not installed")
-    return distributed
+    return require("dask.array", "distributed")[1]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import fastrnn
+from conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = ROOT / "tests" / "mpi" / "dp_check.py"
@@ -29,12 +30,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 def mpiexec_or_skip():
     """mpi4py and an mpiexec: skipped where absent, but never in CI."""
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            raise RuntimeError("mpi4py must be installed in CI (pip install '.[test]')") from None
-        pytest.skip("mpi4py is not installed")
+    require("mpi4py")
     exe = Path(sys.executable).parent / "mpiexec"
     found = str(exe) if exe.exists() else shutil.which("mpiexec")
     if found is None:

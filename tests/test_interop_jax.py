@@ -1,22 +1,14 @@
 """fastrnn.jax against JAX's own autodiff of a lax.scan reference (the oracle)."""
 
-import os
 
 import numpy as np
 import pytest
 
-from conftest import random_lengths
+from conftest import random_lengths, require
 
 
 def jax_or_skip():
-    """jax: skipped where absent, but never in CI."""
-    try:
-        import jax
-    except ImportError:
-        if os.environ.get("CI"):
-            raise RuntimeError("jax must be installed in CI (pip install '.[test]')") from None
-        pytest.skip("jax is not installed")
-    return jax
+    return require("jax")
 
 
 def reference(jax, cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after):

@@ -7,18 +7,13 @@ import pytest
 
 import fastrnn
 from fastrnn.interop._gates import KERAS, to_torch_order
+from conftest import require
 
 
 def keras_or_skip():
-    """keras (on jax here): skipped where absent, but never in CI."""
+    """keras (on jax here)."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    try:
-        import keras
-    except ImportError:
-        if os.environ.get("CI"):
-            raise RuntimeError("keras must be installed in CI (pip install '.[test]')") from None
-        pytest.skip("keras is not installed")
-    return keras
+    return require("keras")
 
 
 #: Zero initializers: the tests set random weights anyway, and Keras' default

@@ -1,7 +1,6 @@
 """fastrnn.from_onnx / onnx_inputs / to_onnx against ONNX Runtime (the oracle)."""
 
 import io
-import os
 import warnings
 
 import numpy as np
@@ -9,20 +8,11 @@ import pytest
 
 import fastrnn
 from fastrnn.interop import onnx_outputs
-from conftest import random_lengths, torch_or_skip
+from conftest import random_lengths, require, torch_or_skip
 
 
 def onnx_or_skip():
-    """onnx and onnxruntime: skipped where absent, but never in CI."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
-        if os.environ.get("CI"):
-            raise RuntimeError("onnx and onnxruntime must be installed in CI "
-                               "(pip install '.[test]')") from None
-        pytest.skip("onnx or onnxruntime is not installed")
-    return onnx, onnxruntime
+    return require("onnx", "onnxruntime")
 
 
 def session(ort, model):

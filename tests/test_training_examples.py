@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,5 @@ def test_gradient_flow_quick(backend, tmp_path):
     png = tmp_path / "flow.png"
     out = run_example("gradient_flow.py", backend, "--quick", "--out", str(png))
     assert "LSTM  trained" in out
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        pytest.skip("matplotlib is not installed: no plot to check")
+    require("matplotlib")
     assert png.stat().st_size > 1000
