@@ -11,6 +11,8 @@
 4. A prange over the batch rows right after a BLAS call, against the serial pass.
 5. The cost of a compiled call that takes the BLAS function as a ctypes object
    against one that takes its address (what the kernels do).
+6. The cost of the kernel contract's checks (fastrnn/backends/contract.py): a checked
+   kernel call against the raw one, at T = 1 (where the checks weigh most).
 """
 
 import math
@@ -143,6 +145,19 @@ def main():
     address = nb.gemm_for(np.float32)
     print(f"   ctypes object  {best(lambda: _takes(SGEMM, small), 2000) * 1e6:6.2f}")
     print(f"   address        {best(lambda: _takes(address, small), 2000) * 1e6:6.2f}")
+
+    print("6. kernel contract checks, us per call (LSTM, T=1, B=4, I=H=16)")
+    from fastrnn import backends
+    checked, _ = backends.get("numba").kernels("lstm")
+    raw, _ = backends.get("numba").raw_kernels("lstm")
+    x1 = rng.standard_normal((1, 4, 16)).astype(np.float32)
+    s1 = np.zeros((4, 16), np.float32)
+    w1 = [rng.standard_normal(shape).astype(np.float32) for shape in ((64, 16), (64, 16))]
+    b1 = [np.zeros(64, np.float32)] * 2
+    t_raw = best(lambda: raw(x1, s1, s1, *w1, *b1, training=False), 2000)
+    t_chk = best(lambda: checked(x1, s1, s1, *w1, *b1, training=False), 2000)
+    print(f"   raw {t_raw * 1e6:6.2f}   checked {t_chk * 1e6:6.2f}   "
+          f"checks {(t_chk - t_raw) * 1e6:6.2f}")
 
 
 if __name__ == "__main__":
