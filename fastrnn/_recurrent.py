@@ -48,9 +48,12 @@ class Recurrent(Module):
         if options:
             raise TypeError(f"unexpected option(s) for {cell}: {', '.join(options)}")
         super().__init__(backend, dtype)
-        # PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
-        self._set_params(_init_uniform(self._param_shapes(), 1.0 / np.sqrt(hidden_size), seed,
-                                       np, self.dtype))
+        self._set_params(self._initial_params(seed))
+
+    def _initial_params(self, seed) -> dict:
+        """PyTorch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
+        return _init_uniform(self._param_shapes(), 1.0 / np.sqrt(self.hidden_size), seed, np,
+                             self.dtype)
 
     @property
     def _num_states(self) -> int:

@@ -73,6 +73,9 @@ class _LayerNormRNN(_RNNBase):
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
                          backend=backend, dtype=dtype, seed=seed)
         _refuse(type(self).__name__, self.backend)
+
+    def _initial_params(self, seed) -> dict:
+        """torch's initialisation for the weights and biases; gains 1, shifts 0."""
         shapes = self._param_shapes()
         torch_like = {k: s for k, s in shapes.items() if k.startswith(("weight_", "bias_"))}
         params = _init_uniform(torch_like, 1.0 / np.sqrt(self.hidden_size), seed, np, self.dtype)
@@ -81,34 +84,14 @@ class _LayerNormRNN(_RNNBase):
                 params[name] = np.ones(shape, self.dtype)
             elif name.startswith("beta_"):
                 params[name] = np.zeros(shape, self.dtype)
-        self._set_params({k: params[k] for k in shapes})
+        return {k: params[k] for k in shapes}
 
     # ------------------------------------------------------------ structure
 
-    @property
-    def _gates(self) -> int:
-        """G, the gate rows: 4H (LSTM) or 3H (GRU)."""
-        return backends.gate_count(self._base_cell) * self.hidden_size
-
-    def _norm_shapes(self, suffix) -> dict:
-        G = self._gates
+    def _extra_shapes(self, suffix) -> dict:
+        """The gate norms' gains, (G,) each (the LSTM adds the cell norm's)."""
+        G = self._kind.gates * self.hidden_size
         return {"gamma_ih" + suffix: (G,), "gamma_hh" + suffix: (G,)}
-
-    def _param_shapes(self) -> dict:
-        """Parameter names and shapes, in order (see the module docstring)."""
-        G, H, D = self._gates, self.hidden_size, self.num_directions
-        shapes = {}
-        for layer in range(self.num_layers):
-            layer_in = self.input_size if layer == 0 else D * H
-            for direction in range(D):
-                s = direction_suffix(layer, direction)
-                shapes["weight_ih" + s] = (G, layer_in)
-                shapes["weight_hh" + s] = (G, H)
-                if self.bias:
-                    shapes["bias_ih" + s] = (G,)
-                    shapes["bias_hh" + s] = (G,)
-                shapes.update(self._norm_shapes(s))
-        return shapes
 
     def _names(self, suffix):
         """Names of one direction's parameters, in the kernels' argument order."""
@@ -126,15 +109,6 @@ class _LayerNormRNN(_RNNBase):
             _refuse(type(self).__name__, backend)
         return super().to(backend=backend, dtype=dtype)
 
-    def __repr__(self):
-        fields = {"num_layers": self.num_layers} if self.num_layers != 1 else {}
-        fields.update({flag: True for flag in ("batch_first", "bidirectional", "reverse")
-                       if getattr(self, flag)})
-        if not self.bias:
-            fields["bias"] = False
-        extra = "".join(f", {k}={v!r}" for k, v in fields.items())
-        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}, "
-                f"backend={self.backend!r}, dtype={self.dtype.name})")
 
     def _check_params(self):
         """Every parameter an ndarray of the layer's dtype and its shape, before any
@@ -191,8 +165,8 @@ class LayerNormLSTM(_LayerNormRNN):
     _base_cell = "lstm"
     _kernel = "layernorm_lstm"
 
-    def _norm_shapes(self, suffix) -> dict:
-        shapes = super()._norm_shapes(suffix)
+    def _extra_shapes(self, suffix) -> dict:
+        shapes = super()._extra_shapes(suffix)
         shapes["gamma_c" + suffix] = (self.hidden_size,)
         if self.bias:
             shapes["beta_c" + suffix] = (self.hidden_size,)

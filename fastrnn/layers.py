@@ -86,11 +86,16 @@ class _RNNBase(Recurrent):
         for layer, _, _, suffix in self._directions():
             layer_in = self.input_size if layer == 0 else self.num_directions * self._out_size
             shapes.update(self._gate_shapes(suffix, layer_in))
+            shapes.update(self._extra_shapes(suffix))
             if self.proj_size:   # torch's order: the projection after the biases
                 G = self._kind.gates * self.hidden_size
                 shapes["weight_hh" + suffix] = (G, self.proj_size)
                 shapes["weight_hr" + suffix] = (self.proj_size, self.hidden_size)
         return shapes
+
+    def _extra_shapes(self, suffix) -> dict:
+        """Parameters a layer family adds per layer and direction, after torch's four."""
+        return {}
 
     def _direction_options(self, suffix) -> dict:
         """Kernel keywords of one layer and direction: the cell's options, and the

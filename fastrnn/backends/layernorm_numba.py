@@ -30,7 +30,7 @@ import numpy as np
 
 from ._cblas import gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
-from .layernorm_reference import EPS
+from .layernorm_reference import EPS, _weight_grads
 from .numba_cpu import (_c, _carry_row, _copy_row, _final, _full_lengths, _mm, _project,
                         _recurrent_weight, _slots, _state_buffers, _zero_row)
 
@@ -231,14 +231,6 @@ def layernorm_lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh
         cache = (x, hs, cs, gates, xw, hhat, stats, w_ih, w_hh, gamma_ih, gamma_hh, gamma_c, b_c,
                  b_ih is not None, full, reverse)
     return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
-
-
-def _weight_grads(d_xw, d_hw, x, h_prev, w_ih):
-    T, B, I = x.shape
-    G = d_xw.shape[2]
-    d_xw2, d_hw2 = d_xw.reshape(T * B, G), d_hw.reshape(T * B, G)
-    return ((d_xw2 @ w_ih).reshape(T, B, I), d_xw2.T @ x.reshape(T * B, I),
-            d_hw2.T @ h_prev.reshape(T * B, -1))
 
 
 def layernorm_lstm_backward(d_out, d_h_n, d_c_n, cache):

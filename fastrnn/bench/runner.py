@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import engines, machine, worker
+from . import engines, worker
 from .cases import Case
 
 
@@ -61,41 +61,18 @@ class ProcessWorker:
 
 
 class LocalWorker:
-    """An engine in this process (protocol ``inprocess``)."""
+    """An engine in this process (protocol ``inprocess``): the worker's handler, called
+    directly, without its pause before timing (the engines are interleaved here)."""
 
     def __init__(self, name, threads, keep_blas_env=True):
-        self.name, self.threads = name, threads
-        self._cached = (None, None)
-        self.engine = engines.engine(name)
-        self.reason = self.engine.unavailable_reason()
-        if self.reason is None:
-            self.engine.setup(threads)
+        self.name = name
+        self.handler = worker.Handler(name, threads, settle_s=0.0)
 
     def ask(self, op, **request):
-        if op == "info":
-            return {"absent": self.reason, "blas": machine.blas_info(),
-                    "machine": machine.machine_info(), "modes": list(self.engine.modes),
-                    "precision": self.engine.precision, "variants": list(self.engine.variants),
-                    "env": {}}
-        if self.reason is not None:
-            raise WorkerError(f"{self.name} is absent: {self.reason}")
-        if op == "peak":
-            return {"gflops": machine.gemm_peak(request["dtype"])}
-        if op == "verify":
-            ok, err = engines.verify(self.engine, request["kind"], request["mode"],
-                                     request["dtype"], self.threads)
-            return {"ok": ok, "err": err}
-        if op == "verify_backend":
-            ok, err = engines.verify_backend(self.name, request["cells"], request["dtype"])
-            return {"ok": ok, "err": err}
-        if op == "time":
-            key = (repr(request["case"]), request["mode"])
-            if self._cached[0] != key:
-                self._cached = (key, self.engine.runner(Case(**request["case"]),
-                                                        request["mode"], self.threads))
-            return {"samples": worker.time_runs(self._cached[1], request["repeats"],
-                                                request["budget_s"])}
-        raise WorkerError(f"unknown request {op!r}")
+        answer = self.handler.handle(op, **request)
+        if "error" in answer:
+            raise WorkerError(answer["error"])
+        return answer
 
     def close(self):
         pass

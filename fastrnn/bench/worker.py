@@ -58,52 +58,60 @@ def time_runs(run, repeats: int, budget_s: float | None, warmup: int = 2) -> lis
     return samples
 
 
-def serve(name: str, threads: int, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    from . import engines, machine
-    from .cases import Case
+class Handler:
+    """One engine and its answers to requests: what a worker process serves, and what
+    the ``inprocess`` protocol calls directly."""
 
-    eng = engines.engine(name)
-    cached = [None, None]     # (key, runner) of the last point timed
-    reason = eng.unavailable_reason()
-    if reason is None:
-        eng.setup(threads)
+    def __init__(self, name: str, threads: int, settle_s: float = SETTLE_S):
+        from . import engines
+        self.name, self.threads, self.settle_s = name, threads, settle_s
+        self.engine = engines.engine(name)
+        self.reason = self.engine.unavailable_reason()
+        self._cached = (None, None)    # (key, runner) of the last point timed
+        if self.reason is None:
+            self.engine.setup(threads)
+
+    def handle(self, op: str, **request) -> dict:
+        """The answer to one request; an answer with "error" for a failed one."""
+        from . import engines, machine
+        from .cases import Case
+        if op == "info":
+            return {"absent": self.reason, "blas": machine.blas_info(),
+                    "machine": machine.machine_info(), "modes": list(self.engine.modes),
+                    "precision": self.engine.precision, "variants": list(self.engine.variants),
+                    "env": {k: os.environ.get(k) for k in machine.BLAS_OVERRIDES}}
+        if self.reason is not None:
+            return {"error": f"{self.name} is absent: {self.reason}"}
+        if op == "peak":
+            return {"gflops": machine.gemm_peak(request["dtype"])}
+        if op == "verify":
+            ok, err = engines.verify(self.engine, request["kind"], request["mode"],
+                                     request["dtype"], self.threads)
+            return {"ok": ok, "err": err}
+        if op == "verify_backend":
+            ok, err = engines.verify_backend(self.name, request["cells"], request["dtype"])
+            return {"ok": ok, "err": err}
+        if op == "time":
+            key = (json.dumps(request["case"], sort_keys=True), request["mode"])
+            fresh = self._cached[0] != key
+            if fresh:   # a later round of the same point reuses its runner
+                self._cached = (None, None)   # free the old runner before building
+                self._cached = (key, self.engine.runner(Case(**request["case"]),
+                                                        request["mode"], self.threads))
+            time.sleep(self.settle_s)
+            return {"samples": time_runs(self._cached[1], request["repeats"],
+                                         request.get("budget_s"), warmup=2 if fresh else 1)}
+        return {"error": f"unknown request {op!r}"}
+
+
+def serve(name: str, threads: int, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    handler = Handler(name, threads)
     for line in stdin:
         request = json.loads(line)
-        op = request["op"]
+        if request["op"] == "quit":
+            break
         try:
-            if op == "quit":
-                break
-            if op == "info":
-                info = machine.machine_info()
-                answer = {"absent": reason, "blas": machine.blas_info(), "machine": info,
-                          "modes": list(eng.modes), "precision": eng.precision,
-                          "variants": list(eng.variants),
-                          "env": {k: os.environ.get(k) for k in machine.BLAS_OVERRIDES}}
-            elif reason is not None:
-                answer = {"error": f"{name} is absent: {reason}"}
-            elif op == "peak":
-                answer = {"gflops": machine.gemm_peak(request["dtype"])}
-            elif op == "verify":
-                ok, err = engines.verify(eng, request["kind"], request["mode"],
-                                         request["dtype"], threads)
-                answer = {"ok": ok, "err": err}
-            elif op == "verify_backend":
-                ok, err = engines.verify_backend(name, request["cells"], request["dtype"])
-                answer = {"ok": ok, "err": err}
-            elif op == "time":
-                key = (json.dumps(request["case"], sort_keys=True), request["mode"])
-                fresh = cached[0] != key
-                if fresh:   # the same point again (a later round): same runner
-                    cached[:] = [None, None]   # free the old runner before building
-                    cached[:] = [key, eng.runner(Case(**request["case"]), request["mode"],
-                                                 threads)]
-                run = cached[1]
-                time.sleep(SETTLE_S)
-                samples = time_runs(run, request["repeats"], request.get("budget_s"),
-                                    warmup=2 if fresh else 1)
-                answer = {"samples": samples}
-            else:
-                answer = {"error": f"unknown request {op!r}"}
+            answer = handler.handle(**request)
         except Exception as exc:  # reported to the parent, which reports it to the user
             answer = {"error": f"{type(exc).__name__}: {exc}",
                       "traceback": traceback.format_exc(limit=5)}
