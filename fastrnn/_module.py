@@ -94,12 +94,17 @@ def _init_uniform(shapes, k, seed, xp, dtype) -> dict:
             for name, shape in shapes.items()}
 
 
+def _other_backends(name) -> str:
+    return " or ".join(f"backend={b!r}" for b in ("numba", "numpy") if b != name)
+
+
 class Module:
     """Parameters and gradients (dicts under torch's names), train/eval modes,
     state dicts, and moves between backends and dtypes."""
 
     def __init__(self, backend="auto", dtype=np.float32):
         self.dtype = _check_dtype(dtype)
+        self._refuse_backend(backend)
         self._backend = backends.get(backend)
         self.training = True
         self._pending = None
@@ -111,6 +116,20 @@ class Module:
         self.params = {k: self._xp.asarray(v.astype(self.dtype, order="C"))
                        for k, v in params.items()}
         self.grads = {k: self._xp.zeros_like(v) for k, v in self.params.items()}
+
+    def _unsupported(self, backend: str):
+        """Why this module's configuration has no kernels on ``backend`` (a resolved
+        name), or None: the one place a subclass names what a backend cannot run."""
+        return None
+
+    def _refuse_backend(self, backend):
+        """NotImplementedError with :meth:`_unsupported`'s reason, before anything is
+        loaded or changed; names that are not backends are left to ``backends.get``."""
+        name = backends.auto_name() if backend == "auto" else backend
+        why = self._unsupported(name) if name in backends.NAMES else None
+        if why:
+            raise NotImplementedError(f"{why}: the {name} backend has no kernels for it; "
+                                      f"use {_other_backends(name)}")
 
     def _forget(self):
         """Drop what train-mode calls recorded for backward."""
@@ -165,6 +184,8 @@ class Module:
 
         Parameters and gradients are converted; what was recorded is dropped.
         """
+        if backend is not None:
+            self._refuse_backend(backend)
         new_backend = self._backend if backend is None else backends.get(backend)
         new_dtype = self.dtype if dtype is None else _check_dtype(dtype)
 

@@ -144,11 +144,20 @@ def gradcheck(model, x, hx=None, lengths=None, *, eps=1e-6, atol=1e-7, rtol=1e-5
     w_states = tuple(xp.asarray(rng.standard_normal(s.shape)) for s in states)
 
     # The loss runs in eval mode (nothing recorded), unless train mode computes
-    # something else (dropout masks; a caller holds them fixed to check them).
-    stochastic = bool(getattr(m, "dropout", 0))
+    # something else (dropout or zoneout masks): then in train mode, with the copy's
+    # mask generator reseeded before every call, so every call draws the same masks
+    # and the check is exact for them.
+    stochastic = bool(getattr(m, "_stochastic", False))
+    mask_seed = int(rng.integers(2 ** 63))
+
+    def run():
+        if stochastic:
+            m.seed_dropout(mask_seed)
+        return m(x, hx if is_pair else hx[0], lengths)
 
     def loss():
-        o, s = (m.train() if stochastic else m.eval())(x, hx if is_pair else hx[0], lengths)
+        (m.train() if stochastic else m.eval())
+        o, s = run()
         m._forget()
         s = s if is_pair else (s,)
         total = float((o * w_out).sum())
@@ -157,7 +166,7 @@ def gradcheck(model, x, hx=None, lengths=None, *, eps=1e-6, atol=1e-7, rtol=1e-5
         return total
 
     m.train()
-    m(x, hx if is_pair else hx[0], lengths)
+    run()
     d_x, d_hx = m.backward(w_out, w_states if is_pair else w_states[0])
     d_hx = d_hx if is_pair else (d_hx,)
 

@@ -33,28 +33,12 @@ import importlib
 
 import numpy as np
 
-from . import backends
 from ._module import _init_uniform
 from .layers import _RNNBase
 
 #: The kernel module of each backend that has layer-norm kernels.
 _KERNEL_MODULES = {"numpy": "fastrnn.backends.layernorm_reference",
                    "numba": "fastrnn.backends.layernorm_numba"}
-
-
-def direction_suffix(layer, direction) -> str:
-    """torch's parameter-name suffix of a layer and direction: '_l0', '_l1_reverse'."""
-    return f"_l{layer}{'_reverse' if direction else ''}"
-
-
-def _refuse(cls_name, backend):
-    """NotImplementedError for a known backend without layer-norm kernels (cuda); an
-    unknown name is left to :func:`fastrnn.backends.get`, which raises ValueError."""
-    known = set(backends.available()) | set(backends.why_absent())
-    if isinstance(backend, str) and backend in known and backend not in _KERNEL_MODULES:
-        raise NotImplementedError(
-            f"{cls_name}: LayerNorm has no kernels for backend {backend!r}; use backend='numba' "
-            f"or 'numpy' (the CPU backends)")
 
 
 class _LayerNormRNN(_RNNBase):
@@ -68,11 +52,15 @@ class _LayerNormRNN(_RNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  bidirectional=False, reverse=False, backend="auto", dtype=np.float32,
                  seed=None):
-        _refuse(type(self).__name__, backend)
         super().__init__(self._base_cell, input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
                          backend=backend, dtype=dtype, seed=seed)
-        _refuse(type(self).__name__, self.backend)
+
+    def _unsupported(self, backend):
+        """Every backend without layer-norm kernels (cuda)."""
+        if backend not in _KERNEL_MODULES:
+            return f"{type(self).__name__}: LayerNorm"
+        return None
 
     def _initial_params(self, seed) -> dict:
         """torch's initialisation for the weights and biases; gains 1, shifts 0."""
@@ -101,13 +89,6 @@ class _LayerNormRNN(_RNNBase):
         module = importlib.import_module(_KERNEL_MODULES[self.backend])
         return (getattr(module, f"{self._kernel}_forward"),
                 getattr(module, f"{self._kernel}_backward"))
-
-    def to(self, backend=None, dtype=None):
-        """As :meth:`fastrnn.LSTM.to`; backends without layer-norm kernels raise
-        NotImplementedError and leave the layer unchanged."""
-        if backend is not None:
-            _refuse(type(self).__name__, backend)
-        return super().to(backend=backend, dtype=dtype)
 
 
     def _check_params(self):

@@ -36,8 +36,10 @@ class _RNNBase(Recurrent):
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, *, bias=True,
                  batch_first=False, bidirectional=False, reverse=False, dropout=0.0,
-                 backend="auto", dtype=np.float32, seed=None, **options):
+                 zoneout=0.0, backend="auto", dtype=np.float32, seed=None, **options):
         self.num_layers = _check_positive_int("num_layers", num_layers)
+        #: Zoneout rate of each state (h, and the LSTM's c); 0 is none.
+        self._zoneout = _check_zoneout(zoneout, backends.cell_kind(cell).states)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or \
                 not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
@@ -59,9 +61,47 @@ class _RNNBase(Recurrent):
         self.seed_dropout(None if seed is None else np.random.SeedSequence(seed).spawn(1)[0])
 
     def seed_dropout(self, seed=None):
-        """Reseed the generator of the dropout masks (``seed``: what numpy's
+        """Reseed the generator of the dropout and zoneout masks (``seed``: what numpy's
         ``default_rng`` takes; None draws fresh entropy)."""
         self._dropout_rng = _rng(seed)
+
+    @property
+    def _stochastic(self) -> bool:
+        """Whether a train-mode forward draws masks (dropout between layers, zoneout)."""
+        return bool(self.dropout and self.num_layers > 1) or any(self._zoneout)
+
+    @property
+    def zoneout(self):
+        """The zoneout rate: a float (RNN, GRU), a pair ``(z_h, z_c)`` (LSTM)."""
+        return self._zoneout if self._num_states == 2 else self._zoneout[0]
+
+    def _unsupported(self, backend):
+        if self.proj_size and backend == "cuda":
+            return "proj_size (LSTM projections)"
+        if any(self._zoneout):
+            if backend == "cuda":
+                return "zoneout"
+            if backend == "numba" and self.proj_size:
+                return "zoneout together with proj_size"
+            if backend == "numba" and not self._options.get("reset_after", True):
+                return "zoneout together with reset_after=False"
+        return None
+
+    def _zoneout_masks(self, T, B) -> dict:
+        """The zoneout keywords of one kernel call: per state, the weight of its previous
+        value, a 0/1 mask (T, B, width) drawn with probability z in train mode (the
+        layer's generator), z itself (1, 1, width) in eval mode."""
+        masks = {}
+        for name, z, width in zip(self._kind.zoneout_arrays, self._zoneout,
+                                  self._state_widths()):
+            if not z:
+                continue
+            if self.training:
+                mask = (self._dropout_rng.random((T, B, width)) < z).astype(self.dtype)
+            else:
+                mask = np.full((1, 1, width), z, dtype=self.dtype)
+            masks[name] = self._xp.asarray(mask)
+        return masks
 
     # ------------------------------------------------------------ structure
 
@@ -134,6 +174,8 @@ class _RNNBase(Recurrent):
                        if getattr(self, flag)})
         if self.dropout:
             fields["dropout"] = self.dropout
+        if any(self._zoneout):
+            fields["zoneout"] = self.zoneout
         fields.update(super()._repr_fields())
         return fields
 
@@ -283,6 +325,8 @@ class _RNNBase(Recurrent):
             for direction in range(D):
                 k = layer * D + direction
                 weights, options = self._direction_args(direction_suffix(layer, direction))
+                if any(self._zoneout):
+                    options = {**options, **self._zoneout_masks(T, B)}
                 out, finals, cache = run(
                     fwd, layer_input, tuple(s[k] for s in h0s), weights, options, lengths,
                     self._runs_reverse(direction),
@@ -448,16 +492,17 @@ class RNN(_RNNBase):
     """Elman RNN with tanh or ReLU: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
 
     Parameters as ``torch.nn.RNN``; plus ``reverse`` (one direction, backward in
-    time), ``backend`` ('auto', 'numpy', 'numba', 'cuda'), ``dtype`` (float32 or
-    float64) and ``seed``.
+    time), ``zoneout`` (a rate z in [0, 1), see :class:`LSTM`), ``backend`` ('auto',
+    'numpy', 'numba', 'cuda'), ``dtype`` (float32 or float64) and ``seed``.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", *,
                  bias=True, batch_first=False, bidirectional=False, reverse=False,
-                 dropout=0.0, backend="auto", dtype=np.float32, seed=None):
+                 dropout=0.0, zoneout=0.0, backend="auto", dtype=np.float32, seed=None):
         super().__init__(rnn_kind(nonlinearity), input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
-                         dropout=dropout, backend=backend, dtype=dtype, seed=seed)
+                         dropout=dropout, zoneout=zoneout, backend=backend, dtype=dtype,
+                         seed=seed)
         self.nonlinearity = nonlinearity
 
 
@@ -470,11 +515,19 @@ class LSTM(_RNNBase):
     ``weight_hr_l{k}`` (P, H); ``weight_hh_l{k}`` is (4H, P), ``h_n`` (L*D, B, P),
     ``c_n`` (L*D, B, H), the output D*P features. The cuda backend has no projection
     kernels: it raises NotImplementedError naming proj_size.
+
+    ``zoneout=(z_h, z_c)`` (Krueger et al. 2016; a single number z means (z, z)): in
+    train mode each unit of h and of c keeps its previous value with probability z_h,
+    z_c (masks from the layer's generator, :meth:`seed_dropout`, reused by backward),
+    ``c_t = k_c c_{t-1} + (1 - k_c) c~_t`` and ``h_t = k_h h_{t-1} + (1 - k_h) h~_t``
+    with ``h~_t = o * tanh(c~_t)``; in eval mode k is the rate itself (the expectation).
+    Every layer and direction has its own masks. The cuda backend has no zoneout
+    kernels (NotImplementedError).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, reverse=False, dropout=0.0, proj_size=0, backend="auto",
-                 dtype=np.float32, seed=None):
+                 bidirectional=False, reverse=False, dropout=0.0, zoneout=0.0, proj_size=0,
+                 backend="auto", dtype=np.float32, seed=None):
         if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral) or \
                 proj_size < 0:
             raise ValueError(f"proj_size must be a non-negative integer, got {proj_size!r}")
@@ -482,16 +535,10 @@ class LSTM(_RNNBase):
             raise ValueError(f"proj_size must be smaller than hidden_size, got proj_size="
                              f"{proj_size} and hidden_size={hidden_size}")
         self.proj_size = int(proj_size)
-        if self.proj_size:
-            _refuse_cuda_projection(backend)
         super().__init__("lstm", input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
-                         dropout=dropout, backend=backend, dtype=dtype, seed=seed)
-
-    def to(self, backend=None, dtype=None):
-        if self.proj_size and backend is not None:
-            _refuse_cuda_projection(backend)
-        return super().to(backend=backend, dtype=dtype)
+                         dropout=dropout, zoneout=zoneout, backend=backend, dtype=dtype,
+                         seed=seed)
 
 
 class GRU(_RNNBase):
@@ -499,16 +546,17 @@ class GRU(_RNNBase):
 
     ``reset_after=True`` (default) is PyTorch's and cuDNN's form,
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); ``reset_after=False`` is
-    Cho et al.'s, n = tanh(W_in x + b_in + W_hn (r * h) + b_hn).
+    Cho et al.'s, n = tanh(W_in x + b_in + W_hn (r * h) + b_hn). ``zoneout=z`` as
+    :class:`LSTM`'s for h (the numba backend: with ``reset_after=True`` only).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, reverse=False, dropout=0.0, backend="auto",
+                 bidirectional=False, reverse=False, dropout=0.0, zoneout=0.0, backend="auto",
                  dtype=np.float32, seed=None, reset_after=True):
         super().__init__("gru", input_size, hidden_size, num_layers, bias=bias,
                          batch_first=batch_first, bidirectional=bidirectional, reverse=reverse,
-                         dropout=dropout, backend=backend, dtype=dtype, seed=seed,
-                         reset_after=reset_after)
+                         dropout=dropout, zoneout=zoneout, backend=backend, dtype=dtype,
+                         seed=seed, reset_after=reset_after)
 
     @property
     def reset_after(self) -> bool:
@@ -517,10 +565,17 @@ class GRU(_RNNBase):
 
 
 
-def _refuse_cuda_projection(backend):
-    if backend == "cuda" or (backend == "auto" and backends.auto_name() == "cuda"):
-        raise NotImplementedError("proj_size: the cuda backend has no kernels for the LSTM "
-                                  "projection yet; use backend='numba' or 'numpy'")
+def _check_zoneout(value, states) -> tuple:
+    """Zoneout rates, one per state: a number in [0, 1), or for the LSTM (2 states) a
+    number or a pair ``(z_h, z_c)``."""
+    pair = states == 2 and isinstance(value, (tuple, list))
+    rates = tuple(value) if pair else (value,) * states
+    what = "a number in [0, 1) or a pair (z_h, z_c) of them" if states == 2 else \
+        "a number in [0, 1)"
+    if len(rates) != states or any(isinstance(z, bool) or not isinstance(z, numbers.Real) or
+                                   not 0 <= z < 1 for z in rates):
+        raise ValueError(f"zoneout must be {what}, got {value!r}")
+    return tuple(float(z) for z in rates)
 
 
 _FAMILIES = {cls.__name__: cls for cls in (RNN, LSTM, GRU)}

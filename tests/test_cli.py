@@ -35,7 +35,19 @@ def test_check_passes_and_prints_a_table(capsys):
     text = capsys.readouterr().out
     assert "reset_after=False" in text
     assert "reverse=True" in text
-    assert f"{7 * len(CPU_BACKENDS)} passed, 0 failed" in text
+    assert "zoneout=0.3" in text
+    assert f"{8 * len(CPU_BACKENDS)} passed, 0 failed, 0 not run" in text
+
+
+def test_check_reports_what_a_backend_has_no_kernels_for(capsys, monkeypatch):
+    """A configuration the backend refuses is listed as not run, not as a failure."""
+    monkeypatch.setattr(cli, "check_configs",
+                        lambda cells: iter([("gru", {"zoneout": 0.3, "reset_after": False}),
+                                            ("gru", {})]))
+    assert cli.main(["check", "--backends", "numba"]) == 0
+    text = capsys.readouterr().out
+    assert "not run (no kernels): numba gru: zoneout together with reset_after=False" in text
+    assert "1 passed, 0 failed, 1 not run" in text
 
 
 def test_bench_writes_rows_with_the_documented_fields(tmp_path, capsys):

@@ -18,6 +18,12 @@ w_hh       (G, H)          hidden-to-hidden weights (``weight_hh_l{k}``); (G, P)
 w_hr       (P, H) or None  LSTM only: the projection (``weight_hr_l{k}``, torch's
                            ``proj_size=P``); h0, h_n, out and d_* of them then have
                            P columns instead of H, c0 and c_n keep H
+zoneout_h  (T|1, B|1, H)   zoneout of h (Krueger et al. 2016): the weight of the
+           or None         previous state, ``h_t = k h_{t-1} + (1 - k) h~_t`` with
+                           ``h~_t`` the cell's new state; 0/1 masks in training,
+                           the rate z in inference; a size-1 axis broadcasts
+zoneout_c  (T|1, B|1, H)   LSTM only: the same for c; with it, h~_t uses the new
+           or None         c~_t before zoneout (as in Krueger et al.)
 b_ih, b_hh (G,) or None    biases; ``None`` when the layer has ``bias=False``
 lengths    (B,) or None    valid steps per sequence, ``0 <= lengths[b] <= T``
 out        (T, B, H)       hidden state after every step; 0 at padded steps
@@ -29,14 +35,16 @@ Every backend exposes, for each cell kind in :data:`CELLS`, one single-layer,
 single-direction pair of stateless functions::
 
     {cell}_forward(x, h0[, c0], w_ih, w_hh, b_ih, b_hh, lengths=None,
-                   reverse=False, training=True[, reset_after=True][, w_hr=None])
+                   reverse=False, training=True[, reset_after=True][, w_hr=None],
+                   zoneout_h=None[, zoneout_c=None])
         -> out, h_n[, c_n], cache
     {cell}_backward(d_out, d_h_n[, d_c_n], cache)
         -> d_x, d_h0[, d_c0], d_w_ih, d_w_hh, d_b_ih, d_b_hh[, d_w_hr]
 
 ``c0``/``c_n``/``d_c_n``/``d_c0`` exist for the LSTM only, ``reset_after``
-for the GRU only, ``w_hr`` for the LSTM only (``d_w_hr`` is returned when it
-was given). ``cache`` is ``None`` when ``training`` is false; it is
+for the GRU only, ``w_hr`` and ``zoneout_c`` for the LSTM only (``d_w_hr`` is
+returned when ``w_hr`` was given). The zoneout masks get no gradient; backward uses
+the ones the forward call was given. ``cache`` is ``None`` when ``training`` is false; it is
 opaque to callers and holds what backward needs (post-activation gates and
 states), so backward never recomputes a pre-activation. ``d_b_*`` are
 ``None`` when the biases are. Gradients in ``d_out`` at padded steps are
@@ -77,8 +85,13 @@ class CellKind(NamedTuple):
     #: Constructor options of the family that select this kind.
     options: tuple = ()
     #: Optional array arguments of the kernels (keywords, default None): the LSTM's
-    #: projection ``w_hr`` (P, H) (torch's ``proj_size``).
+    #: projection ``w_hr`` (P, H) (torch's ``proj_size``), the zoneout masks.
     optional_arrays: tuple = ()
+
+    @property
+    def zoneout_arrays(self) -> tuple:
+        """The optional arrays that are zoneout masks, one per state (h, and the LSTM's c)."""
+        return tuple(a for a in self.optional_arrays if a.startswith("zoneout_"))
 
     def constructor_options(self) -> dict:
         return dict(self.options)
@@ -87,10 +100,10 @@ class CellKind(NamedTuple):
 #: The registry of cell kinds: the kernel names of every backend are ``{kind}_forward``
 #: and ``{kind}_backward``.
 CELLS = {
-    "rnn_tanh": CellKind(1, 1, "RNN", (("nonlinearity", "tanh"),)),
-    "rnn_relu": CellKind(1, 1, "RNN", (("nonlinearity", "relu"),)),
-    "lstm": CellKind(4, 2, "LSTM", optional_arrays=("w_hr",)),
-    "gru": CellKind(3, 1, "GRU"),
+    "rnn_tanh": CellKind(1, 1, "RNN", (("nonlinearity", "tanh"),), ("zoneout_h",)),
+    "rnn_relu": CellKind(1, 1, "RNN", (("nonlinearity", "relu"),), ("zoneout_h",)),
+    "lstm": CellKind(4, 2, "LSTM", optional_arrays=("w_hr", "zoneout_h", "zoneout_c")),
+    "gru": CellKind(3, 1, "GRU", optional_arrays=("zoneout_h",)),
 }
 
 #: Kernel options a cell kind's functions take beyond the common ones, with defaults.
@@ -103,6 +116,8 @@ _MODULES = {
     "cuda": "fastrnn.backends.cuda",
 }
 _AUTO_ORDER = ("numba", "numpy")
+#: Every backend's name, whether or not it can run here.
+NAMES = tuple(_MODULES)
 
 
 def cell_kind(cell: str) -> CellKind:

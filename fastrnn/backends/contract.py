@@ -57,6 +57,15 @@ def _array(xp, name, a, shape, dtype):
     return a.dtype
 
 
+def _zoneout(xp, name, z, T, B, width, dtype):
+    """A zoneout mask: (T or 1, B or 1, width), the dtype of x; returned C-contiguous."""
+    _array(xp, name, z, (None, None, width), dtype)
+    if z.shape[0] not in (1, T) or z.shape[1] not in (1, B):
+        raise ValueError(f"{name} must have shape (T or 1, B or 1, {width}) = ({T} or 1, "
+                         f"{B} or 1, {width}), got {tuple(z.shape)}")
+    return z if z.flags.c_contiguous else xp.ascontiguousarray(z)
+
+
 def _flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -91,6 +100,7 @@ class _Signature:
                          **{name: None for name in kind.optional_arrays}}
         self.options = tuple(self.defaults)
         self.optional = kind.optional_arrays
+        self.zoneout = kind.zoneout_arrays
         self.flags = tuple(k for k in self.options[1:] if k not in self.optional)
 
     def bind(self, args, kwargs):
@@ -158,6 +168,9 @@ def check_forward(xp, cell, args, kwargs, signature=None):
         options["w_hr"] = w_hr if w_hr.flags.c_contiguous else xp.ascontiguousarray(w_hr)
     if H == 0 or I == 0:
         raise ValueError(f"input and hidden sizes must be >= 1, got I={I}, H={H}")
+    for name, width in zip(sig.zoneout, (P, H)):
+        if options.get(name) is not None:
+            options[name] = _zoneout(xp, name, options[name], T, B, width, dtype)
     G = sig.gates * H
     want = {"c0": (B, H), "w_ih": (G, I), "w_hh": (G, P), "b_ih": (G,), "b_hh": (G,)}
     b_ih, b_hh = arrays[-2], arrays[-1]

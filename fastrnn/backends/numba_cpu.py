@@ -392,6 +392,8 @@ def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu
 
 
 def _rnn_backward(d_out, d_h_n, cache):
+    if type(cache) is zoneout_numba.Cache:
+        return zoneout_numba.rnn_backward(d_out, d_h_n, cache)
     x, hs, w_ih, w_hh, has_bias, full, reverse, relu = cache
     T, B, _ = x.shape
     r = int(reverse)
@@ -404,13 +406,23 @@ def _rnn_backward(d_out, d_h_n, cache):
     return (grads[0], d_h) + grads[1:]
 
 
-def rnn_tanh_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
-    """Elman RNN, tanh: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+def rnn_tanh_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                     zoneout_h=None):
+    """Elman RNN, tanh: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh); zoneout
+    by :mod:`.zoneout_numba`."""
+    if zoneout_h is not None:
+        return zoneout_numba.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                         training, False, zoneout_h)
     return _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, False)
 
 
-def rnn_relu_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
-    """Elman RNN, ReLU: h_t = max(0, W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+def rnn_relu_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                     zoneout_h=None):
+    """Elman RNN, ReLU: h_t = max(0, W_ih x_t + b_ih + W_hh h_{t-1} + b_hh); zoneout
+    by :mod:`.zoneout_numba`."""
+    if zoneout_h is not None:
+        return zoneout_numba.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                         training, True, zoneout_h)
     return _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, True)
 
 
@@ -564,9 +576,16 @@ def _lstmp_backward_loop(gemm, d_out, d_h, d_c, w_hh, w_hr, lengths, reverse, cs
 
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                 w_hr=None):
+                 w_hr=None, zoneout_h=None, zoneout_c=None):
     """LSTM (gates i, f, g, o), with ``w_hr`` the projected LSTM: see
-    :func:`fastrnn.backends.reference.lstm_forward`."""
+    :func:`fastrnn.backends.reference.lstm_forward`; zoneout by :mod:`.zoneout_numba`
+    (not with ``w_hr``)."""
+    if zoneout_h is not None or zoneout_c is not None:
+        if w_hr is not None:
+            raise NotImplementedError("zoneout together with w_hr (proj_size): the numba "
+                                      "backend has no kernels for both; use backend='numpy'")
+        return zoneout_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                          training, zoneout_h, zoneout_c)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = c0.shape[1]
@@ -596,6 +615,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
 
 def lstm_backward(d_out, d_h_n, d_c_n, cache):
     """Backward of :func:`lstm_forward` (``d_w_hr`` last, with the projection)."""
+    if type(cache) is zoneout_numba.Cache:
+        return zoneout_numba.lstm_backward(d_out, d_h_n, d_c_n, cache)
     x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse, w_hr, ms = cache
     T, B, _ = x.shape
     r = int(reverse)
@@ -787,8 +808,15 @@ def _gru_backward_loop_reset_before(gemm, d_out, d_h, w_hrz, w_hn, lengths, reve
 
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                reset_after=True):
-    """GRU (gates r, z, n): see :func:`fastrnn.backends.reference.gru_forward`."""
+                reset_after=True, zoneout_h=None):
+    """GRU (gates r, z, n): see :func:`fastrnn.backends.reference.gru_forward`; zoneout
+    by :mod:`.zoneout_numba` (with ``reset_after=True`` only)."""
+    if zoneout_h is not None:
+        if not reset_after:
+            raise NotImplementedError("zoneout together with reset_after=False: the numba "
+                                      "backend has no kernels for both; use backend='numpy'")
+        return zoneout_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                         training, zoneout_h)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
@@ -822,6 +850,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
 
 def gru_backward(d_out, d_h_n, cache):
     """Backward of :func:`gru_forward`."""
+    if type(cache) is zoneout_numba.Cache:
+        return zoneout_numba.gru_backward(d_out, d_h_n, cache)
     x, hs, gates, hns, w_ih, w_hh, has_bias, full, reverse, reset_after = cache
     T, B, _ = x.shape
     H = hs.shape[2]
@@ -848,6 +878,9 @@ def gru_backward(d_out, d_h_n, cache):
             grads[2][2 * H:], 0.0)
     return (grads[0], d_h) + grads[1:]
 
+
+# The zoneout loops reuse this module's row passes: imported once they are defined.
+from . import zoneout_numba  # noqa: E402
 
 # ------------------------------------------------------------------ warm-up
 

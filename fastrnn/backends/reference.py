@@ -32,6 +32,23 @@ def _sigmoid(a):
     return np.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
 
 
+def _zone(z, t):
+    """Zoneout weight of the previous state at step ``t``, broadcastable to (B, width);
+    None without zoneout."""
+    return None if z is None else z[t if z.shape[0] > 1 else 0]
+
+
+def _zone_mix(k, prev, new):
+    """Zoneout: k h_{t-1} + (1 - k) h~_t."""
+    return new if k is None else k * prev + (1 - k) * new
+
+
+def _zone_split(k, d):
+    """The gradient ``d`` of a zoned-out state split into (the part of h~_t, the part
+    that goes straight to h_{t-1})."""
+    return (d, 0) if k is None else ((1 - k) * d, k * d)
+
+
 def _project(x, w_ih, bias):
     """Input projection of every step at once: x W_ih^T + bias, (T, B, G)."""
     T, B, I = x.shape
@@ -67,7 +84,7 @@ def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, b_ih):
 
 # ---------------------------------------------------------------- vanilla RNN
 
-def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu):
+def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu, zoneout_h):
     T, B, _ = x.shape
     H = h0.shape[1]
     r = int(reverse)
@@ -75,10 +92,15 @@ def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu
     out = np.zeros((T, B, H), dtype=x.dtype)
     hs = np.empty((T + 1, B, H), dtype=x.dtype)
     hs[r * T] = h0
+    # h~_t before zoneout, for the activation's derivative in backward
+    hhat = np.empty((T, B, H), dtype=x.dtype) if training and zoneout_h is not None else None
     h = h0
     for t in _steps(T, reverse):
         a = xw[t] + h @ w_hh.T
         h_new = np.maximum(a, 0) if relu else np.tanh(a)
+        if hhat is not None:
+            hhat[t] = h_new
+        h_new = _zone_mix(_zone(zoneout_h, t), h, h_new)
         m = _active(lengths, t, B)
         out[t] = np.where(m, h_new, 0)
         h = np.where(m, h_new, h)
@@ -87,7 +109,8 @@ def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu
     cache = None
     if training:
         cache = dict(x=x, hs=hs, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
-                     lengths=lengths, reverse=reverse, relu=relu)
+                     lengths=lengths, reverse=reverse, relu=relu, zoneout_h=zoneout_h,
+                     hhat=hhat)
     return out, h_n, cache
 
 
@@ -100,42 +123,49 @@ def _rnn_backward(d_out, d_h_n, cache):
     d_h = d_h_n.copy()
     for t in _steps(T, not reverse):
         m = _active(lengths, t, B)
-        h_new = hs[t + 1 - r]
-        d_h_total = d_out[t] + d_h
+        h_new = hs[t + 1 - r] if cache["hhat"] is None else cache["hhat"][t]
+        d_h_total, d_h_direct = _zone_split(_zone(cache["zoneout_h"], t), d_out[t] + d_h)
         if cache["relu"]:
             d_a[t] = np.where(m & (h_new > 0), d_h_total, 0)
         else:
             d_a[t] = np.where(m, d_h_total * (1 - h_new * h_new), 0)
-        d_h = np.where(m, d_a[t] @ w_hh, d_h)
+        d_h = np.where(m, d_a[t] @ w_hh + d_h_direct, d_h)
     d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _param_grads(
         d_a, d_a, x, hs[r:T + r], cache["w_ih"], cache["b_ih"])
     return d_x, d_h, d_w_ih, d_w_hh, d_b_ih, d_b_hh
 
 
-def rnn_tanh_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+def rnn_tanh_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                     zoneout_h=None):
     """Elman RNN with tanh, one layer, one direction.
 
     Equations
     ---------
     .. math:: h_t = \\tanh(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})
 
+    With ``zoneout_h`` (weights k): h_t = k h_{t-1} + (1 - k) tanh(...).
     Parameters and returns follow the contract of :mod:`fastrnn.backends`.
     """
-    return _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu=False)
+    return _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, False,
+                        zoneout_h)
 
 
-def rnn_relu_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+def rnn_relu_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                     zoneout_h=None):
     """Elman RNN with ReLU, one layer, one direction.
 
     Equations
     ---------
     .. math:: h_t = \\max(0, W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})
+
+    With ``zoneout_h`` as :func:`rnn_tanh_forward`.
     """
-    return _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu=True)
+    return _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, True,
+                        zoneout_h)
 
 
 def rnn_tanh_backward(d_out, d_h_n, cache):
-    """Backward of :func:`rnn_tanh_forward`, using tanh'(a) = 1 - h^2."""
+    """Backward of :func:`rnn_tanh_forward`, using tanh'(a) = 1 - h~^2 (h~ before zoneout)."""
     return _rnn_backward(d_out, d_h_n, cache)
 
 
@@ -147,7 +177,7 @@ def rnn_relu_backward(d_out, d_h_n, cache):
 # ----------------------------------------------------------------------- LSTM
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                 w_hr=None):
+                 w_hr=None, zoneout_h=None, zoneout_c=None):
     """LSTM, one layer, one direction, PyTorch's gate order i, f, g, o; with ``w_hr``
     (P, H) torch's LSTM with projections (``proj_size=P``).
 
@@ -160,8 +190,11 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         m_t = o \\odot \\tanh(c_t),\\quad h_t = W_{hr} m_t \\ (\\text{or } m_t \\text{ without } W_{hr})
 
     Shapes with ``w_hr``: ``h0``, ``h_n`` and ``out`` have P columns, ``w_hh`` is
-    (4H, P); ``c0`` and ``c_n`` keep H. The cache keeps the gates after activation,
-    ``tanh(c_t)``, ``m_t`` (with ``w_hr``) and the states.
+    (4H, P); ``c0`` and ``c_n`` keep H. With zoneout (weights ``k_c``, ``k_h``) the
+    values above are the new candidates c~_t, h~_t, and the states are
+    ``c_t = k_c c_{t-1} + (1 - k_c) c~_t``, ``h_t = k_h h_{t-1} + (1 - k_h) h~_t``.
+    The cache keeps the gates after activation, ``tanh(c~_t)``, ``m_t`` (with
+    ``w_hr``) and the states.
     """
     T, B, _ = x.shape
     H, P = c0.shape[1], h0.shape[1]
@@ -185,6 +218,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         tanh_c = np.tanh(c_new)
         m_t = o * tanh_c
         h_new = m_t if w_hr is None else m_t @ w_hr.T
+        c_new = _zone_mix(_zone(zoneout_c, t), c, c_new)
+        h_new = _zone_mix(_zone(zoneout_h, t), h, h_new)
         m = _active(lengths, t, B)
         out[t] = np.where(m, h_new, 0)
         h = np.where(m, h_new, h)
@@ -198,7 +233,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     cache = None
     if training:
         cache = dict(x=x, hs=hs, cs=cs, gates=gates, tanh_cs=tanh_cs, w_ih=w_ih, w_hh=w_hh,
-                     b_ih=b_ih, lengths=lengths, reverse=reverse, w_hr=w_hr, ms=ms)
+                     b_ih=b_ih, lengths=lengths, reverse=reverse, w_hr=w_hr, ms=ms,
+                     zoneout_h=zoneout_h, zoneout_c=zoneout_c)
     return out, h.copy(), c.copy(), cache
 
 
@@ -217,7 +253,8 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
 
     With projections ``\\delta h`` above is ``\\delta m = (\\partial L/\\partial h_t) W_{hr}``
     and ``\\partial L/\\partial W_{hr} = \\sum_t (\\partial L/\\partial h_t)^T m_t``, returned
-    last.
+    last. With zoneout the gradients of h_t and c_t split: ``(1 - k)`` of each goes
+    through the cell as above, ``k`` of each straight to ``h_{t-1}``, ``c_{t-1}``.
     """
     x, hs, cs, gates, tanh_cs = (cache[k] for k in ("x", "hs", "cs", "gates", "tanh_cs"))
     w_hh, lengths, reverse = cache["w_hh"], cache["lengths"], cache["reverse"]
@@ -232,11 +269,12 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
         m = _active(lengths, t, B)
         i, f, g, o = (gates[t, :, k * H:(k + 1) * H] for k in range(4))
         tanh_c, c_prev = tanh_cs[t], cs[t + r]
-        d_h_total = d_out[t] + d_h
+        d_h_total, d_h_direct = _zone_split(_zone(cache["zoneout_h"], t), d_out[t] + d_h)
+        d_c_in, d_c_direct = _zone_split(_zone(cache["zoneout_c"], t), d_c)
         if w_hr is not None:
             d_hp[t] = np.where(m, d_h_total, 0)
             d_h_total = d_h_total @ w_hr      # the gradient of m_t
-        d_c_total = d_c + d_h_total * o * (1 - tanh_c * tanh_c)
+        d_c_total = d_c_in + d_h_total * o * (1 - tanh_c * tanh_c)
         d_a_t = np.concatenate([
             d_c_total * g * i * (1 - i),
             d_c_total * c_prev * f * (1 - f),
@@ -244,8 +282,8 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
             d_h_total * tanh_c * o * (1 - o),
         ], axis=1)
         d_a[t] = np.where(m, d_a_t, 0)
-        d_h = np.where(m, d_a[t] @ w_hh, d_h)
-        d_c = np.where(m, d_c_total * f, d_c)
+        d_h = np.where(m, d_a[t] @ w_hh + d_h_direct, d_h)
+        d_c = np.where(m, d_c_total * f + d_c_direct, d_c)
     d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _param_grads(
         d_a, d_a, x, hs[r:T + r], cache["w_ih"], cache["b_ih"])
     if w_hr is None:
@@ -257,7 +295,7 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
 # ------------------------------------------------------------------------ GRU
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                reset_after=True):
+                reset_after=True, zoneout_h=None):
     """GRU, one layer, one direction, PyTorch's gate order r, z, n.
 
     Equations
@@ -271,7 +309,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
             \\quad \\text{(reset_after=False, Cho et al. 2014)}
         h_t = (1 - z) \\odot n + z \\odot h_{t-1}
 
-    The cache keeps r, z, n after activation, the states, and
+    With ``zoneout_h`` (weights k) that h_t is the candidate h~_t and
+    ``h_t = k h_{t-1} + (1 - k) h~_t``. The cache keeps r, z, n after activation, the states, and
     ``hn = W_hn h_{t-1} + b_hn`` (reset_after) or nothing more (``r * h``
     is a product of cached values).
     """
@@ -303,7 +342,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
             n = np.tanh(xw[t, :, 2 * H:] + r * hn)
         else:
             n = np.tanh(xw[t, :, 2 * H:] + (r * h) @ w_hn.T)
-        h_new = (1 - z) * n + z * h
+        h_new = _zone_mix(_zone(zoneout_h, t), h, (1 - z) * n + z * h)
         m = _active(lengths, t, B)
         out[t] = np.where(m, h_new, 0)
         h = np.where(m, h_new, h)
@@ -315,7 +354,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     cache = None
     if training:
         cache = dict(x=x, hs=hs, gates=gates, hns=hns, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
-                     lengths=lengths, reverse=reverse, reset_after=reset_after)
+                     lengths=lengths, reverse=reverse, reset_after=reset_after,
+                     zoneout_h=zoneout_h)
     return out, h.copy(), cache
 
 
@@ -347,7 +387,7 @@ def gru_backward(d_out, d_h_n, cache):
         m = _active(lengths, t, B)
         r, z, n = (gates[t, :, k * H:(k + 1) * H] for k in range(3))
         h_prev = hs[t + rev]
-        d_h_total = d_out[t] + d_h
+        d_h_total, d_h_direct = _zone_split(_zone(cache["zoneout_h"], t), d_out[t] + d_h)
         d_a_n = d_h_total * (1 - z) * (1 - n * n)
         d_a_z = d_h_total * (h_prev - n) * z * (1 - z)
         if reset_after:
@@ -364,7 +404,7 @@ def gru_backward(d_out, d_h_n, cache):
             d_h_prev = d_h_total * z + d_rh * r + d_a_h_t[:, :2 * H] @ w_hrz
         d_a_x[t] = np.where(m, np.concatenate([d_a_r, d_a_z, d_a_n], axis=1), 0)
         d_a_h[t] = np.where(m, d_a_h_t, 0)
-        d_h = np.where(m, d_h_prev, d_h)
+        d_h = np.where(m, d_h_prev + d_h_direct, d_h)
     h_prev_all = hs[rev:T + rev]
     d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _param_grads(
         d_a_x, d_a_h, x, h_prev_all, cache["w_ih"], cache["b_ih"])

@@ -242,6 +242,9 @@ def to_onnx(model, path=None, *, sequence_lens=False, initial_state=False, opset
     if is_cell(model):
         raise TypeError(f"model must be a fastrnn RNN, LSTM or GRU layer, got "
                         f"{type(model).__name__}")
+    if any(getattr(model, "_zoneout", ())):
+        raise ValueError(f"zoneout={model.zoneout!r}: ONNX's {cell_of(model).upper()} has no "
+                         f"zoneout (it changes eval mode too)")
     kind = family(cell)
     op = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}[kind]
     dtype = np.dtype(model.dtype)

@@ -78,12 +78,15 @@ def to_torch(layer, *, fused=False):
     ``fused=False`` gives ``torch.nn.RNN/LSTM/GRU`` (or the ``*Cell``);
     ``fused=True`` gives ``fastrnn.torch.RNN/LSTM/GRU``, which run fastrnn's
     kernels and can also hold a GRU with ``reset_after=False``. Raises
-    ValueError naming ``reverse`` (torch has no reverse-only layer) or
-    ``reset_after`` (False, with ``fused=False``).
+    ValueError naming ``reverse`` (torch has no reverse-only layer),
+    ``reset_after`` (False, with ``fused=False``) or ``zoneout``.
     """
     cell = cell_of(layer)
     dtype = torch.float64 if layer.dtype == np.float64 else torch.float32
     cell_like = is_cell(layer)
+    if any(getattr(layer, "_zoneout", ())):
+        raise ValueError(f"zoneout={layer.zoneout!r} has no torch equivalent (it changes eval "
+                         f"mode too); to export the weights alone, load its state_dict into a layer without zoneout")
     if cell == "gru" and not layer.reset_after and not (fused and not cell_like):
         raise ValueError("reset_after=False has no torch.nn equivalent; use "
                          "to_torch(layer, fused=True) for a layer (fastrnn.torch.GRU)")
