@@ -20,19 +20,27 @@ from fastrnn.bench import FULL_GRID
 from fastrnn.bench.machine import gemm_rate
 
 
-def loop_gemm_rate(M, N, K, repeats):
-    """GFLOP/s of the per-step product as the time loops call it: h @ W^T through
-    numba_cpu._mm, with W (N, K) as the weights are stored."""
+def loop_gemm_rate(M, N, K, repeats, stored=False):
+    """GFLOP/s of the per-step product h @ W^T through numba_cpu._mm: from W^T
+    transposed once (row-major (K, N), as the time loops now pass it), or with
+    ``stored`` from W (N, K) as the weights are stored (trans_b, as they did before)."""
     rng = np.random.default_rng(0)
     h = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
+    w_t = np.ascontiguousarray(w.T)
     out = np.empty((M, N), np.float32)
     gemm = numba_cpu.gemm_for(np.float32)
-    numba_cpu._mm(gemm, h, False, w, True, out, 0.0)
+
+    def call():
+        if stored:
+            numba_cpu._mm(gemm, h, False, w, True, out, 0.0)
+        else:
+            numba_cpu._mm(gemm, h, False, w_t, False, out, 0.0)
+    call()
     best = np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        numba_cpu._mm(gemm, h, False, w, True, out, 0.0)
+        call()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * M * N * K / best / 1e9
 
@@ -52,8 +60,11 @@ def main():
         print("  1 thread : 1024^3 %.0f | 32x2048x512 %.0f | 8x512x128 %.0f" % (
             gemm_rate(1024, 1024, 1024), gemm_rate(32, 2048, 512, repeats=20),
             gemm_rate(8, 512, 128, repeats=50)))
-        print("  1 thread, loop's call: 32x2048x512 %.0f | 8x512x128 %.0f" % (
-            loop_gemm_rate(32, 2048, 512, 20), loop_gemm_rate(8, 512, 128, 50)))
+        for label, stored in (("W^T, as the loops call it", False), ("W as stored", True)):
+            print("  1 thread, h @ W^T from %s: 32x2048x512 %.0f | 16x512x128 %.0f | "
+                  "8x128x32 %.0f" % (label, loop_gemm_rate(32, 2048, 512, 20, stored),
+                                     loop_gemm_rate(16, 512, 128, 50, stored),
+                                     loop_gemm_rate(8, 128, 32, 200, stored)))
     print("  all      : 1024^3 %.0f | 64x2048x512 %.0f | 16x512x128 %.0f" % (
         gemm_rate(1024, 1024, 1024), gemm_rate(64, 2048, 512, repeats=20),
         gemm_rate(16, 512, 128, repeats=50)))

@@ -92,8 +92,12 @@ def _mm(gemm, a, trans_a, b, trans_b, out, beta):
 #: this short an inner dimension, a compiled loop beats the BLAS call, whose
 #: overhead dominates a matrix-vector or outer product.
 _SMALL = 2
-#: Transposing W_hh once for the small-row loop pays off from this many steps.
+#: Transposing W_hh once (a copy of G * H values) pays off from this many steps: with
+#: the small-row loop (B <= _SMALL), and from fewer with OpenBLAS, whose per-step
+#: product h @ W^T runs 1.2-3.5x faster single-threaded from W^T stored row-major than
+#: from W (`python bench/row_split.py`, "per-step GEMM").
 _TRANSPOSE_FROM_T = 16
+_TRANSPOSE_FROM_T_BLAS = 4
 
 
 @_jit
@@ -120,9 +124,10 @@ def _mm_small(a, trans_a, b, trans_b, out, beta):
 
 
 def _recurrent_weight(w, B, T):
-    """(w, transpose flag) for the per-step product h @ w^T. The small-row loop
-    reads w^T fastest in rows, so for long enough sequences it is transposed once."""
-    if B <= _SMALL and T >= _TRANSPOSE_FROM_T:
+    """(w, transpose flag) for the per-step product h @ w^T. Both the small-row loop
+    and OpenBLAS read w^T fastest in rows, so for long enough sequences it is
+    transposed once."""
+    if T >= (_TRANSPOSE_FROM_T if B <= _SMALL else _TRANSPOSE_FROM_T_BLAS):
         return np.ascontiguousarray(w.T), False
     return w, True
 
