@@ -7,6 +7,14 @@
 //   lstm_persist_fwd_{train,infer}, lstm_persist_bwd.
 // The state gradient after step t is d_h_carry + d_h_gemm: rows of inactive steps have
 // d_a = 0, hence d_h_gemm = 0 there, and their d_h_carry holds the passed-through gradient.
+//
+// With the projection (torch's proj_size = P; stepwise only): m_t = o tanh(c_t), h_t = m_t W_hr^T,
+// h and its gradients [B,P], c [B,H]. The LSTM kernels run unchanged, with m for h:
+//   forward:  hw = h_prev W_hh^T, lstm_fwd (m_t as its out, a [B,H] scratch as its h state),
+//             hp = m_t W_hr^T (cuBLAS), lstm_proj_fwd (the masking of h_t and out_t).
+//   backward: lstm_proj_bwd (d_hp = dL/dh_t), d_m = d_hp W_hr (cuBLAS), lstm_bwd (d_m as
+//             its d_out, one zero [B,H] buffer as its d_h_gemm and d_h_carry),
+//             d_h_gemm = d_a W_hh (cuBLAS).
 #include "fastrnn_persist.cuh"
 
 namespace fastrnn {
@@ -116,6 +124,47 @@ __device__ __forceinline__ void lstm_bwd(int B, int H, int t, const int* lengths
     }
 }
 
+// The projection's forward of one step, after hp = m_t W_hr^T: the masking of the state
+// and the output, which lstm_fwd applied to m_t and c_t. n = B P elements.
+//   hp [B,P] in     h_prev, h_next, out [B,P]; h_next may alias h_prev
+template <typename T>
+__device__ __forceinline__ void lstm_proj_fwd(int B, int P, int t, const int* lengths,
+                                              const T* hp, const T* h_prev, T* h_next,
+                                              T* out) {
+    const int n = B * P;
+    for (int k = first_index(); k < n; k += index_stride()) {
+        if (t < lengths[k / P]) {
+            h_next[k] = hp[k];
+            out[k] = hp[k];
+        } else {
+            h_next[k] = h_prev[k];
+            out[k] = T(0);
+        }
+    }
+}
+
+// The projection's backward of one step, before d_m = d_hp W_hr: the gradient of h_t,
+// kept whole for d_w_hr = sum_t d_hp_t^T m_t. n = B P elements.
+//   d_out, d_h_gemm [B,P] in (d_h_gemm = d_a W_hh of the step processed before)
+//   d_h_carry [B,P] in/out: 0 where active, else the state gradient passed through
+//   d_hp      [B,P] out: dL/dh_t, 0 where inactive
+template <typename T>
+__device__ __forceinline__ void lstm_proj_bwd(int B, int P, int t, const int* lengths,
+                                              const T* d_out, const T* d_h_gemm,
+                                              T* d_h_carry, T* d_hp) {
+    const int n = B * P;
+    for (int k = first_index(); k < n; k += index_stride()) {
+        const T d_h = d_h_carry[k] + d_h_gemm[k];
+        if (t < lengths[k / P]) {
+            d_hp[k] = d_out[k] + d_h;
+            d_h_carry[k] = T(0);
+        } else {
+            d_hp[k] = T(0);
+            d_h_carry[k] = d_h;
+        }
+    }
+}
+
 // Persistent forward step of one element. Whole-sequence arrays:
 //   xw [T,B,4H]; cs [T+1,B,H] (training) or [B,H] updated in place (inference);
 //   out [T,B,H]; gates [T,B,4H], tanh_cs [T,B,H] (training)
@@ -179,6 +228,16 @@ struct LstmBackward {
         T* d_h_carry, T* d_c, const T* gates, const T* tanh_c, const T* c_prev, T* d_a) {       \
         fastrnn::lstm_bwd<T>(B, H, t, lengths, d_out, d_h_gemm, d_h_carry, d_c, gates, tanh_c,  \
                              c_prev, d_a);                                                      \
+    }                                                                                           \
+    extern "C" __global__ void fastrnn_lstm_proj_fwd_##SUFFIX(                                  \
+        int B, int P, int t, const int* lengths, const T* hp, const T* h_prev, T* h_next,       \
+        T* out) {                                                                               \
+        fastrnn::lstm_proj_fwd<T>(B, P, t, lengths, hp, h_prev, h_next, out);                   \
+    }                                                                                           \
+    extern "C" __global__ void fastrnn_lstm_proj_bwd_##SUFFIX(                                  \
+        int B, int P, int t, const int* lengths, const T* d_out, const T* d_h_gemm,             \
+        T* d_h_carry, T* d_hp) {                                                                \
+        fastrnn::lstm_proj_bwd<T>(B, P, t, lengths, d_out, d_h_gemm, d_h_carry, d_hp);          \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(FASTRNN_PERSIST_THREADS, 1)                    \
         fastrnn_lstm_persist_fwd_train_##SUFFIX(FASTRNN_PERSIST_PARAMS, const int* lengths,     \

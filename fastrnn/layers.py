@@ -76,8 +76,6 @@ class _RNNBase(Recurrent):
         return self._zoneout if self._num_states == 2 else self._zoneout[0]
 
     def _unsupported(self, backend):
-        if self.proj_size and backend == "cuda":
-            return "proj_size (LSTM projections)"
         if any(self._zoneout):
             if backend == "cuda":
                 return "zoneout"
@@ -513,8 +511,8 @@ class LSTM(_RNNBase):
     ``backend``, ``dtype`` and ``seed``. With ``proj_size=P`` (0 < P < H) it is
     torch's LSTM with projections: ``h_t = W_hr (o_t * tanh(c_t))`` with
     ``weight_hr_l{k}`` (P, H); ``weight_hh_l{k}`` is (4H, P), ``h_n`` (L*D, B, P),
-    ``c_n`` (L*D, B, H), the output D*P features. The cuda backend has no projection
-    kernels: it raises NotImplementedError naming proj_size.
+    ``c_n`` (L*D, B, H), the output D*P features. Every backend runs it (cuda: in its
+    stepwise time loop).
 
     ``zoneout=(z_h, z_c)`` (Krueger et al. 2016; a single number z means (z, z)): in
     train mode each unit of h and of c keeps its previous value with probability z_h,

@@ -51,16 +51,19 @@ TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
 # ------------------------------------------------------------------ problem set-up
 
-def make_problem(cell, T=6, B=5, I=4, H=7, bias=True, lengths=False, seed=0):
-    """float64 NumPy arguments of ``{cell}_forward`` and a random d_out, d_states."""
+def make_problem(cell, T=6, B=5, I=4, H=7, bias=True, lengths=False, seed=0, P=None):
+    """float64 NumPy arguments of ``{cell}_forward`` and a random d_out, d_states; with ``P``,
+    the LSTM's projection ``w_hr`` (P, H), and h, w_hh's rows and their gradients have P
+    columns."""
     rng = np.random.default_rng(seed)
     G = fastrnn.backends.gate_count(cell) * H
     S = fastrnn.backends.state_count(cell)
+    widths = (H if P is None else P, H)[:S]   # of h (and the LSTM's c)
     k = 1 / np.sqrt(H)
     args = dict(
         x=rng.standard_normal((T, B, I)),
-        states=[0.5 * rng.standard_normal((B, H)) for _ in range(S)],
-        w_ih=rng.uniform(-k, k, (G, I)), w_hh=rng.uniform(-k, k, (G, H)),
+        states=[0.5 * rng.standard_normal((B, width)) for width in widths],
+        w_ih=rng.uniform(-k, k, (G, I)), w_hh=rng.uniform(-k, k, (G, widths[0])),
         b_ih=rng.uniform(-k, k, G) if bias else None,
         b_hh=rng.uniform(-k, k, G) if bias else None,
         lengths=None)
@@ -68,8 +71,10 @@ def make_problem(cell, T=6, B=5, I=4, H=7, bias=True, lengths=False, seed=0):
         lens = rng.integers(0, T + 1, size=B)
         lens[0], lens[-1] = T, 0   # a full sequence and an empty one
         args["lengths"] = lens.astype(np.int64)
-    d_out = rng.standard_normal((T, B, H))
-    d_states = [rng.standard_normal((B, H)) for _ in range(S)]
+    d_out = rng.standard_normal((T, B, widths[0]))
+    d_states = [rng.standard_normal((B, width)) for width in widths]
+    if P is not None:
+        args["w_hr"] = rng.uniform(-k, k, (P, H))
     return args, d_out, d_states
 
 
@@ -79,6 +84,8 @@ def run(module, cell, args, d_out, d_states, reverse, training, reset_after, con
     bwd = getattr(module, f"{cell}_backward")
     extra = {} if reset_after is None else {"reset_after": reset_after}
     c = convert
+    if args.get("w_hr") is not None:
+        extra["w_hr"] = c(args["w_hr"])
     lengths = args["lengths"]
     result = fwd(c(args["x"]), *map(c, args["states"]), c(args["w_ih"]), c(args["w_hh"]),
                  None if args["b_ih"] is None else c(args["b_ih"]),
@@ -114,7 +121,7 @@ def check_against_reference(convert_for, dtype, cell, reset_after, reverse, bias
               convert_for(dtype))
     assert_close(got, want, TOL[dtype],
                  f"{cell} reset_after={reset_after} reverse={reverse} bias={bias} "
-                 f"lengths={lengths} training={training} {np.dtype(dtype).name}")
+                 f"lengths={lengths} training={training} {np.dtype(dtype).name} {shape}")
 
 
 OPTIONS = [(reverse, bias, lengths) for reverse in (False, True) for bias in (True, False)
@@ -228,6 +235,73 @@ def to_host(dtype):
 def test_host_loop_matches_reference(host_runtime, cell, reset_after, dtype):
     for option in each_option():
         check_against_reference(to_host, dtype, cell, reset_after, *option)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_host_loop_with_projection_matches_reference(host_runtime, dtype):
+    """The LSTM's projection (w_hr, torch's proj_size) on the stepwise loop: out, h_n, c_n and
+    every gradient, d_w_hr last, for every option; one step, one sequence, P = 1."""
+    for option in each_option():
+        check_against_reference(to_host, dtype, "lstm", None, *option, P=3)
+    for T, B in ((1, 1), (1, 3), (4, 1)):
+        for reverse in (False, True):
+            check_against_reference(to_host, dtype, "lstm", None, reverse, False, True, True,
+                                    T=T, B=B, P=3)
+    check_against_reference(to_host, dtype, "lstm", None, True, True, True, True, P=1)
+
+
+def test_projection_runs_stepwise_under_auto(host_runtime, monkeypatch):
+    """"auto" takes the stepwise loop for w_hr, and still the persistent one without it."""
+    monkeypatch.setattr(cuda, "_algorithm", "auto")
+    check_against_reference(to_host, np.float64, "lstm", None, False, True, True, True, H=8,
+                            P=4)
+    assert sorted(set(host_runtime.launches)) == [
+        "fastrnn_lstm_bwd_f64", "fastrnn_lstm_fwd_train_f64", "fastrnn_lstm_proj_bwd_f64",
+        "fastrnn_lstm_proj_fwd_f64"]
+    host_runtime.launches.clear()
+    check_against_reference(to_host, np.float64, "lstm", None, False, True, True, True, H=8)
+    assert host_runtime.launches == ["fastrnn_lstm_persist_fwd_train_f64",
+                                     "fastrnn_lstm_persist_bwd_f64"]
+
+
+def test_persistent_refuses_the_projection(host_runtime, monkeypatch):
+    """The persistent loop has no projection: NotImplementedError naming w_hr and why, before
+    any launch, in forward and for a backward of a stepwise forward's cache."""
+    args, d_out, (d_h_n, d_c_n) = make_problem("lstm", H=8, P=4)
+    forward = lambda: cuda.lstm_forward(  # noqa: E731
+        args["x"], *args["states"], args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"],
+        w_hr=args["w_hr"])
+    refusal = r"w_hr \(proj_size\): the persistent algorithm has no LSTM projection.*barrier"
+    monkeypatch.setattr(cuda, "_algorithm", "persistent")
+    with pytest.raises(NotImplementedError, match=refusal):
+        forward()
+    assert host_runtime.launches == []
+    monkeypatch.setattr(cuda, "_algorithm", "stepwise")
+    *_, cache = forward()
+    host_runtime.launches.clear()
+    monkeypatch.setattr(cuda, "_algorithm", "persistent")
+    with pytest.raises(NotImplementedError, match=refusal):
+        cuda.lstm_backward(d_out, d_h_n, d_c_n, cache)
+    assert host_runtime.launches == []
+
+
+@pytest.mark.parametrize("cell, reset_after", CASES)
+def test_zoneout_is_refused(host_runtime, cell, reset_after):
+    """The contract's zoneout masks have no cuda kernels: NotImplementedError naming zoneout,
+    before any launch, rather than a silent run without them."""
+    args, _, _ = make_problem(cell)
+    extra = {} if reset_after is None else {"reset_after": reset_after}
+    forward = getattr(cuda, f"{cell}_forward")
+    masks = fastrnn.backends.CELLS[cell].zoneout_arrays
+    assert masks and "zoneout_h" in masks
+    for name in masks:
+        with pytest.raises(NotImplementedError, match=rf"zoneout \({name}\): the cuda backend "
+                                                      rf"has no zoneout kernels"):
+            forward(args["x"], *args["states"], args["w_ih"], args["w_hh"], args["b_ih"],
+                    args["b_hh"], **extra, **{name: np.ones((1, 1, 7))})
+    assert host_runtime.launches == []
+    forward(args["x"], *args["states"], args["w_ih"], args["w_hh"], args["b_ih"],
+            args["b_hh"], **extra, **{name: None for name in masks})   # None is no zoneout
 
 
 def test_host_loop_single_step_and_unit_batch(host_runtime):
@@ -368,13 +442,13 @@ def test_stepwise_loop_finds_and_checks_each_kernel_once_per_sequence(host_runti
     monkeypatch.setattr(checks, "launch_arguments",
                         lambda name, args: (checked.append(name), check(name, args))[1])
     T = 6
-    for cell, reset_after in CASES:
+    for cell, reset_after, shape in [(*case, {}) for case in CASES] + [("lstm", None, {"P": 3})]:
         for training in (True, False):
             host_runtime.launches.clear()
             host_runtime.found.clear()
             checked.clear()
             check_against_reference(to_host, np.float64, cell, reset_after, False, True, True,
-                                    training, T=T)
+                                    training, T=T, **shape)
             kernels = sorted(set(host_runtime.launches))
             assert sorted(host_runtime.found) == kernels, cell
             assert sorted(checked) == kernels, cell
@@ -620,6 +694,18 @@ def test_gpu_matches_reference(gpu_algorithm, cell, reset_after, dtype):
 
 @pytest.mark.cuda
 @gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_projection_matches_reference(gpu_algorithm, dtype):
+    """The LSTM's projection (w_hr): stepwise under both algorithms ("auto" must not refuse
+    it), every option, and a shape of several blocks (B P and B H not multiples of 256)."""
+    for option in each_option():
+        check_against_reference(to_device, dtype, "lstm", None, *option, H=8, P=3)
+    check_against_reference(to_device, dtype, "lstm", None, True, True, True, True,
+                            T=9, B=33, I=40, H=132, P=50)
+
+
+@pytest.mark.cuda
+@gpu
 @pytest.mark.parametrize("cell, reset_after", CASES)
 @pytest.mark.parametrize("B, H", [(33, 132), (3, 1024), (150, 1024)])
 def test_gpu_larger_shapes(gpu_algorithm, cell, reset_after, B, H):
@@ -711,6 +797,50 @@ def test_gpu_layers_match_numpy_layers(kind):
                                    err_msg=name)
     back = dev.copy(backend="numpy")
     assert all(isinstance(v, np.ndarray) for v in back.state_dict().values())
+
+
+def projected_lstm_layers(to_device, fetch):
+    """fastrnn.LSTM(proj_size=4), 2 layers, both directions, lengths, on the cuda backend
+    against the same layer on numpy: outputs, final states and every gradient."""
+    rng = np.random.default_rng(4)
+    T, B, I, H, P = 5, 4, 3, 6, 4
+    ref = fastrnn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, backend="numpy",
+                       dtype=np.float64, seed=3)
+    try:
+        dev = ref.copy(backend="cuda")
+    except NotImplementedError as exc:   # fastrnn/layers.py refused proj_size on cuda
+        pytest.skip(f"the layers refuse proj_size on cuda: {exc}")
+    x = rng.standard_normal((T, B, I))
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[0] = T
+    out_ref, (h_ref, c_ref) = ref(x, lengths=lengths)
+    out_dev, (h_dev, c_dev) = dev(to_device(x), lengths=lengths)
+    assert out_ref.shape == (T, B, 2 * P) and h_ref.shape == (4, B, P)
+    for got, want in ((out_dev, out_ref), (h_dev, h_ref), (c_dev, c_ref)):
+        np.testing.assert_allclose(fetch(got), want, rtol=1e-10, atol=1e-12)
+    d_out = rng.standard_normal(out_ref.shape)
+    d_x_ref, _ = ref.backward(d_out)
+    d_x_dev, _ = dev.backward(to_device(d_out))
+    np.testing.assert_allclose(fetch(d_x_dev), d_x_ref, rtol=1e-9, atol=1e-12)
+    assert any(name.startswith("weight_hr") for name in ref.grads)
+    for name, g in ref.grads.items():
+        np.testing.assert_allclose(fetch(dev.grads[name]), g, rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_projected_layers_match_numpy_layers():
+    import cupy
+    projected_lstm_layers(cupy.asarray, cupy.asnumpy)
+
+
+def test_host_loop_under_the_projected_layers(host_runtime, monkeypatch):
+    """fastrnn.LSTM(proj_size=...) with backend="cuda" on the host emulation (arrays stay
+    NumPy); skipped while the layers still refuse proj_size on cuda."""
+    monkeypatch.setattr(cuda, "xp", np)
+    monkeypatch.setitem(fastrnn.backends._loaded, "cuda", fastrnn.backends.Backend("cuda", cuda))
+    projected_lstm_layers(np.asarray, np.asarray)
 
 
 @pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm", "gru", "gru_reset_before"])

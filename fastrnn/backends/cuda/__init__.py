@@ -35,6 +35,12 @@ Two algorithms run that loop (:func:`set_algorithm`):
 Both algorithms write the same cache, so a forward of one may be followed by a
 backward of the other.
 
+The LSTM's projection ``w_hr`` (torch's proj_size) runs stepwise: per step a second
+GEMM ``h_t = m_t W_hr^T`` after the pointwise kernel, and a small kernel that masks
+``h_t`` and ``out_t``. The persistent loop refuses it (NotImplementedError: it would
+need a second grid barrier per step); ``"auto"`` runs it stepwise. The zoneout masks
+of the contract (``zoneout_h``, ``zoneout_c``) have no kernels here: NotImplementedError.
+
 Modules, one concern each:
 
 =============  ===================================================================
@@ -149,17 +155,31 @@ def _call(loop, dtype, *args):
         return loop(rt, _algorithm, *args)
 
 
-def rnn_tanh_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+def _refuse_zoneout(**masks):
+    """NotImplementedError for any zoneout mask given: running without it would be
+    silently wrong, so the call stops before any work."""
+    given = [name for name, mask in masks.items() if mask is not None]
+    if given:
+        raise NotImplementedError(f"zoneout ({', '.join(given)}): the cuda backend has no "
+                                  f"zoneout kernels; use backend='numba' or 'numpy'")
+
+
+def rnn_tanh_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                     zoneout_h=None):
     """Elman RNN with tanh on the GPU: ``h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``.
 
     Arrays are CuPy arrays; shapes, returns and masking follow :mod:`fastrnn.backends`.
+    ``zoneout_h`` has no kernels here: NotImplementedError.
     """
+    _refuse_zoneout(zoneout_h=zoneout_h)
     return _call(loops.rnn_forward, getattr(x, "dtype", None), "rnn_tanh", x, h0, w_ih, w_hh,
                  b_ih, b_hh, lengths, reverse, training)
 
 
-def rnn_relu_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+def rnn_relu_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                     zoneout_h=None):
     """Elman RNN with ReLU on the GPU: ``h_t = max(0, W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``."""
+    _refuse_zoneout(zoneout_h=zoneout_h)
     return _call(loops.rnn_forward, getattr(x, "dtype", None), "rnn_relu", x, h0, w_ih, w_hh,
                  b_ih, b_hh, lengths, reverse, training)
 
@@ -175,33 +195,35 @@ def rnn_relu_backward(d_out, d_h_n, cache):
 
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                 w_hr=None):
-    """LSTM on the GPU, PyTorch's gate order i, f, g, o. The projection ``w_hr``
-    (torch's proj_size) has no CUDA kernels yet: NotImplementedError.
+                 w_hr=None, zoneout_h=None, zoneout_c=None):
+    """LSTM on the GPU, PyTorch's gate order i, f, g, o; with ``w_hr`` (P, H) torch's
+    LSTM with projections (``proj_size=P``), on the stepwise loop only.
 
     Equations
     ---------
     .. math::
         [a_i, a_f, a_g, a_o] = W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}
         c_t = \\sigma(a_f) c_{t-1} + \\sigma(a_i) \\tanh(a_g),\\quad
-        h_t = \\sigma(a_o) \\tanh(c_t)
+        m_t = \\sigma(a_o) \\tanh(c_t),\\quad
+        h_t = W_{hr} m_t \\ (\\text{or } m_t \\text{ without } W_{hr})
 
-    Arrays are CuPy arrays; shapes, returns and masking follow :mod:`fastrnn.backends`.
+    Arrays are CuPy arrays; shapes, returns and masking follow :mod:`fastrnn.backends`
+    (with ``w_hr``: h0, h_n, out and w_hh have P columns, c0 and c_n keep H). The
+    zoneout masks have no kernels here: NotImplementedError.
     """
-    if w_hr is not None:
-        raise NotImplementedError("w_hr (proj_size): the cuda backend has no kernels for the "
-                                  "LSTM projection yet; use the numba or numpy backend")
+    _refuse_zoneout(zoneout_h=zoneout_h, zoneout_c=zoneout_c)
     return _call(loops.lstm_forward, getattr(x, "dtype", None), x, h0, c0, w_ih, w_hh, b_ih,
-                 b_hh, lengths, reverse, training)
+                 b_hh, lengths, reverse, training, w_hr)
 
 
 def lstm_backward(d_out, d_h_n, d_c_n, cache):
-    """Backward of :func:`lstm_forward`: ``(d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh)``."""
+    """Backward of :func:`lstm_forward`: ``(d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh)``,
+    and ``d_w_hr`` last when the forward call had ``w_hr``."""
     return _call(loops.lstm_backward, getattr(d_out, "dtype", None), d_out, d_h_n, d_c_n, cache)
 
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                reset_after=True):
+                reset_after=True, zoneout_h=None):
     """GRU on the GPU, PyTorch's gate order r, z, n.
 
     Equations
@@ -216,7 +238,9 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         h_t = (1 - z) \\odot n + z \\odot h_{t-1}
 
     Arrays are CuPy arrays; shapes, returns and masking follow :mod:`fastrnn.backends`.
+    ``zoneout_h`` has no kernels here: NotImplementedError.
     """
+    _refuse_zoneout(zoneout_h=zoneout_h)
     return _call(loops.gru_forward, getattr(x, "dtype", None), x, h0, w_ih, w_hh, b_ih, b_hh,
                  lengths, reverse, training, reset_after)
 

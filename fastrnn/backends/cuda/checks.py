@@ -44,24 +44,35 @@ def device_array(xp, name, a, shape, dtype):
     return xp.ascontiguousarray(a)
 
 
-def forward(xp, cell, x, states, w_ih, w_hh, b_ih, b_hh):
-    """Check the forward arguments of ``cell``; return contiguous copies and ``(T, B, I, H)``."""
+def forward(xp, cell, x, states, w_ih, w_hh, b_ih, b_hh, w_hr=None):
+    """Check the forward arguments of ``cell``; return contiguous copies and ``(T, B, I, H, P)``.
+
+    With the LSTM's projection ``w_hr`` (P, H), h0 and w_hh have P columns and c0 has H
+    (the width of c0 sets H); without it P = H.
+    """
     _ndarray(xp, "x", x, ("T", "B", "I"))
     suffix(x.dtype)
     T, B, I = x.shape
-    _ndarray(xp, "h0", states[0], ("B", "H"))
-    H = states[0].shape[1]
+    _ndarray(xp, "h0", states[0], ("B", "H" if w_hr is None else "P"))
+    P = states[0].shape[1]
+    if w_hr is None:
+        H = P
+    else:
+        _ndarray(xp, "c0", states[1], ("B", "H"))
+        H = states[1].shape[1]
+        w_hr = device_array(xp, "w_hr", w_hr, (P, H), x.dtype)
     G = gate_count(cell) * H
     names = ("h0", "c0")[:state_count(cell)]
-    states = tuple(device_array(xp, n, s, (B, H), x.dtype) for n, s in zip(names, states))
+    states = tuple(device_array(xp, n, s, (B, width), x.dtype)
+                   for n, s, width in zip(names, states, (P, H)))
     w_ih = device_array(xp, "w_ih", w_ih, (G, I), x.dtype)
-    w_hh = device_array(xp, "w_hh", w_hh, (G, H), x.dtype)
+    w_hh = device_array(xp, "w_hh", w_hh, (G, P), x.dtype)
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be arrays or both be None")
     if b_ih is not None:
         b_ih = device_array(xp, "b_ih", b_ih, (G,), x.dtype)
         b_hh = device_array(xp, "b_hh", b_hh, (G,), x.dtype)
-    return xp.ascontiguousarray(x), states, w_ih, w_hh, b_ih, b_hh, (T, B, I, H)
+    return xp.ascontiguousarray(x), states, w_ih, w_hh, b_ih, b_hh, w_hr, (T, B, I, H, P)
 
 
 def lengths(xp, lengths, T, B):
@@ -84,11 +95,12 @@ def backward(xp, cache, d_out, d_states):
         raise ValueError("cache is None: backward needs a forward call with training=True")
     x = cache["x"]
     T, B, _ = x.shape
-    H = cache["hs"].shape[2]
-    d_out = device_array(xp, "d_out", d_out, (T, B, H), x.dtype)
+    # the widths of h and of the LSTM's c: P and H with the projection
+    widths = tuple(cache[k].shape[2] for k in ("hs", "cs") if k in cache)
+    d_out = device_array(xp, "d_out", d_out, (T, B, widths[0]), x.dtype)
     names = ("d_h_n", "d_c_n")
-    return d_out, tuple(device_array(xp, n, s, (B, H), x.dtype)
-                        for n, s in zip(names, d_states))
+    return d_out, tuple(device_array(xp, n, s, (B, width), x.dtype)
+                        for n, s, width in zip(names, d_states, widths))
 
 
 def launch_arguments(name, args):

@@ -3,8 +3,8 @@ unit and device, from the fatbin when it has code for the device, else from NVRT
 
 A *unit* is one source file, ``csrc/fastrnn_{unit}.cu``: the family of its cells in the
 registry (``rnn`` for ``rnn_tanh`` and ``rnn_relu``, ``lstm``, ``gru``). A kernel is
-``fastrnn_{cell}_{stage}_{f32|f64}``, its stage one of :data:`STAGES` (plus the GRU's
-:data:`EXTRA_STAGES`).
+``fastrnn_{cell}_{stage}_{f32|f64}``, its stage one of :data:`STAGES` (plus the GRU's and
+the LSTM's :data:`EXTRA_STAGES`).
 
 Modules are memoized per device with ``cupy.memoize(for_each_device=True)``:
 ``cupy.RawModule(path=...)`` on the fatbin built by CMake when it holds SASS for the
@@ -36,8 +36,10 @@ SUFFIXES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 STAGES = tuple(f"{loop}{kind}" for loop in ("", "persist_")
                for kind in ("fwd_train", "fwd_infer", "bwd"))
 
-#: Stages of one cell only: the GRU's reset_after=False path (two kernels per step).
-EXTRA_STAGES = {"gru": ("rb_rz_fwd", "rb_n_fwd", "rb_n_bwd", "rb_r_bwd")}
+#: Stages of one cell only (stepwise): the GRU's reset_after=False path (two kernels per
+#: step), the masking passes of the LSTM's projection ``w_hr`` (torch's proj_size).
+EXTRA_STAGES = {"gru": ("rb_rz_fwd", "rb_n_fwd", "rb_n_bwd", "rb_r_bwd"),
+                "lstm": ("proj_fwd", "proj_bwd")}
 
 
 def unit_of(cell: str) -> str:

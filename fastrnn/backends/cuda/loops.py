@@ -10,6 +10,7 @@ takes the runtime ``rt`` (:mod:`.runtime`) and the chosen ``algorithm``.
   and launches.
 * Persistent: one launch per direction for the whole sequence (:mod:`.planner` says
   whether it fits; ``algorithm="auto"`` falls back to the stepwise loop where not).
+  The LSTM's projection ``w_hr`` (torch's proj_size) runs stepwise only.
 
 Both write the same cache, so a forward of one may be followed by a backward of the other.
 """
@@ -25,9 +26,23 @@ from .loader import kernel_name, unit_of
 from .planner import persistent_plan
 
 
-def _plan(rt, algorithm, cell, T, B, H, dtype, backward, reset_after=True):
-    """The persistent plan to use, or None for the stepwise loop."""
-    if algorithm == "stepwise" or T == 0:
+def _plan(rt, algorithm, cell, T, B, H, dtype, backward, reset_after=True, projected=False):
+    """The persistent plan to use, or None for the stepwise loop.
+
+    The LSTM's projection (``projected``) has no persistent kernels: ``"auto"`` runs it
+    stepwise, ``"persistent"`` refuses it.
+    """
+    if algorithm == "stepwise":
+        return None
+    if projected:
+        if algorithm == "persistent":
+            raise NotImplementedError(
+                "w_hr (proj_size): the persistent algorithm has no LSTM projection: "
+                "h_t = m_t W_hr^T needs m_t of every hidden unit, computed by every block, "
+                "before any block can form h_t (a second grid barrier per step); use "
+                "set_algorithm('auto') or 'stepwise', which run it stepwise")
+        return None
+    if T == 0:
         return None
     plan, why = persistent_plan(cell, B, H, dtype, backward, reset_after,
                                 limits=rt.persistent_limits())
@@ -104,7 +119,7 @@ def _param_grads(rt, d_a_x, d_a_h, x, h_prev, w_ih, has_bias):
 def rnn_forward(rt, algorithm, cell, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                 training):
     """``rnn_tanh`` or ``rnn_relu`` (``cell``): the kernels differ, the loop does not."""
-    x, (h0,), w_ih, w_hh, b_ih, b_hh, (T, B, I, H) = checks.forward(
+    x, (h0,), w_ih, w_hh, b_ih, b_hh, _, (T, B, I, H, _) = checks.forward(
         rt.xp, cell, x, (h0,), w_ih, w_hh, b_ih, b_hh)
     xp, r, sfx = rt.xp, int(reverse), checks.suffix(x.dtype)
     lens = checks.lengths(xp, lengths, T, B)
@@ -166,15 +181,19 @@ def rnn_backward(rt, algorithm, d_out, d_h_n, cache):
 # ------------------------------------------------------------------ LSTM
 
 def lstm_forward(rt, algorithm, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                 training):
-    x, (h0, c0), w_ih, w_hh, b_ih, b_hh, (T, B, I, H) = checks.forward(
-        rt.xp, "lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+                 training, w_hr=None):
+    x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr, (T, B, I, H, _) = checks.forward(
+        rt.xp, "lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr)
     xp, r, sfx = rt.xp, int(reverse), checks.suffix(x.dtype)
     G = gate_count("lstm") * H
     lens = checks.lengths(xp, lengths, T, B)
+    plan = _plan(rt, algorithm, "lstm", T, B, H, x.dtype, backward=False,
+                 projected=w_hr is not None)
+    if w_hr is not None:
+        return _lstmp_forward(rt, x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, lens, reverse,
+                              training)
     xw = _project(rt, x, w_ih, None if b_ih is None else b_ih + b_hh)
     out = xp.empty((T, B, H), dtype=x.dtype)
-    plan = _plan(rt, algorithm, "lstm", T, B, H, x.dtype, backward=False)
     if training:
         hs, cs = _state_slots(rt, h0, T, r, True), _state_slots(rt, c0, T, r, True)
         gates = xp.empty((T, B, G), dtype=x.dtype)
@@ -214,10 +233,13 @@ def lstm_backward(rt, algorithm, d_out, d_h_n, d_c_n, cache):
     gates, tanh_cs = cache["gates"], cache["tanh_cs"]
     xp, r, sfx = rt.xp, int(reverse), checks.suffix(x.dtype)
     T, B, _ = x.shape
-    H = hs.shape[2]
+    H = cs.shape[2]
+    projected = cache.get("w_hr") is not None
+    plan = _plan(rt, algorithm, "lstm", T, B, H, x.dtype, backward=True, projected=projected)
+    if projected:
+        return _lstmp_backward(rt, d_out, d_h_n, d_c_n, cache)
     d_a = xp.empty((T, B, gate_count("lstm") * H), dtype=x.dtype)
     d_h_carry, d_c = d_h_n.copy(), d_c_n.copy()
-    plan = _plan(rt, algorithm, "lstm", T, B, H, x.dtype, backward=True)
     if plan is not None:
         d_h_gemm = xp.empty((B, H), dtype=x.dtype)
         _persistent(rt, "lstm", "bwd", sfx, plan, T, B, H, r,
@@ -234,11 +256,89 @@ def lstm_backward(rt, algorithm, d_out, d_h_n, d_c_n, cache):
     return d_x, d_h_carry + d_h_gemm, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh
 
 
+def _lstmp_forward(rt, x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, lens, reverse, training):
+    """The LSTM with the projection ``w_hr`` (P, H), torch's proj_size, stepwise.
+
+    Per step: the recurrent GEMM, the LSTM kernel with m_t = o tanh(c_t) as its output
+    (0 where inactive), the GEMM hp = m_t W_hr^T, and ``lstm_proj_fwd``, which masks
+    h_t and out_t. h has P columns and c has H. The LSTM kernel's own h state is a
+    scratch nothing reads back: at an inactive step ``lstm_proj_fwd`` keeps h_{t-1}.
+    """
+    xp, r, sfx = rt.xp, int(reverse), checks.suffix(x.dtype)
+    T, B, _ = x.shape
+    P, H = w_hr.shape
+    xw = _project(rt, x, w_ih, None if b_ih is None else b_ih + b_hh)
+    out = xp.empty((T, B, P), dtype=x.dtype)
+    w_hh_t, w_hr_t = w_hh.T, w_hr.T
+    hw = xp.empty((B, gate_count("lstm") * H), dtype=x.dtype)
+    hp = xp.empty((B, P), dtype=x.dtype)
+    m_state = xp.zeros((B, H), dtype=x.dtype)
+    step = _stepwise(rt, "lstm", f"fwd_{_mode(training)}", sfx, B, H)
+    proj = _stepwise(rt, "lstm", "proj_fwd", sfx, B, P)
+    if not training:
+        h_n, c_n, m = h0.copy(), c0.copy(), xp.empty((B, H), dtype=x.dtype)
+        for t in _steps(T, reverse):
+            rt.matmul(h_n, w_hh_t, hw)
+            step(B, H, t, lens, xw[t], hw, m_state, c_n, m_state, c_n, m)
+            rt.matmul(m, w_hr_t, hp)
+            proj(B, P, t, lens, hp, h_n, h_n, out[t])
+        return out, h_n, c_n, None
+    hs, cs = _state_slots(rt, h0, T, r, True), _state_slots(rt, c0, T, r, True)
+    gates = xp.empty((T, B, gate_count("lstm") * H), dtype=x.dtype)
+    tanh_cs = xp.empty((T, B, H), dtype=x.dtype)
+    ms = xp.empty((T, B, H), dtype=x.dtype)
+    for t in _steps(T, reverse):
+        rt.matmul(hs[t + r], w_hh_t, hw)
+        step(B, H, t, lens, xw[t], hw, m_state, cs[t + r], m_state, cs[t + 1 - r], ms[t],
+             gates[t], tanh_cs[t])
+        rt.matmul(ms[t], w_hr_t, hp)
+        proj(B, P, t, lens, hp, hs[t + r], hs[t + 1 - r], out[t])
+    cache = dict(x=x, hs=hs, cs=cs, gates=gates, tanh_cs=tanh_cs, ms=ms, w_ih=w_ih, w_hh=w_hh,
+                 w_hr=w_hr, has_bias=b_ih is not None, lengths=lens, reverse=bool(reverse))
+    last = _last_slot(T, r, True)
+    return out, hs[last].copy(), cs[last].copy(), cache
+
+
+def _lstmp_backward(rt, d_out, d_h_n, d_c_n, cache):
+    """Backward of :func:`_lstmp_forward`; ``d_w_hr`` is returned last.
+
+    Per step (in the other time order): ``lstm_proj_bwd`` writes d_hp = dL/dh_t (0 where
+    inactive, kept for d_w_hr = sum_t d_hp_t^T m_t), the GEMM d_m = d_hp W_hr, the LSTM
+    kernel with d_m as its d_out, and the recurrent GEMM d_h_gemm = d_a W_hh. The state
+    gradient of h is d_h_carry + d_h_gemm (P columns), as without the projection; the
+    LSTM kernel's own h-gradient (d_h_gemm and d_h_carry) is one zero buffer, which it
+    leaves zero (0 where active, 0 + 0 passed through elsewhere).
+    """
+    x, hs, cs, gates, tanh_cs, ms = (cache[k] for k in ("x", "hs", "cs", "gates", "tanh_cs",
+                                                         "ms"))
+    w_hh, w_hr, lens, reverse = (cache[k] for k in ("w_hh", "w_hr", "lengths", "reverse"))
+    xp, r, sfx = rt.xp, int(reverse), checks.suffix(x.dtype)
+    T, B, _ = x.shape
+    P, H = w_hr.shape
+    d_a = xp.empty((T, B, gate_count("lstm") * H), dtype=x.dtype)
+    d_hp = xp.empty((T, B, P), dtype=x.dtype)
+    d_m = xp.empty((B, H), dtype=x.dtype)
+    zero_h = xp.zeros((B, H), dtype=x.dtype)
+    d_h_carry, d_c = d_h_n.copy(), d_c_n.copy()
+    d_h_gemm = xp.zeros((B, P), dtype=x.dtype)
+    proj = _stepwise(rt, "lstm", "proj_bwd", sfx, B, P)
+    step = _stepwise(rt, "lstm", "bwd", sfx, B, H)
+    for t in _steps(T, not reverse):
+        proj(B, P, t, lens, d_out[t], d_h_gemm, d_h_carry, d_hp[t])
+        rt.matmul(d_hp[t], w_hr, d_m)
+        step(B, H, t, lens, d_m, zero_h, zero_h, d_c, gates[t], tanh_cs[t], cs[t + r], d_a[t])
+        rt.matmul(d_a[t], w_hh, d_h_gemm)
+    d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _param_grads(
+        rt, d_a, d_a, x, hs[r:T + r], cache["w_ih"], cache["has_bias"])
+    d_w_hr = rt.matmul(d_hp.reshape(T * B, P).T, ms.reshape(T * B, H))
+    return d_x, d_h_carry + d_h_gemm, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr
+
+
 # ------------------------------------------------------------------ GRU
 
 def gru_forward(rt, algorithm, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training,
                 reset_after):
-    x, (h0,), w_ih, w_hh, b_ih, b_hh, (T, B, I, H) = checks.forward(
+    x, (h0,), w_ih, w_hh, b_ih, b_hh, _, (T, B, I, H, _) = checks.forward(
         rt.xp, "gru", x, (h0,), w_ih, w_hh, b_ih, b_hh)
     xp, r, sfx = rt.xp, int(reverse), checks.suffix(x.dtype)
     G = gate_count("gru") * H
