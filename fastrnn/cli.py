@@ -60,6 +60,9 @@ def check_configs(cells):
         zoneout = (0.3, 0.5) if backends.state_count(cell) == 2 else 0.3
         variants += [{"zoneout": zoneout, "bidirectional": True, "num_layers": 2,
                       "lengths": True}]
+        if cell in ("lstm", "gru"):
+            variants += [{"layernorm": True, "bidirectional": True, "num_layers": 2,
+                          "lengths": True}]
         if cell == "lstm":
             variants += [{"proj_size": 2, "bidirectional": True, "num_layers": 2,
                           "lengths": True}]
@@ -71,8 +74,12 @@ def check_configs(cells):
 
 
 def _build(cell, I, H, backend, dtype, options):
-    """A check configuration's layer; ``lengths`` in ``options`` is for the call."""
+    """A check configuration's layer; ``lengths`` in ``options`` is for the call,
+    ``layernorm`` picks fastrnn.LayerNormLSTM / LayerNormGRU."""
     options = {k: v for k, v in options.items() if k != "lengths"}
+    if options.pop("layernorm", False):
+        cls = {"lstm": fastrnn.LayerNormLSTM, "gru": fastrnn.LayerNormGRU}[cell]
+        return cls(I, H, backend=backend, dtype=dtype, seed=0, **options)
     return bench.build_layer(cell, I, H, backend, dtype, **options)
 
 
@@ -96,9 +103,9 @@ def cmd_check(args) -> int:
         opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
         rows.append((backend, cell, opts, worst, report.passed))
         failed += not report.passed
-    print(f"{'backend':<8} {'cell':<9} {'options':<64} {'max abs err':>11}  ok")
+    print(f"{'backend':<8} {'cell':<9} {'options':<70} {'max abs err':>11}  ok")
     for backend, cell, opts, worst, ok in rows:
-        print(f"{backend:<8} {cell:<9} {opts:<64} {worst:11.2e}  {'yes' if ok else 'NO'}")
+        print(f"{backend:<8} {cell:<9} {opts:<70} {worst:11.2e}  {'yes' if ok else 'NO'}")
     for line in refused:
         print(f"not run (no kernels): {line}")
     print(f"{len(rows) - failed} passed, {failed} failed, {len(refused)} not run")

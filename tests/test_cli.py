@@ -35,8 +35,8 @@ def test_check_passes_and_prints_a_table(capsys):
     text = capsys.readouterr().out
     assert "reset_after=False" in text
     assert "reverse=True" in text
-    assert "zoneout=0.3" in text
-    assert f"{8 * len(CPU_BACKENDS)} passed, 0 failed, 0 not run" in text
+    assert "zoneout=0.3" in text and "layernorm=True" in text
+    assert f"{9 * len(CPU_BACKENDS)} passed, 0 failed, 0 not run" in text
 
 
 def test_check_reports_what_a_backend_has_no_kernels_for(capsys, monkeypatch):
