@@ -6,15 +6,22 @@ Protocol ``subprocess`` (the default): each engine lives in its own process
 variables that force old BLAS kernels (:data:`.machine.BLAS_OVERRIDES`), with
 ``OMP_WAIT_POLICY=PASSIVE`` and ONNX Runtime's spinning off; the engines are
 timed one after the other at every point, in an order that rotates from point
-to point, each after a short pause (:data:`.worker.SETTLE_S`) so that the
-previous engine's idle threads have stopped spinning. Protocol ``inprocess``:
+to point, each after a short pause (:data:`.worker.SETTLE_S`), and every other
+worker process is stopped (SIGSTOP, SIGCONT after) while one engine is timed:
+an idle pool that spins anyway cannot take a core from it. (Even so, on the
+2-core machine of December 2026 every engine measured up to 1.4x slower at LSTM
+100x64x512x512 in a run with five peers than beside one: compare ratios within
+one run, not times across runs.) Protocol ``inprocess``:
 every engine in this process, runs interleaved (what ``pytest bench`` and the
 tests use; on two cores a spinning pool of one engine slows the next one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -50,6 +57,15 @@ class ProcessWorker:
             raise WorkerError(answer["error"])
         return answer
 
+    def pause(self):
+        """Stop the process (every thread of it) until :meth:`resume`."""
+        if _CAN_STOP and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self):
+        if _CAN_STOP and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def close(self):
         if self.proc.poll() is None:
             try:
@@ -58,6 +74,22 @@ class ProcessWorker:
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
+
+
+_CAN_STOP = hasattr(signal, "SIGSTOP")
+
+
+@contextlib.contextmanager
+def _alone(workers, name):
+    """Every worker but ``name`` stopped (processes only), resumed on exit."""
+    others = [w for n, w in workers.items() if n != name and hasattr(w, "pause")]
+    for w in others:
+        w.pause()
+    try:
+        yield
+    finally:
+        for w in others:
+            w.resume()
 
 
 class LocalWorker:
@@ -180,10 +212,12 @@ def run(names, cells, sizes, modes, dtype, repeats, budget_s, threads, protocol=
                     if name not in samples:
                         continue
                     try:
-                        samples[name] += workers[name].ask(
-                            op="time", case=case.as_dict(), mode=mode,
-                            repeats=-(-repeats // rounds),
-                            budget_s=None if budget_s is None else budget_s / rounds)["samples"]
+                        with _alone(workers, name):
+                            samples[name] += workers[name].ask(
+                                op="time", case=case.as_dict(), mode=mode,
+                                repeats=-(-repeats // rounds),
+                                budget_s=None if budget_s is None else
+                                budget_s / rounds)["samples"]
                     except WorkerError as exc:
                         result.not_timed.setdefault(name, f"{case.label()} {mode}: {exc}")
                         log(f"{name} failed at {case.label()} {mode}: {exc}")
