@@ -479,6 +479,28 @@ def _lstm_infer_block(a, x, bias, c_prev, c_new, h_new, out, b0, b1):
 
 
 @_jit
+def _lstm_train_block(a, x, bias, c_prev, c_new, h_new, out, gates, b0, b1):
+    """Training, every row of [b0, b1) active: as _lstm_infer_block, the gates after
+    activation stored into ``gates`` (this step's cache rows, not ``a``)."""
+    H = c_prev.shape[1]
+    for b in range(b0, b1):
+        for j in range(H):
+            i = sigmoid(a[b, j] + x[b, j] + bias[j])
+            f = sigmoid(a[b, H + j] + x[b, H + j] + bias[H + j])
+            g = tanh(a[b, 2 * H + j] + x[b, 2 * H + j] + bias[2 * H + j])
+            o = sigmoid(a[b, 3 * H + j] + x[b, 3 * H + j] + bias[3 * H + j])
+            c = f * c_prev[b, j] + i * g
+            c_new[b, j] = c
+            hv = o * tanh(c)
+            h_new[b, j] = hv
+            out[b, j] = hv
+            gates[b, j] = i
+            gates[b, H + j] = f
+            gates[b, 2 * H + j] = g
+            gates[b, 3 * H + j] = o
+
+
+@_jit
 def _min_length(lengths, b0, b1):
     low = lengths[b0] if b1 > b0 else 0
     for b in range(b0, b1):
@@ -498,12 +520,17 @@ def _lstm_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r, training)
         h_prev, c_prev, h_new, c_new = hs[prev], cs[prev], hs[new], cs[new]
+        if t < all_active:
+            _mm(gemm, h_prev[b0:b1], False, w_hh, trans_w, scratch[b0:b1], 0.0)
+            if training:
+                _lstm_train_block(scratch, xw[t], bias, c_prev, c_new, h_new, out[t], gates[t],
+                                  b0, b1)
+            else:
+                _lstm_infer_block(scratch, xw[t], bias, c_prev, c_new, h_new, out[t], b0, b1)
+            continue
         # In training the recurrent GEMM writes straight into this step's cache rows.
         a = gates[t] if training else scratch
         _mm(gemm, h_prev[b0:b1], False, w_hh, trans_w, a[b0:b1], 0.0)
-        if not training and t < all_active:
-            _lstm_infer_block(a, xw[t], bias, c_prev, c_new, h_new, out[t], b0, b1)
-            continue
         for b in range(b0, b1):
             if t < lengths[b]:
                 _lstm_row(a[b], xw[t, b], bias, c_prev[b], c_new[b], h_new[b], H)
