@@ -577,13 +577,36 @@ def _lstm_backward_row(g, c_prev, c_new, d_out, d_h, d_c, d_a, H):
 
 
 @_jit
+def _lstm_backward_block(g, c_prev, c_new, d_out, d_h, d_c, d_a, b0, b1):
+    """_lstm_backward_row over every row of [b0, b1), all active, in one pass."""
+    H = c_prev.shape[1]
+    for b in range(b0, b1):
+        for j in range(H):
+            i, f, gg, o = g[b, j], g[b, H + j], g[b, 2 * H + j], g[b, 3 * H + j]
+            tc = tanh(c_new[b, j])
+            dh = d_out[b, j] + d_h[b, j]
+            dc = d_c[b, j] + dh * o * (1 - tc * tc)
+            d_a[b, j] = dc * gg * i * (1 - i)
+            d_a[b, H + j] = dc * c_prev[b, j] * f * (1 - f)
+            d_a[b, 2 * H + j] = dc * i * (1 - gg * gg)
+            d_a[b, 3 * H + j] = dh * tc * o * (1 - o)
+            d_c[b, j] = dc * f
+
+
+@_jit
 def _lstm_backward_loop(gemm, d_out, d_h, d_c, w_hh, lengths, reverse, cs, gates, d_a, b0, b1):
     T, B, H = d_out.shape
     r = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
+    all_active = _min_length(lengths, b0, b1)
     for k in range(T):
         t = k if reverse else T - 1 - k
         c_prev, c_new = cs[t + r], cs[t + 1 - r]
+        if t < all_active:
+            _lstm_backward_block(gates[t], c_prev, c_new, d_out[t], d_h, d_c, d_a[t], b0, b1)
+            # every row active: the GEMM writes the new d_h in place (read above)
+            _mm(gemm, d_a[t][b0:b1], False, w_hh, False, d_h[b0:b1], 0.0)
+            continue
         for b in range(b0, b1):
             if t < lengths[b]:
                 _lstm_backward_row(gates[t, b], c_prev[b], c_new[b], d_out[t, b], d_h[b], d_c[b],
