@@ -869,14 +869,41 @@ def _gru_backward_row(g, hn, h_prev, d_out, d_h, d_ax, d_ah, H):
 
 
 @_jit
+def _gru_backward_block(g, hn, h_prev, d_out, d_h, d_ax, d_ah, b0, b1):
+    """_gru_backward_row over every row of [b0, b1), all active, in one pass."""
+    H = h_prev.shape[1]
+    for b in range(b0, b1):
+        for j in range(H):
+            r, z, n = g[b, j], g[b, H + j], g[b, 2 * H + j]
+            dh = d_out[b, j] + d_h[b, j]
+            d_an = dh * (1 - z) * (1 - n * n)
+            d_az = dh * (h_prev[b, j] - n) * z * (1 - z)
+            d_ar = d_an * hn[b, j] * r * (1 - r)
+            d_ax[b, j] = d_ar
+            d_ax[b, H + j] = d_az
+            d_ax[b, 2 * H + j] = d_an
+            d_ah[b, j] = d_ar
+            d_ah[b, H + j] = d_az
+            d_ah[b, 2 * H + j] = d_an * r
+            d_h[b, j] = dh * z
+
+
+@_jit
 def _gru_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, hs, gates, hns, d_a_x, d_a_h,
                        b0, b1):
     T, B, H = d_out.shape
     rv = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
+    all_active = _min_length(lengths, b0, b1)
     for k in range(T):
         t = k if reverse else T - 1 - k
         h_prev = hs[t + rv]
+        if t < all_active:
+            _gru_backward_block(gates[t], hns[t], h_prev, d_out[t], d_h, d_a_x[t], d_a_h[t],
+                                b0, b1)
+            # every row active: the GEMM adds its part to d_h in place (beta = 1)
+            _mm(gemm, d_a_h[t][b0:b1], False, w_hh, False, d_h[b0:b1], 1.0)
+            continue
         for b in range(b0, b1):
             if t < lengths[b]:
                 _gru_backward_row(gates[t, b], hns[t, b], h_prev[b], d_out[t, b], d_h[b],
