@@ -785,6 +785,26 @@ def _gru_infer_block(a, x, bias, b_hn, h_prev, h_new, out, b0, b1):
 
 
 @_jit
+def _gru_train_block(a, x, bias, b_hn, h_prev, h_new, out, gates, hns, b0, b1):
+    """reset_after, training, every row of [b0, b1) active: as _gru_infer_block, with r, z,
+    n and hn = W_hn h + b_hn stored into this step's cache rows (not into ``a``)."""
+    H = h_prev.shape[1]
+    for b in range(b0, b1):
+        for j in range(H):
+            r = sigmoid(a[b, j] + x[b, j] + bias[j])
+            z = sigmoid(a[b, H + j] + x[b, H + j] + bias[H + j])
+            hn = a[b, 2 * H + j] + b_hn[j]
+            n = tanh(x[b, 2 * H + j] + bias[2 * H + j] + r * hn)
+            hv = (1 - z) * n + z * h_prev[b, j]
+            h_new[b, j] = hv
+            out[b, j] = hv
+            gates[b, j] = r
+            gates[b, H + j] = z
+            gates[b, 2 * H + j] = n
+            hns[b, j] = hn
+
+
+@_jit
 def _gru_forward_loop(gemm, xw, bias, w_hh, trans_w, b_hn, lengths, reverse, training, hs, out,
                       gates, hns, b0, b1):
     """reset_after=True: per step one GEMM h W_hh^T, then the gates."""
@@ -798,11 +818,16 @@ def _gru_forward_loop(gemm, xw, bias, w_hh, trans_w, b_hn, lengths, reverse, tra
         t = T - 1 - k if reverse else k
         prev, new = _slots(t, k, r_, training)
         h_prev, h_new = hs[prev], hs[new]
+        if t < all_active:
+            _mm(gemm, h_prev[b0:b1], False, w_hh, trans_w, scratch[b0:b1], 0.0)
+            if training:
+                _gru_train_block(scratch, xw[t], bias, b_hn, h_prev, h_new, out[t], gates[t],
+                                 hns[t], b0, b1)
+            else:
+                _gru_infer_block(scratch, xw[t], bias, b_hn, h_prev, h_new, out[t], b0, b1)
+            continue
         a, hn = (gates[t], hns[t]) if training else (scratch, scratch_hn)
         _mm(gemm, h_prev[b0:b1], False, w_hh, trans_w, a[b0:b1], 0.0)
-        if not training and t < all_active:
-            _gru_infer_block(a, xw[t], bias, b_hn, h_prev, h_new, out[t], b0, b1)
-            continue
         for b in range(b0, b1):
             if t < lengths[b]:
                 _gru_row(a[b], xw[t, b], bias, b_hn, h_prev[b], h_new[b], hn[b], H)
