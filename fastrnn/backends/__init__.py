@@ -21,7 +21,8 @@ w_hr       (P, H) or None  LSTM only: the projection (``weight_hr_l{k}``, torch'
 zoneout_h  (T|1, B|1, H)   zoneout of h (Krueger et al. 2016): the weight of the
            or None         previous state, ``h_t = k h_{t-1} + (1 - k) h~_t`` with
                            ``h~_t`` the cell's new state; 0/1 masks in training,
-                           the rate z in inference; a size-1 axis broadcasts
+                           the rate z in inference; a size-1 axis broadcasts; P
+                           columns with a projection
 zoneout_c  (T|1, B|1, H)   LSTM only: the same for c; with it, h~_t uses the new
            or None         c~_t before zoneout (as in Krueger et al.)
 b_ih, b_hh (G,) or None    biases; ``None`` when the layer has ``bias=False``
