@@ -694,6 +694,9 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                                       "backend has no kernels for both; use backend='numpy'")
         return zoneout_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                           training, zoneout_h, zoneout_c)
+    if w_hr is None and packed_numba.eligible(x, x.shape[0]):
+        return packed_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                         training)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = c0.shape[1]
@@ -995,6 +998,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
                                       "backend has no kernels for both; use backend='numpy'")
         return zoneout_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                          training, zoneout_h)
+    if reset_after and packed_numba.eligible(x, x.shape[0]):
+        return packed_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
@@ -1057,8 +1062,8 @@ def gru_backward(d_out, d_h_n, cache):
     return (grads[0], d_h) + grads[1:]
 
 
-# The zoneout loops reuse this module's row passes: imported once they are defined.
-from . import zoneout_numba  # noqa: E402
+# The zoneout and packed loops reuse this module's helpers: imported once they are defined.
+from . import packed_numba, zoneout_numba  # noqa: E402
 
 # ------------------------------------------------------------------ warm-up
 

@@ -1,0 +1,191 @@
+"""LLVM-level building blocks for the packed time loops (:mod:`.packed_numba`).
+
+Numba's auto-vectorizer does not keep a GEMM's accumulators in registers
+(docs/numba.md), so the recurrent product's inner kernel is written here
+directly in LLVM IR, through :func:`numba.extending.intrinsic`, with vector
+types of the width the host's ISA has: ``<16 x float>`` on AVX-512, ``<8 x
+float>`` on AVX2 (and below, where LLVM splits it). Numba compiles for the host
+CPU, so the same source gets zmm registers on one machine and ymm on another.
+
+* :func:`microkernel` ``(MR, NV, VW)``: ``C[:mr, :NV*VW] = A[:mr, :K] @ P[:K, :NV*VW]``
+  for a packed panel ``P`` (K rows of ``NV * VW`` contiguous values), with
+  ``MR * NV`` vector accumulators held in registers over the whole ``K`` loop.
+* :func:`load_acquire` / :func:`store_release`: atomic int64 accesses, and
+  :func:`spin_barrier` built on them: the per-step barrier of the threads that
+  share one time loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import llvmlite.binding as llvm
+import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._numba_math import FASTMATH
+
+
+def host_features():
+    """The host CPU's feature names, as LLVM (and so Numba's code) sees them."""
+    return {name for name, on in llvm.get_host_cpu_features().items() if on}
+
+
+def vector_width(features=None):
+    """float32 lanes of the widest vector register the host has: 16 with AVX-512F,
+    8 otherwise (AVX2; on older ISAs LLVM splits the 8-lane vectors)."""
+    features = host_features() if features is None else features
+    return 16 if "avx512f" in features else 8
+
+
+def _i64(value):
+    return ir.Constant(ir.IntType(64), value)
+
+
+def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv):
+    """The m-row kernel: accumulators in allocas (promoted to registers by LLVM's
+    mem2reg), per k NV vector loads of the panel and m broadcasts of A."""
+    vec = ir.VectorType(ir.FloatType(), VW)
+    i32 = ir.IntType(32)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
+                                         f"llvm.fma.v{VW}f32")
+    zero = ir.Constant(vec, [0.0] * VW)
+    undef = ir.Constant(vec, ir.Undefined)
+    splat = ir.Constant(ir.VectorType(i32, VW), [0] * VW)
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(m)]
+    rows = [builder.gep(ap, [builder.add(a_off, builder.mul(lda, _i64(r)))]) for r in range(m)]
+    panel = builder.gep(bpp, [b_off])
+    with cgutils.for_range(builder, K) as loop:
+        k = loop.index
+        pk = builder.gep(panel, [builder.mul(k, _i64(NV * VW))])
+        bv = [builder.load(builder.bitcast(builder.gep(pk, [_i64(v * VW)]), vec.as_pointer()),
+                           align=4) for v in range(NV)]
+        for r in range(m):
+            s = builder.load(builder.gep(rows[r], [k]))
+            sv = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
+                                        undef, splat)
+            for v in range(NV):
+                builder.store(builder.call(fma, [sv, bv[v], builder.load(accs[r][v])]),
+                              accs[r][v])
+    for r in range(m):
+        crow = builder.gep(cp, [builder.mul(ldc, _i64(r))])
+        for v in range(NV):
+            ptr = builder.bitcast(builder.gep(crow, [builder.mul(cv, _i64(v))]), vec.as_pointer())
+            builder.store(builder.load(accs[r][v]), ptr, align=4)
+
+
+@functools.lru_cache(maxsize=None)
+def microkernel(MR, NV, VW):
+    """An intrinsic ``mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv)`` (float32
+    arrays, C-contiguous, of any rank; offsets and strides in elements):
+
+    ``c[c_off + r ldc + v cv + j] = sum_k a[a_off + r lda + k] p[p_off + k NV VW + v VW + j]``
+    for rows ``r < mr <= MR``, vectors ``v < NV`` and lanes ``j < VW``: vector ``v``
+    of the panel lands ``cv`` apart in ``c`` (a gate's stride in a gate-major row). One specialized loop per ``mr``
+    (a switch), so a remainder block of rows computes only its rows.
+    """
+
+    @intrinsic
+    def mk(typingctx, mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv):
+        if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in (a, p, c)):
+            return None
+        sig = types.void(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv)
+
+        def codegen(context, builder, signature, args):
+            mr_, a_, a_off_, lda_, p_, p_off_, K_, c_, c_off_, ldc_, cv_ = args
+            tys = signature.args
+            ap = context.make_array(tys[1])(context, builder, a_).data
+            bpp = context.make_array(tys[4])(context, builder, p_).data
+            cp = context.make_array(tys[7])(context, builder, c_).data
+            ints = [context.cast(builder, v, t, types.int64) for v, t in
+                    ((mr_, tys[0]), (a_off_, tys[2]), (lda_, tys[3]), (p_off_, tys[5]),
+                     (K_, tys[6]), (c_off_, tys[8]), (ldc_, tys[9]), (cv_, tys[10]))]
+            m64, a_off64, lda64, p_off64, K64, c_off64, ldc64, cv64 = ints
+            cp = builder.gep(cp, [c_off64])
+            done = builder.append_basic_block("mk.done")
+            switch = builder.switch(m64, done)
+            for m in range(1, MR + 1):
+                block = builder.append_basic_block(f"mk.rows{m}")
+                switch.add_case(_i64(m), block)
+                builder.position_at_end(block)
+                _emit_kernel(builder, m, NV, VW, ap, a_off64, lda64, bpp, p_off64, K64, cp, ldc64,
+                             cv64)
+                builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+# ------------------------------------------------------------------ atomics
+
+@intrinsic
+def load_acquire(typingctx, arr, i):
+    """``arr[i]`` read with acquire ordering (an int64 array)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+    sig = types.int64(arr, i)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.int64)
+        return builder.load_atomic(builder.gep(ary.data, [idx]), "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def store_release(typingctx, arr, i, value):
+    """``arr[i] = value`` with release ordering (an int64 array)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+    sig = types.void(arr, i, value)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.int64)
+        val = context.cast(builder, args[2], signature.args[2], types.int64)
+        builder.store_atomic(val, builder.gep(ary.data, [idx]), "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _sched_yield(typingctx):
+    """libc's sched_yield(): lets the thread we wait for run on our core."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
+                                            "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: Flags are this many int64 apart: one 128-byte line each, so the threads' stores
+#: do not share a cache line (or an adjacent-line prefetch pair).
+FLAG_STRIDE = 16
+#: Spins before the waiting thread starts yielding its core (a few microseconds).
+SPINS_BEFORE_YIELD = 2000
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def spin_barrier(flags, tid, nthreads, step):
+    """Thread ``tid`` of ``nthreads`` has finished ``step``: publish it, then wait
+    until every other thread has too. Everything a thread wrote before its call
+    is visible to every thread after theirs (release/acquire)."""
+    store_release(flags, tid * FLAG_STRIDE, step)
+    for q in range(nthreads):
+        spins = 0
+        while load_acquire(flags, q * FLAG_STRIDE) < step:
+            spins += 1
+            if spins > SPINS_BEFORE_YIELD:
+                _sched_yield()

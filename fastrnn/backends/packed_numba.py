@@ -1,0 +1,394 @@
+"""Packed time loops of the numba backend: LSTM and GRU (reset_after), float32.
+
+Per step, the recurrent product ``h_{t-1} W_hh^T`` and the gates are computed
+tile by tile, each tile in the L1 cache, with no BLAS call:
+
+* ``W_hh`` is packed once per sequence into panels, one per block of ``VW``
+  hidden units (``VW`` = the host's float32 vector width,
+  :func:`._simd.vector_width`): panel ``u`` holds, for every input ``k``, the
+  rows of every gate for the units ``[u VW, (u + 1) VW)`` side by side, ``NV =
+  gates`` vectors (zeros past ``H``). ``pack(w_hh, gates)`` below.
+* a tile is ``MR`` batch rows by one panel: the register-blocked
+  :func:`._simd.microkernel` writes its ``MR x NV VW`` pre-activations into a
+  gate-major scratch row block (gate stride ``Hp``, ``H`` padded to whole
+  vectors); then one pointwise pass over the thread's units and every row
+  (gates, state update, masking by ``lengths``, outputs and cache), written as
+  the loops of :mod:`.numba_cpu` that LLVM vectorizes.
+* every gate of a unit lies in one panel, so threads split the panels (hidden
+  units) and never need another thread's gates: one barrier per step
+  (:func:`._simd.spin_barrier`), where ``h_t`` is complete. The threads are
+  Python threads running the same nogil loop (``tid`` of ``nthreads``).
+
+What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
+API) and the pointwise pass ran on one core after a whole-batch GEMM
+(docs/numba.md). The cache layout is the one :mod:`.numba_cpu`'s backward
+loops read (gates after activation, ``(T, B, G)``; GRU ``hn``, ``(T, B, H)``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import threading
+
+import numba
+import numpy as np
+
+from ._cblas import blas_get_threads, gemm_for
+from ._numba_math import FASTMATH, sigmoid, tanh
+from ._simd import FLAG_STRIDE, microkernel, spin_barrier, vector_width
+from .numba_cpu import (_bias, _c, _final, _full_lengths, _mm, _single_threaded_blas,
+                        _state_buffers)
+
+_jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
+                         error_model="numpy")
+
+#: float32 lanes per vector on this host (16 with AVX-512, else 8).
+VW = vector_width()
+#: Rows per tile, by gate count: MR * NV accumulators plus NV panel vectors and a
+#: broadcast must fit the vector registers (32 with AVX-512, 16 with AVX2).
+MR_BY_GATES = {4: 6, 3: 8} if VW == 16 else {4: 2, 3: 3}
+MR_LSTM, MR_GRU = MR_BY_GATES[4], MR_BY_GATES[3]
+_MK_LSTM = microkernel(MR_LSTM, 4, VW)
+_MK_GRU = microkernel(MR_GRU, 3, VW)
+
+
+def pack(w_hh, gates):
+    """``W_hh`` (gates * H, K) into panels ``(ceil(H / VW), K, gates * VW)``:
+    ``P[u, k, g VW + j] = W_hh[g H + u VW + j, k]``, zero past ``H``."""
+    G, K = w_hh.shape
+    H = G // gates
+    U = -(-H // VW)
+    w = np.zeros((gates, U * VW, K), dtype=np.float32)
+    w[:, :H] = w_hh.reshape(gates, H, K)
+    return np.ascontiguousarray(w.reshape(gates, U, VW, K).transpose(1, 3, 0, 2)
+                                ).reshape(U, K, gates * VW)
+
+
+def flags(nthreads):
+    """The barrier's per-thread step counters, one cache line each."""
+    return np.zeros(max(nthreads, 1) * FLAG_STRIDE, dtype=np.int64)
+
+
+@_jit
+def _slots(t, k, r, training):
+    if training:
+        return t + r, t + 1 - r
+    return k & 1, (k + 1) & 1
+
+
+@_jit
+def _recurrent(panels, h_prev, a, Hp, u0, u1):
+    """a[b, g Hp + n] = (h_prev W_hh^T)[b, g H + n] for the units of panels [u0, u1)."""
+    B, K = h_prev.shape
+    U, _, NR = panels.shape
+    ldc = a.shape[1]
+    lstm = NR == 4 * VW
+    MR = MR_LSTM if lstm else MR_GRU
+    for u in range(u0, u1):
+        for b0 in range(0, B, MR):
+            if lstm:
+                _MK_LSTM(min(MR, B - b0), h_prev, b0 * K, K, panels, u * K * NR, K, a,
+                         b0 * ldc + u * VW, ldc, Hp)
+            else:
+                _MK_GRU(min(MR, B - b0), h_prev, b0 * K, K, panels, u * K * NR, K, a,
+                        b0 * ldc + u * VW, ldc, Hp)
+
+
+@_jit
+def _lstm_block(a, Hp, x, bias, c_prev, c_new, h_prev, h_new, out, lengths, t, n0, n1):
+    """Inference: units [n0, n1) of every row; inactive rows carry their state.
+
+    Column indices are uint64: Numba wraps a signed index that it cannot prove
+    non-negative (``j`` from ``range(n0, n1)``), and that select turns the loop into
+    gathers and scatters, 7x slower than the vectorized loop (2.8 ns per element)."""
+    H1, P1 = np.uint64(c_prev.shape[1]), np.uint64(Hp)
+    H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
+    for b in range(x.shape[0]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                i = sigmoid(a[b, j] + x[b, j] + bias[j])
+                f = sigmoid(a[b, P1 + j] + x[b, H1 + j] + bias[H1 + j])
+                g = tanh(a[b, P2 + j] + x[b, H2 + j] + bias[H2 + j])
+                o = sigmoid(a[b, P3 + j] + x[b, H3 + j] + bias[H3 + j])
+                c = f * c_prev[b, j] + i * g
+                c_new[b, j] = c
+                hv = o * tanh(c)
+                h_new[b, j] = hv
+                out[b, j] = hv
+        else:
+            _carry(h_prev, c_prev, h_new, c_new, out, b, n0, n1)
+
+
+@_jit
+def _lstm_block_train(a, Hp, x, bias, c_prev, c_new, h_prev, h_new, out, gates, lengths, t, n0,
+                      n1):
+    """As _lstm_block, the gates after activation stored into ``gates`` (the cache)."""
+    H1, P1 = np.uint64(c_prev.shape[1]), np.uint64(Hp)
+    H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
+    for b in range(x.shape[0]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                i = sigmoid(a[b, j] + x[b, j] + bias[j])
+                f = sigmoid(a[b, P1 + j] + x[b, H1 + j] + bias[H1 + j])
+                g = tanh(a[b, P2 + j] + x[b, H2 + j] + bias[H2 + j])
+                o = sigmoid(a[b, P3 + j] + x[b, H3 + j] + bias[H3 + j])
+                c = f * c_prev[b, j] + i * g
+                c_new[b, j] = c
+                hv = o * tanh(c)
+                h_new[b, j] = hv
+                out[b, j] = hv
+                gates[b, j] = i
+                gates[b, H1 + j] = f
+                gates[b, H2 + j] = g
+                gates[b, H3 + j] = o
+        else:
+            _carry(h_prev, c_prev, h_new, c_new, out, b, n0, n1)
+
+
+@_jit
+def _carry(h_prev, c_prev, h_new, c_new, out, b, n0, n1):
+    """An inactive row: the states are carried, the output is 0 (c_prev None: no c)."""
+    for j in range(np.uint64(n0), np.uint64(n1)):
+        h_new[b, j] = h_prev[b, j]
+        out[b, j] = 0
+    if c_prev is not None:
+        for j in range(np.uint64(n0), np.uint64(n1)):
+            c_new[b, j] = c_prev[b, j]
+
+
+@_jit
+def lstm_loop(panels, xw, bias, lengths, reverse, training, hs, cs, out, gates, flags, tid,
+              nthreads):
+    """The LSTM time loop, thread ``tid`` of ``nthreads``: the panels (hidden units)
+    ``[U tid / nthreads, U (tid + 1) / nthreads)`` of every step. ``gates`` is the
+    (T, B, 4H) cache in training (ignored in inference)."""
+    T, B, _ = xw.shape
+    H = cs.shape[2]
+    U = panels.shape[0]
+    Hp = U * VW
+    u0, u1 = U * tid // nthreads, U * (tid + 1) // nthreads
+    n0, n1 = min(u0 * VW, H), min(u1 * VW, H)
+    r = 1 if reverse else 0
+    a = np.empty((B, 4 * Hp), dtype=np.float32)
+    for k in range(T):
+        t = T - 1 - k if reverse else k
+        prev, new = _slots(t, k, r, training)
+        h_prev, c_prev, h_new, c_new = hs[prev], cs[prev], hs[new], cs[new]
+        _recurrent(panels, h_prev, a, Hp, u0, u1)
+        if training:
+            _lstm_block_train(a, Hp, xw[t], bias, c_prev, c_new, h_prev, h_new, out[t], gates[t],
+                              lengths, t, n0, n1)
+        else:
+            _lstm_block(a, Hp, xw[t], bias, c_prev, c_new, h_prev, h_new, out[t], lengths, t,
+                        n0, n1)
+        if nthreads > 1:
+            spin_barrier(flags, tid, nthreads, k + 1)
+
+
+@_jit
+def _gru_block(a, Hp, x, bias, b_hn, h_prev, h_new, out, lengths, t, n0, n1):
+    """reset_after, inference: units [n0, n1) of every row."""
+    H1, P1 = np.uint64(h_prev.shape[1]), np.uint64(Hp)
+    H2, P2 = H1 + H1, P1 + P1
+    for b in range(x.shape[0]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                r = sigmoid(a[b, j] + x[b, j] + bias[j])
+                z = sigmoid(a[b, P1 + j] + x[b, H1 + j] + bias[H1 + j])
+                n = tanh(x[b, H2 + j] + bias[H2 + j] + r * (a[b, P2 + j] + b_hn[j]))
+                hv = (1 - z) * n + z * h_prev[b, j]
+                h_new[b, j] = hv
+                out[b, j] = hv
+        else:
+            _carry(h_prev, None, h_new, None, out, b, n0, n1)
+
+
+@_jit
+def _gru_block_train(a, Hp, x, bias, b_hn, h_prev, h_new, out, gates, hns, lengths, t, n0, n1):
+    """As _gru_block, with r, z, n and hn = W_hn h + b_hn stored (the cache)."""
+    H1, P1 = np.uint64(h_prev.shape[1]), np.uint64(Hp)
+    H2, P2 = H1 + H1, P1 + P1
+    for b in range(x.shape[0]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                r = sigmoid(a[b, j] + x[b, j] + bias[j])
+                z = sigmoid(a[b, P1 + j] + x[b, H1 + j] + bias[H1 + j])
+                hn = a[b, P2 + j] + b_hn[j]
+                n = tanh(x[b, H2 + j] + bias[H2 + j] + r * hn)
+                hv = (1 - z) * n + z * h_prev[b, j]
+                h_new[b, j] = hv
+                out[b, j] = hv
+                gates[b, j] = r
+                gates[b, H1 + j] = z
+                gates[b, H2 + j] = n
+                hns[b, j] = hn
+        else:
+            _carry(h_prev, None, h_new, None, out, b, n0, n1)
+
+
+@_jit
+def gru_loop(panels, xw, bias, b_hn, lengths, reverse, training, hs, out, gates, hns, flags,
+             tid, nthreads):
+    """The GRU (reset_after) time loop, thread ``tid`` of ``nthreads`` (see
+    :func:`lstm_loop`); ``gates`` (T, B, 3H) and ``hns`` (T, B, H) are the cache in
+    training."""
+    T, B, _ = xw.shape
+    H = hs.shape[2]
+    U = panels.shape[0]
+    Hp = U * VW
+    u0, u1 = U * tid // nthreads, U * (tid + 1) // nthreads
+    n0, n1 = min(u0 * VW, H), min(u1 * VW, H)
+    rv = 1 if reverse else 0
+    a = np.empty((B, 3 * Hp), dtype=np.float32)
+    for k in range(T):
+        t = T - 1 - k if reverse else k
+        prev, new = _slots(t, k, rv, training)
+        h_prev, h_new = hs[prev], hs[new]
+        _recurrent(panels, h_prev, a, Hp, u0, u1)
+        if training:
+            _gru_block_train(a, Hp, xw[t], bias, b_hn, h_prev, h_new, out[t], gates[t], hns[t],
+                             lengths, t, n0, n1)
+        else:
+            _gru_block(a, Hp, xw[t], bias, b_hn, h_prev, h_new, out[t], lengths, t, n0, n1)
+        if nthreads > 1:
+            spin_barrier(flags, tid, nthreads, k + 1)
+
+
+# ------------------------------------------------------------ the wrappers
+
+#: Multiply-adds of one step's recurrent product (B * G * H) from which the loop is
+#: split over threads (`python bench/packed_threads.py`): below, one step is too short
+#: for the barrier and the second thread's start to pay.
+MIN_SPLIT_STEP_WORK = 1 << 18
+#: Threads the packed loops may use; None: the BLAS's thread count.
+threads = None
+
+
+def eligible(x, T):
+    """The packed loops run float32 sequences of two steps or more (one step: the
+    packing costs more than it saves)."""
+    return VW > 0 and x.dtype == np.float32 and T >= 2
+
+
+#: Workers of the packed loops' own pool (the calling thread is one more). Every
+#: thread of a loop must run at once (they meet at every step), so a loop never
+#: asks for more, and the pool is not shared with work that could hold a worker.
+POOL_WORKERS = max(3, (os.cpu_count() or 2) - 1)
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _executor():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=POOL_WORKERS,
+                                                          thread_name_prefix="fastrnn-packed")
+        return _pool
+
+
+def _thread_count(B, G, H):
+    want = threads if threads is not None else (blas_get_threads() if blas_get_threads else 1)
+    if B * G * H < MIN_SPLIT_STEP_WORK:
+        return 1
+    return max(1, min(want, -(-H // VW), POOL_WORKERS + 1))
+
+
+@_jit
+def _project_units(gemm, x2, w_ih, xw2, gates, H, n0, n1):
+    """This thread's columns of the input projection: xw[:, g H + n] for n in [n0, n1)."""
+    for g in range(gates):
+        _mm(gemm, x2, False, w_ih[g * H + n0:g * H + n1], True, xw2[:, g * H + n0:g * H + n1],
+            0.0)
+
+
+@_jit
+def _lstm_thread(gemm, x2, w_ih, panels, xw, bias, lengths, reverse, training, hs, cs, out,
+                 gates, flags, tid, nthreads):
+    if nthreads > 1:
+        H, U = cs.shape[2], panels.shape[0]
+        n0, n1 = min(U * tid // nthreads * VW, H), min(U * (tid + 1) // nthreads * VW, H)
+        _project_units(gemm, x2, w_ih, xw.reshape(x2.shape[0], xw.shape[2]), 4, H, n0, n1)
+    lstm_loop(panels, xw, bias, lengths, reverse, training, hs, cs, out, gates, flags, tid,
+              nthreads)
+
+
+@_jit
+def _gru_thread(gemm, x2, w_ih, panels, xw, bias, b_hn, lengths, reverse, training, hs, out,
+                gates, hns, flags, tid, nthreads):
+    if nthreads > 1:
+        H, U = hs.shape[2], panels.shape[0]
+        n0, n1 = min(U * tid // nthreads * VW, H), min(U * (tid + 1) // nthreads * VW, H)
+        _project_units(gemm, x2, w_ih, xw.reshape(x2.shape[0], xw.shape[2]), 3, H, n0, n1)
+    gru_loop(panels, xw, bias, b_hn, lengths, reverse, training, hs, out, gates, hns, flags, tid,
+             nthreads)
+
+
+def _run(thread, nthreads, x, w_ih, *args):
+    """``thread(gemm, x2, w_ih, *args, flags, tid, nthreads)`` on ``nthreads`` threads.
+    With one, the input projection is one multi-threaded GEMM here; with more, each
+    thread projects its own units with a single-threaded BLAS (an idle BLAS pool
+    would spin on the cores the loop needs) and nothing meets before the first step."""
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    gemm = gemm_for(x.dtype)
+    fl = flags(nthreads)
+    if nthreads == 1:
+        xw = args[1]
+        _mm(gemm, x2, False, w_ih, True, xw.reshape(T * B, -1), 0.0)
+        thread(gemm, x2, w_ih, *args, fl, 0, 1)
+        return
+    with _single_threaded_blas():
+        pool = _executor()
+        futures = [pool.submit(thread, gemm, x2, w_ih, *args, fl, tid, nthreads)
+                   for tid in range(1, nthreads)]
+        try:
+            thread(gemm, x2, w_ih, *args, fl, 0, nthreads)
+        finally:
+            for f in futures:
+                f.result()
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training):
+    """:func:`.numba_cpu.lstm_forward` (no projection, no zoneout) through the packed
+    loop; the same outputs and cache."""
+    x, w_ih, w_hh = _c(x, w_ih, w_hh)
+    T, B, _ = x.shape
+    H = c0.shape[1]
+    xw = np.empty((T, B, 4 * H), dtype=x.dtype)
+    bias = _bias(b_ih, b_hh, 4 * H, x.dtype)
+    hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
+    out = np.empty((T, B, H), dtype=x.dtype)
+    gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
+    full = _full_lengths(lengths, T, B)
+    _run(_lstm_thread, _thread_count(B, 4 * H, H), x, w_ih, pack(w_hh, 4), xw, bias, full,
+         reverse, training, hs, cs, out, gates)
+    cache = None
+    if training:
+        cache = (x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse, None, None)
+    return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
+
+
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training):
+    """:func:`.numba_cpu.gru_forward` (reset_after, no zoneout) through the packed loop;
+    the same outputs and cache."""
+    x, w_ih, w_hh = _c(x, w_ih, w_hh)
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    xw = np.empty((T, B, 3 * H), dtype=x.dtype)
+    bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
+    bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
+    b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
+    (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
+    out = np.empty((T, B, H), dtype=x.dtype)
+    gates = np.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
+    hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+    full = _full_lengths(lengths, T, B)
+    _run(_gru_thread, _thread_count(B, 3 * H, H), x, w_ih, pack(w_hh, 3), xw, bias, b_hn, full,
+         reverse, training, hs, out, gates, hns)
+    cache = None
+    if training:
+        cache = (x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, True)
+    return out, _final(hs, T, training, reverse), cache
