@@ -47,7 +47,12 @@ def _i64(value):
 
 def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv):
     """The m-row kernel: accumulators in allocas (promoted to registers by LLVM's
-    mem2reg), per k NV vector loads of the panel and m broadcasts of A."""
+    mem2reg), per k NV vector loads of the panel and m broadcasts of A.
+
+    With few rows (m NV < 12 chains of dependent FMAs, fewer than the FMA units'
+    latency times their count keep busy) the k loop is split in two interleaved
+    halves with their own accumulators, summed at the end: at B = 1 the one-row
+    kernel would otherwise wait on the FMA latency at every k."""
     vec = ir.VectorType(ir.FloatType(), VW)
     i32 = ir.IntType(32)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
@@ -55,11 +60,13 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv)
     zero = ir.Constant(vec, [0.0] * VW)
     undef = ir.Constant(vec, ir.Undefined)
     splat = ir.Constant(ir.VectorType(i32, VW), [0] * VW)
-    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(m)]
+    S = 2 if m * NV < 12 else 1
+    accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(m)]
+            for _ in range(S)]
     rows = [builder.gep(ap, [builder.add(a_off, builder.mul(lda, _i64(r)))]) for r in range(m)]
     panel = builder.gep(bpp, [b_off])
-    with cgutils.for_range(builder, K) as loop:
-        k = loop.index
+
+    def step(k, acc):
         pk = builder.gep(panel, [builder.mul(k, _i64(NV * VW))])
         bv = [builder.load(builder.bitcast(builder.gep(pk, [_i64(v * VW)]), vec.as_pointer()),
                            align=4) for v in range(NV)]
@@ -68,13 +75,28 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv)
             sv = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
                                         undef, splat)
             for v in range(NV):
-                builder.store(builder.call(fma, [sv, bv[v], builder.load(accs[r][v])]),
-                              accs[r][v])
+                builder.store(builder.call(fma, [sv, bv[v], builder.load(acc[r][v])]), acc[r][v])
+
+    if S == 1:
+        with cgutils.for_range(builder, K) as loop:
+            step(loop.index, accs[0])
+    else:
+        with cgutils.for_range(builder, builder.udiv(K, _i64(2))) as loop:
+            k0 = builder.mul(loop.index, _i64(2))
+            step(k0, accs[0])
+            step(builder.add(k0, _i64(1)), accs[1])
+        odd = builder.icmp_unsigned("!=", builder.urem(K, _i64(2)), _i64(0))
+        with builder.if_then(odd):
+            step(builder.sub(K, _i64(1)), accs[0])
+        for r in range(m):
+            for v in range(NV):
+                builder.store(builder.fadd(builder.load(accs[0][r][v]), builder.load(accs[1][r][v])),
+                              accs[0][r][v])
     for r in range(m):
         crow = builder.gep(cp, [builder.mul(ldc, _i64(r))])
         for v in range(NV):
             ptr = builder.bitcast(builder.gep(crow, [builder.mul(cv, _i64(v))]), vec.as_pointer())
-            builder.store(builder.load(accs[r][v]), ptr, align=4)
+            builder.store(builder.load(accs[0][r][v]), ptr, align=4)
 
 
 @functools.lru_cache(maxsize=None)

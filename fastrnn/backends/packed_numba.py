@@ -261,7 +261,7 @@ def gru_loop(panels, xw, bias, b_hn, lengths, reverse, training, hs, out, gates,
 #: Multiply-adds of one step's recurrent product (B * G * H) from which the loop is
 #: split over threads (`python bench/packed_threads.py`): below, one step is too short
 #: for the barrier and the second thread's start to pay.
-MIN_SPLIT_STEP_WORK = 1 << 18
+MIN_SPLIT_STEP_WORK = 3 << 20
 #: Threads the packed loops may use; None: the BLAS's thread count.
 threads = None
 
