@@ -41,8 +41,8 @@ def test_microkernel_matches_matmul_for_every_row_count(VW, NV):
     mk = pk.microkernel(MR, NV, VW)
 
     @numba.njit
-    def call(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv):
-        mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv)
+    def call(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc=False):
+        mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc)
 
     rng = np.random.default_rng(VW * NV)
     K, NR = 13, NV * VW
@@ -57,6 +57,14 @@ def test_microkernel_matches_matmul_for_every_row_count(VW, NV):
             got = c[:mr, 2 + v * cv:2 + v * cv + VW]
             np.testing.assert_allclose(got, want[:, v * VW:(v + 1) * VW], rtol=1e-5, atol=1e-5)
         assert np.isnan(c[mr:]).all(), "rows past mr were written"
+        # accumulate: a second block of k adds onto what c holds
+        before = c.copy()
+        call(mr, a, 1 * K + 3, K, panel, (1 * K + 3) * NR, K - 3, c, 2, c.shape[1], cv, True)
+        extra = a[1:1 + mr, 3:] @ panel[1, 3:]
+        for v in range(NV):
+            sl = np.s_[:mr, 2 + v * cv:2 + v * cv + VW]
+            np.testing.assert_allclose(c[sl], before[sl] + extra[:, v * VW:(v + 1) * VW],
+                                       rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("gates", [3, 4])

@@ -45,7 +45,7 @@ def _i64(value):
     return ir.Constant(ir.IntType(64), value)
 
 
-def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv):
+def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv, acc):
     """The m-row kernel: accumulators in allocas (promoted to registers by LLVM's
     mem2reg), per k NV vector loads of the panel and m broadcasts of A.
 
@@ -63,6 +63,13 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv)
     S = 2 if m * NV < 12 else 1
     accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(m)]
             for _ in range(S)]
+    cptrs = [[builder.bitcast(builder.gep(cp, [builder.add(builder.mul(ldc, _i64(r)),
+                                                           builder.mul(cv, _i64(v)))]),
+                              vec.as_pointer()) for v in range(NV)] for r in range(m)]
+    for r in range(m):       # accumulate onto c, or start from zero
+        for v in range(NV):
+            builder.store(builder.select(acc, builder.load(cptrs[r][v], align=4), zero),
+                          accs[0][r][v])
     rows = [builder.gep(ap, [builder.add(a_off, builder.mul(lda, _i64(r)))]) for r in range(m)]
     panel = builder.gep(bpp, [b_off])
 
@@ -93,31 +100,30 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv)
                 builder.store(builder.fadd(builder.load(accs[0][r][v]), builder.load(accs[1][r][v])),
                               accs[0][r][v])
     for r in range(m):
-        crow = builder.gep(cp, [builder.mul(ldc, _i64(r))])
         for v in range(NV):
-            ptr = builder.bitcast(builder.gep(crow, [builder.mul(cv, _i64(v))]), vec.as_pointer())
-            builder.store(builder.load(accs[0][r][v]), ptr, align=4)
+            builder.store(builder.load(accs[0][r][v]), cptrs[r][v], align=4)
 
 
 @functools.lru_cache(maxsize=None)
 def microkernel(MR, NV, VW):
-    """An intrinsic ``mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv)`` (float32
-    arrays, C-contiguous, of any rank; offsets and strides in elements):
+    """An intrinsic ``mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc)``
+    (float32 arrays, C-contiguous, of any rank; offsets and strides in elements):
 
-    ``c[c_off + r ldc + v cv + j] = sum_k a[a_off + r lda + k] p[p_off + k NV VW + v VW + j]``
+    ``c[c_off + r ldc + v cv + j] (+)= sum_k a[a_off + r lda + k] p[p_off + k NV VW + v VW + j]``
     for rows ``r < mr <= MR``, vectors ``v < NV`` and lanes ``j < VW``: vector ``v``
-    of the panel lands ``cv`` apart in ``c`` (a gate's stride in a gate-major row). One specialized loop per ``mr``
+    of the panel lands ``cv`` apart in ``c`` (a gate's stride in a gate-major row); with
+    ``acc`` true the sums are added to what ``c`` holds (a later block of ``k``). One specialized loop per ``mr``
     (a switch), so a remainder block of rows computes only its rows.
     """
 
     @intrinsic
-    def mk(typingctx, mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv):
+    def mk(typingctx, mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc):
         if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in (a, p, c)):
             return None
-        sig = types.void(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv)
+        sig = types.void(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc)
 
         def codegen(context, builder, signature, args):
-            mr_, a_, a_off_, lda_, p_, p_off_, K_, c_, c_off_, ldc_, cv_ = args
+            mr_, a_, a_off_, lda_, p_, p_off_, K_, c_, c_off_, ldc_, cv_, acc_ = args
             tys = signature.args
             ap = context.make_array(tys[1])(context, builder, a_).data
             bpp = context.make_array(tys[4])(context, builder, p_).data
@@ -127,6 +133,7 @@ def microkernel(MR, NV, VW):
                      (K_, tys[6]), (c_off_, tys[8]), (ldc_, tys[9]), (cv_, tys[10]))]
             m64, a_off64, lda64, p_off64, K64, c_off64, ldc64, cv64 = ints
             cp = builder.gep(cp, [c_off64])
+            accb = context.cast(builder, acc_, tys[11], types.boolean)
             done = builder.append_basic_block("mk.done")
             switch = builder.switch(m64, done)
             for m in range(1, MR + 1):
@@ -134,7 +141,7 @@ def microkernel(MR, NV, VW):
                 switch.add_case(_i64(m), block)
                 builder.position_at_end(block)
                 _emit_kernel(builder, m, NV, VW, ap, a_off64, lda64, bpp, p_off64, K64, cp, ldc64,
-                             cv64)
+                             cv64, accb)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()

@@ -78,6 +78,11 @@ def _slots(t, k, r, training):
     return k & 1, (k + 1) & 1
 
 
+#: Inputs (k) per block of the recurrent product: a panel's block (KC x NV VW floats,
+#: 32 KB for the LSTM on AVX-512) stays in L1 while every row block uses it.
+KC = 128
+
+
 @_jit
 def _recurrent(panels, h_prev, a, Hp, u0, u1):
     """a[b, g Hp + n] = (h_prev W_hh^T)[b, g H + n] for the units of panels [u0, u1)."""
@@ -87,13 +92,16 @@ def _recurrent(panels, h_prev, a, Hp, u0, u1):
     lstm = NR == 4 * VW
     MR = MR_LSTM if lstm else MR_GRU
     for u in range(u0, u1):
-        for b0 in range(0, B, MR):
-            if lstm:
-                _MK_LSTM(min(MR, B - b0), h_prev, b0 * K, K, panels, u * K * NR, K, a,
-                         b0 * ldc + u * VW, ldc, Hp)
-            else:
-                _MK_GRU(min(MR, B - b0), h_prev, b0 * K, K, panels, u * K * NR, K, a,
-                        b0 * ldc + u * VW, ldc, Hp)
+        for k0 in range(0, K, KC):
+            kc = min(KC, K - k0)
+            for b0 in range(0, B, MR):
+                mr = min(MR, B - b0)
+                if lstm:
+                    _MK_LSTM(mr, h_prev, b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
+                             b0 * ldc + u * VW, ldc, Hp, k0 > 0)
+                else:
+                    _MK_GRU(mr, h_prev, b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
+                            b0 * ldc + u * VW, ldc, Hp, k0 > 0)
 
 
 @_jit
