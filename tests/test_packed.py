@@ -1,9 +1,9 @@
 """The packed time loops (fastrnn.backends.packed_numba, float32 LSTM and GRU): the
 LLVM micro-kernel against NumPy's matmul for every row count, in the host's vector
 width and in the AVX2 one; the panel layout against its definition; and the whole
-forward and backward against the float64 NumPy reference, on one thread and split
-over threads by hidden units (forced on small problems), with lengths, both
-directions, sizes that leave partial tiles, and no biases."""
+inference against the float64 NumPy reference, on one thread and split over
+threads by hidden units (forced on small problems), with lengths, both directions,
+sizes that leave partial tiles, and no biases."""
 
 import numpy as np
 import pytest
@@ -91,8 +91,7 @@ def _forward(kind, backend, x, states, w, lengths, reverse, training):
 @pytest.mark.parametrize("B,H", [(1, 5), (7, 16), (13, 37)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_forward_and_backward_match_the_float64_reference(threads, kind, B, H, reverse,
-                                                                 bias):
+def test_packed_inference_matches_the_float64_reference(threads, kind, B, H, reverse, bias):
     nthreads, counts = threads
     rng = np.random.default_rng(B * 100 + H)
     T, I, G = 6, 4, GATES[kind] * H
@@ -103,26 +102,16 @@ def test_packed_forward_and_backward_match_the_float64_reference(threads, kind, 
     w += [rng.uniform(-0.6, 0.6, G), rng.uniform(-0.6, 0.6, G)] if bias else [None, None]
     f32 = [None if a is None else a.astype(np.float32) for a in [x] + states + w]
     x32, states32, w32 = f32[0], f32[1:1 + len(states)], f32[1 + len(states):]
-    for training in (False, True):
-        got = _forward(kind, nb, x32, states32, w32, lengths, reverse, training)
-        want = _forward(kind, ref, x, states, w, lengths, reverse, training)
-        for g, e in zip(got[:-1], want[:-1]):
-            np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5)
-    assert counts and all(c == min(nthreads, -(-H // pk.VW)) for c in counts), counts
-    # backward from the packed loop's cache
-    d_out = rng.standard_normal(want[0].shape)
-    d_states = [rng.standard_normal((B, H)) for _ in states]
-    got = getattr(nb, f"{kind}_backward")(d_out.astype(np.float32),
-                                          *[d.astype(np.float32) for d in d_states], got[-1])
-    want = getattr(ref, f"{kind}_backward")(d_out, *d_states, want[-1])
-    for g, e in zip(got, want):
-        if e is None:
-            assert g is None
-        else:
-            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+    got = _forward(kind, nb, x32, states32, w32, lengths, reverse, False)
+    want = _forward(kind, ref, x, states, w, lengths, reverse, False)
+    assert got[-1] is None
+    for g, e in zip(got[:-1], want[:-1]):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5)
+    assert counts == [min(nthreads, -(-H // pk.VW))], counts
 
 
-def test_only_float32_takes_the_packed_loop(monkeypatch):
+def test_only_float32_inference_takes_the_packed_loop(monkeypatch):
     calls = []
     real = pk.lstm_forward
     monkeypatch.setattr(pk, "lstm_forward", lambda *a: calls.append(a[0].dtype) or real(*a))
@@ -132,4 +121,5 @@ def test_only_float32_takes_the_packed_loop(monkeypatch):
         h = np.zeros((2, 5), dtype)
         w = [rng.standard_normal(s).astype(dtype) for s in ((20, 4), (20, 5), (20,), (20,))]
         nb.lstm_forward(x, h, h, *w, training=False)
+        nb.lstm_forward(x, h, h, *w, training=True)     # training: numba_cpu's loops
     assert calls == [np.float32]

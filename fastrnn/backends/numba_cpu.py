@@ -694,9 +694,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                                       "backend has no kernels for both; use backend='numpy'")
         return zoneout_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                           training, zoneout_h, zoneout_c)
-    if w_hr is None and packed_numba.eligible(x, x.shape[0]):
-        return packed_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                         training)
+    if w_hr is None and packed_numba.eligible(x, x.shape[0], training):
+        return packed_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = c0.shape[1]
@@ -998,8 +997,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
                                       "backend has no kernels for both; use backend='numpy'")
         return zoneout_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                          training, zoneout_h)
-    if reset_after and packed_numba.eligible(x, x.shape[0]):
-        return packed_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
+    if reset_after and packed_numba.eligible(x, x.shape[0], training):
+        return packed_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]

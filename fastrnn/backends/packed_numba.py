@@ -12,7 +12,7 @@ tile by tile, each tile in the L1 cache, with no BLAS call:
   :func:`._simd.microkernel` writes its ``MR x NV VW`` pre-activations into a
   gate-major scratch row block (gate stride ``Hp``, ``H`` padded to whole
   vectors); then one pointwise pass over the thread's units and every row
-  (gates, state update, masking by ``lengths``, outputs and cache), written as
+  (gates, state update, masking by ``lengths``, outputs), written as
   the loops of :mod:`.numba_cpu` that LLVM vectorizes.
 * every gate of a unit lies in one panel, so threads split the panels (hidden
   units) and never need another thread's gates: one barrier per step
@@ -21,8 +21,8 @@ tile by tile, each tile in the L1 cache, with no BLAS call:
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
-(docs/numba.md). The cache layout is the one :mod:`.numba_cpu`'s backward
-loops read (gates after activation, ``(T, B, G)``; GRU ``hn``, ``(T, B, H)``).
+(docs/numba.md). Inference only: training keeps :mod:`.numba_cpu`'s loops
+(:func:`eligible` says why).
 """
 
 from __future__ import annotations
@@ -69,13 +69,6 @@ def pack(w_hh, gates):
 def flags(nthreads):
     """The barrier's per-thread step counters, one cache line each."""
     return np.zeros(max(nthreads, 1) * FLAG_STRIDE, dtype=np.int64)
-
-
-@_jit
-def _slots(t, k, r, training):
-    if training:
-        return t + r, t + 1 - r
-    return k & 1, (k + 1) & 1
 
 
 #: Inputs (k) per block of the recurrent product: a panel's block (KC x NV VW floats,
@@ -130,32 +123,6 @@ def _lstm_block(a, Hp, x, bias, c_prev, c_new, h_prev, h_new, out, lengths, t, n
 
 
 @_jit
-def _lstm_block_train(a, Hp, x, bias, c_prev, c_new, h_prev, h_new, out, gates, lengths, t, n0,
-                      n1):
-    """As _lstm_block, the gates after activation stored into ``gates`` (the cache)."""
-    H1, P1 = np.uint64(c_prev.shape[1]), np.uint64(Hp)
-    H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
-    for b in range(x.shape[0]):
-        if t < lengths[b]:
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                i = sigmoid(a[b, j] + x[b, j] + bias[j])
-                f = sigmoid(a[b, P1 + j] + x[b, H1 + j] + bias[H1 + j])
-                g = tanh(a[b, P2 + j] + x[b, H2 + j] + bias[H2 + j])
-                o = sigmoid(a[b, P3 + j] + x[b, H3 + j] + bias[H3 + j])
-                c = f * c_prev[b, j] + i * g
-                c_new[b, j] = c
-                hv = o * tanh(c)
-                h_new[b, j] = hv
-                out[b, j] = hv
-                gates[b, j] = i
-                gates[b, H1 + j] = f
-                gates[b, H2 + j] = g
-                gates[b, H3 + j] = o
-        else:
-            _carry(h_prev, c_prev, h_new, c_new, out, b, n0, n1)
-
-
-@_jit
 def _carry(h_prev, c_prev, h_new, c_new, out, b, n0, n1):
     """An inactive row: the states are carried, the output is 0 (c_prev None: no c)."""
     for j in range(np.uint64(n0), np.uint64(n1)):
@@ -167,30 +134,23 @@ def _carry(h_prev, c_prev, h_new, c_new, out, b, n0, n1):
 
 
 @_jit
-def lstm_loop(panels, xw, bias, lengths, reverse, training, hs, cs, out, gates, flags, tid,
-              nthreads):
-    """The LSTM time loop, thread ``tid`` of ``nthreads``: the panels (hidden units)
-    ``[U tid / nthreads, U (tid + 1) / nthreads)`` of every step. ``gates`` is the
-    (T, B, 4H) cache in training (ignored in inference)."""
+def lstm_loop(panels, xw, bias, lengths, reverse, hs, cs, out, flags, tid, nthreads):
+    """The LSTM inference time loop, thread ``tid`` of ``nthreads``: the panels (hidden
+    units) ``[U tid / nthreads, U (tid + 1) / nthreads)`` of every step; ``hs`` and
+    ``cs`` are (2, B, H) ping-pong buffers."""
     T, B, _ = xw.shape
     H = cs.shape[2]
     U = panels.shape[0]
     Hp = U * VW
     u0, u1 = U * tid // nthreads, U * (tid + 1) // nthreads
     n0, n1 = min(u0 * VW, H), min(u1 * VW, H)
-    r = 1 if reverse else 0
     a = np.empty((B, 4 * Hp), dtype=np.float32)
     for k in range(T):
         t = T - 1 - k if reverse else k
-        prev, new = _slots(t, k, r, training)
+        prev, new = k & 1, (k + 1) & 1
         h_prev, c_prev, h_new, c_new = hs[prev], cs[prev], hs[new], cs[new]
         _recurrent(panels, h_prev, a, Hp, u0, u1)
-        if training:
-            _lstm_block_train(a, Hp, xw[t], bias, c_prev, c_new, h_prev, h_new, out[t], gates[t],
-                              lengths, t, n0, n1)
-        else:
-            _lstm_block(a, Hp, xw[t], bias, c_prev, c_new, h_prev, h_new, out[t], lengths, t,
-                        n0, n1)
+        _lstm_block(a, Hp, xw[t], bias, c_prev, c_new, h_prev, h_new, out[t], lengths, t, n0, n1)
         if nthreads > 1:
             spin_barrier(flags, tid, nthreads, k + 1)
 
@@ -214,52 +174,22 @@ def _gru_block(a, Hp, x, bias, b_hn, h_prev, h_new, out, lengths, t, n0, n1):
 
 
 @_jit
-def _gru_block_train(a, Hp, x, bias, b_hn, h_prev, h_new, out, gates, hns, lengths, t, n0, n1):
-    """As _gru_block, with r, z, n and hn = W_hn h + b_hn stored (the cache)."""
-    H1, P1 = np.uint64(h_prev.shape[1]), np.uint64(Hp)
-    H2, P2 = H1 + H1, P1 + P1
-    for b in range(x.shape[0]):
-        if t < lengths[b]:
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                r = sigmoid(a[b, j] + x[b, j] + bias[j])
-                z = sigmoid(a[b, P1 + j] + x[b, H1 + j] + bias[H1 + j])
-                hn = a[b, P2 + j] + b_hn[j]
-                n = tanh(x[b, H2 + j] + bias[H2 + j] + r * hn)
-                hv = (1 - z) * n + z * h_prev[b, j]
-                h_new[b, j] = hv
-                out[b, j] = hv
-                gates[b, j] = r
-                gates[b, H1 + j] = z
-                gates[b, H2 + j] = n
-                hns[b, j] = hn
-        else:
-            _carry(h_prev, None, h_new, None, out, b, n0, n1)
-
-
-@_jit
-def gru_loop(panels, xw, bias, b_hn, lengths, reverse, training, hs, out, gates, hns, flags,
-             tid, nthreads):
-    """The GRU (reset_after) time loop, thread ``tid`` of ``nthreads`` (see
-    :func:`lstm_loop`); ``gates`` (T, B, 3H) and ``hns`` (T, B, H) are the cache in
-    training."""
+def gru_loop(panels, xw, bias, b_hn, lengths, reverse, hs, out, flags, tid, nthreads):
+    """The GRU (reset_after) inference time loop, thread ``tid`` of ``nthreads`` (see
+    :func:`lstm_loop`)."""
     T, B, _ = xw.shape
     H = hs.shape[2]
     U = panels.shape[0]
     Hp = U * VW
     u0, u1 = U * tid // nthreads, U * (tid + 1) // nthreads
     n0, n1 = min(u0 * VW, H), min(u1 * VW, H)
-    rv = 1 if reverse else 0
     a = np.empty((B, 3 * Hp), dtype=np.float32)
     for k in range(T):
         t = T - 1 - k if reverse else k
-        prev, new = _slots(t, k, rv, training)
+        prev, new = k & 1, (k + 1) & 1
         h_prev, h_new = hs[prev], hs[new]
         _recurrent(panels, h_prev, a, Hp, u0, u1)
-        if training:
-            _gru_block_train(a, Hp, xw[t], bias, b_hn, h_prev, h_new, out[t], gates[t], hns[t],
-                             lengths, t, n0, n1)
-        else:
-            _gru_block(a, Hp, xw[t], bias, b_hn, h_prev, h_new, out[t], lengths, t, n0, n1)
+        _gru_block(a, Hp, xw[t], bias, b_hn, h_prev, h_new, out[t], lengths, t, n0, n1)
         if nthreads > 1:
             spin_barrier(flags, tid, nthreads, k + 1)
 
@@ -274,10 +204,18 @@ MIN_SPLIT_STEP_WORK = 3 << 20
 threads = None
 
 
-def eligible(x, T):
-    """The packed loops run float32 sequences of two steps or more (one step: the
-    packing costs more than it saves)."""
-    return VW > 0 and x.dtype == np.float32 and T >= 2
+#: False sends every call to numba_cpu's BLAS loops (for A/B timings:
+#: ``python bench/packed_ab.py``).
+enabled = True
+
+
+def eligible(x, T, training):
+    """The packed loops run float32 inference of two steps or more (one step: the
+    packing costs more than it saves). Training keeps numba_cpu's loops: its forward
+    stores the gates for backward (four more arrays written per element, and LLVM
+    leaves the packed pass scalar), and a packed backward (d_a W_hh by column panels)
+    measured 0.55-0.9x of the BLAS one; see docs/numba.md."""
+    return enabled and not training and x.dtype == np.float32 and T >= 2
 
 
 #: Workers of the packed loops' own pool (the calling thread is one more). Every
@@ -313,25 +251,23 @@ def _project_units(gemm, x2, w_ih, xw2, gates, H, n0, n1):
 
 
 @_jit
-def _lstm_thread(gemm, x2, w_ih, panels, xw, bias, lengths, reverse, training, hs, cs, out,
-                 gates, flags, tid, nthreads):
+def _lstm_thread(gemm, x2, w_ih, panels, xw, bias, lengths, reverse, hs, cs, out, flags, tid,
+                 nthreads):
     if nthreads > 1:
         H, U = cs.shape[2], panels.shape[0]
         n0, n1 = min(U * tid // nthreads * VW, H), min(U * (tid + 1) // nthreads * VW, H)
         _project_units(gemm, x2, w_ih, xw.reshape(x2.shape[0], xw.shape[2]), 4, H, n0, n1)
-    lstm_loop(panels, xw, bias, lengths, reverse, training, hs, cs, out, gates, flags, tid,
-              nthreads)
+    lstm_loop(panels, xw, bias, lengths, reverse, hs, cs, out, flags, tid, nthreads)
 
 
 @_jit
-def _gru_thread(gemm, x2, w_ih, panels, xw, bias, b_hn, lengths, reverse, training, hs, out,
-                gates, hns, flags, tid, nthreads):
+def _gru_thread(gemm, x2, w_ih, panels, xw, bias, b_hn, lengths, reverse, hs, out, flags, tid,
+                nthreads):
     if nthreads > 1:
         H, U = hs.shape[2], panels.shape[0]
         n0, n1 = min(U * tid // nthreads * VW, H), min(U * (tid + 1) // nthreads * VW, H)
         _project_units(gemm, x2, w_ih, xw.reshape(x2.shape[0], xw.shape[2]), 3, H, n0, n1)
-    gru_loop(panels, xw, bias, b_hn, lengths, reverse, training, hs, out, gates, hns, flags, tid,
-             nthreads)
+    gru_loop(panels, xw, bias, b_hn, lengths, reverse, hs, out, flags, tid, nthreads)
 
 
 def _run(thread, nthreads, x, w_ih, *args):
@@ -359,29 +295,25 @@ def _run(thread, nthreads, x, w_ih, *args):
                 f.result()
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training):
-    """:func:`.numba_cpu.lstm_forward` (no projection, no zoneout) through the packed
-    loop; the same outputs and cache."""
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    """:func:`.numba_cpu.lstm_forward` in inference (no projection, no zoneout) through
+    the packed loop: the same outputs, no cache."""
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = c0.shape[1]
     xw = np.empty((T, B, 4 * H), dtype=x.dtype)
     bias = _bias(b_ih, b_hh, 4 * H, x.dtype)
-    hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
+    hs, cs = _state_buffers(T, B, H, x.dtype, False, reverse, h0, c0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     _run(_lstm_thread, _thread_count(B, 4 * H, H), x, w_ih, pack(w_hh, 4), xw, bias, full,
-         reverse, training, hs, cs, out, gates)
-    cache = None
-    if training:
-        cache = (x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse, None, None)
-    return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
+         reverse, hs, cs, out)
+    return out, _final(hs, T, False, reverse), _final(cs, T, False, reverse), None
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training):
-    """:func:`.numba_cpu.gru_forward` (reset_after, no zoneout) through the packed loop;
-    the same outputs and cache."""
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    """:func:`.numba_cpu.gru_forward` in inference (reset_after, no zoneout) through the
+    packed loop: the same outputs, no cache."""
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
@@ -389,14 +321,10 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training):
     bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
     bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
     b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
-    (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
+    (hs,) = _state_buffers(T, B, H, x.dtype, False, reverse, h0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    gates = np.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
-    hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     _run(_gru_thread, _thread_count(B, 3 * H, H), x, w_ih, pack(w_hh, 3), xw, bias, b_hn, full,
-         reverse, training, hs, out, gates, hns)
-    cache = None
-    if training:
-        cache = (x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, True)
-    return out, _final(hs, T, training, reverse), cache
+         reverse, hs, out)
+    return out, _final(hs, T, False, reverse), None
+
