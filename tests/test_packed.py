@@ -91,7 +91,10 @@ def _forward(kind, backend, x, states, w, lengths, reverse, training):
 @pytest.mark.parametrize("B,H", [(1, 5), (7, 16), (13, 37)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_inference_matches_the_float64_reference(threads, kind, B, H, reverse, bias):
+@pytest.mark.parametrize("chunk", [None, 1, 2], ids=["whole", "chunk1", "chunk2"])
+def test_packed_inference_matches_the_float64_reference(threads, kind, B, H, reverse, bias,
+                                                        chunk, monkeypatch):
+    """``chunk``: steps of input projection computed at a time (None: all six)."""
     nthreads, counts = threads
     rng = np.random.default_rng(B * 100 + H)
     T, I, G = 6, 4, GATES[kind] * H
@@ -102,6 +105,8 @@ def test_packed_inference_matches_the_float64_reference(threads, kind, B, H, rev
     w += [rng.uniform(-0.6, 0.6, G), rng.uniform(-0.6, 0.6, G)] if bias else [None, None]
     f32 = [None if a is None else a.astype(np.float32) for a in [x] + states + w]
     x32, states32, w32 = f32[0], f32[1:1 + len(states)], f32[1 + len(states):]
+    if chunk:
+        monkeypatch.setattr(pk, "CHUNK_FLOATS", chunk * B * G)
     got = _forward(kind, nb, x32, states32, w32, lengths, reverse, False)
     want = _forward(kind, ref, x, states, w, lengths, reverse, False)
     assert got[-1] is None
