@@ -88,9 +88,10 @@ KC = 128
 
 
 @_jit
-def _recurrent(panels, h_prev, a, Hp, u0, u1):
-    """a[b, g Hp + n] = (h_prev W_hh^T)[b, g H + n] for the units of panels [u0, u1)."""
-    B, K = h_prev.shape
+def _recurrent(panels, hs, prev, a, Hp, u0, u1):
+    """a[b, g Hp + n] = (hs[prev] W_hh^T)[b, g H + n] for the units of panels [u0, u1)."""
+    _, B, K = hs.shape
+    h0 = prev * B * K
     U, _, NR = panels.shape
     ldc = a.shape[1]
     lstm = NR == 4 * VW
@@ -101,65 +102,62 @@ def _recurrent(panels, h_prev, a, Hp, u0, u1):
             for b0 in range(0, B, MR):
                 mr = min(MR, B - b0)
                 if lstm:
-                    _MK_LSTM(mr, h_prev, b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
+                    _MK_LSTM(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
                              b0 * ldc + u * VW, ldc, Hp, k0 > 0)
                 else:
-                    _MK_GRU(mr, h_prev, b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
+                    _MK_GRU(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
                             b0 * ldc + u * VW, ldc, Hp, k0 > 0)
 
 
 @_jit
-def _lstm_block(a, Hp, x, bias, c_prev, c_new, h_prev, h_new, out, lengths, t, n0, n1):
-    """Inference: units [n0, n1) of every row; inactive rows carry their state.
+def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1):
+    """Inference: units [n0, n1) of every row; inactive rows carry their state. Reads
+    xw[tx], cs[prev], hs[prev]; writes cs[new], hs[new], out[t].
 
-    Column indices are uint64: Numba wraps a signed index that it cannot prove
-    non-negative (``j`` from ``range(n0, n1)``), and that select turns the loop into
-    gathers and scatters, 7x slower than the vectorized loop (2.8 ns per element)."""
-    H1, P1 = np.uint64(c_prev.shape[1]), np.uint64(Hp)
+    Whole arrays and a time index, not per-step row views: each view costs two
+    reference-count calls, a few hundred ns a step at B = 1. Column indices are
+    uint64: Numba wraps a signed index that it cannot prove non-negative (``j`` from
+    ``range(n0, n1)``), and that select turns the loop into gathers and scatters, 7x
+    slower than the vectorized loop (2.8 ns per element)."""
+    H1, P1 = np.uint64(cs.shape[2]), np.uint64(Hp)
     H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
-    for b in range(x.shape[0]):
+    for b in range(a.shape[0]):
         if t < lengths[b]:
             for j in range(np.uint64(n0), np.uint64(n1)):
-                i = sigmoid(a[b, j] + x[b, j] + bias[j])
-                f = sigmoid(a[b, P1 + j] + x[b, H1 + j] + bias[H1 + j])
-                g = tanh(a[b, P2 + j] + x[b, H2 + j] + bias[H2 + j])
-                o = sigmoid(a[b, P3 + j] + x[b, H3 + j] + bias[H3 + j])
-                c = f * c_prev[b, j] + i * g
-                c_new[b, j] = c
+                i = sigmoid(a[b, j] + xw[tx, b, j] + bias[j])
+                f = sigmoid(a[b, P1 + j] + xw[tx, b, H1 + j] + bias[H1 + j])
+                g = tanh(a[b, P2 + j] + xw[tx, b, H2 + j] + bias[H2 + j])
+                o = sigmoid(a[b, P3 + j] + xw[tx, b, H3 + j] + bias[H3 + j])
+                c = f * cs[prev, b, j] + i * g
+                cs[new, b, j] = c
                 hv = o * tanh(c)
-                h_new[b, j] = hv
-                out[b, j] = hv
+                hs[new, b, j] = hv
+                out[t, b, j] = hv
         else:
-            _carry(h_prev, c_prev, h_new, c_new, out, b, n0, n1)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                hs[new, b, j] = hs[prev, b, j]
+                cs[new, b, j] = cs[prev, b, j]
+                out[t, b, j] = 0
 
 
 @_jit
-def _carry(h_prev, c_prev, h_new, c_new, out, b, n0, n1):
-    """An inactive row: the states are carried, the output is 0 (c_prev None: no c)."""
-    for j in range(np.uint64(n0), np.uint64(n1)):
-        h_new[b, j] = h_prev[b, j]
-        out[b, j] = 0
-    if c_prev is not None:
-        for j in range(np.uint64(n0), np.uint64(n1)):
-            c_new[b, j] = c_prev[b, j]
-
-
-@_jit
-def _gru_block(a, Hp, x, bias, b_hn, h_prev, h_new, out, lengths, t, n0, n1):
-    """reset_after, inference: units [n0, n1) of every row."""
-    H1, P1 = np.uint64(h_prev.shape[1]), np.uint64(Hp)
+def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1):
+    """reset_after, inference: units [n0, n1) of every row (see _lstm_block)."""
+    H1, P1 = np.uint64(hs.shape[2]), np.uint64(Hp)
     H2, P2 = H1 + H1, P1 + P1
-    for b in range(x.shape[0]):
+    for b in range(a.shape[0]):
         if t < lengths[b]:
             for j in range(np.uint64(n0), np.uint64(n1)):
-                r = sigmoid(a[b, j] + x[b, j] + bias[j])
-                z = sigmoid(a[b, P1 + j] + x[b, H1 + j] + bias[H1 + j])
-                n = tanh(x[b, H2 + j] + bias[H2 + j] + r * (a[b, P2 + j] + b_hn[j]))
-                hv = (1 - z) * n + z * h_prev[b, j]
-                h_new[b, j] = hv
-                out[b, j] = hv
+                r = sigmoid(a[b, j] + xw[tx, b, j] + bias[j])
+                z = sigmoid(a[b, P1 + j] + xw[tx, b, H1 + j] + bias[H1 + j])
+                n = tanh(xw[tx, b, H2 + j] + bias[H2 + j] + r * (a[b, P2 + j] + b_hn[j]))
+                hv = (1 - z) * n + z * hs[prev, b, j]
+                hs[new, b, j] = hv
+                out[t, b, j] = hv
         else:
-            _carry(h_prev, None, h_new, None, out, b, n0, n1)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                hs[new, b, j] = hs[prev, b, j]
+                out[t, b, j] = 0
 
 
 # ------------------------------------------------------------ the wrappers
@@ -250,9 +248,8 @@ def lstm_thread(gemm, x2, w_ih, panels, bias, lengths, reverse, hs, cs, out, xw,
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = k & 1, (k + 1) & 1
-            _recurrent(panels, hs[prev], a, Hp, u0, u1)
-            _lstm_block(a, Hp, xw[t - t0], bias, cs[prev], cs[new], hs[prev], hs[new], out[t],
-                        lengths, t, n0, n1)
+            _recurrent(panels, hs, prev, a, Hp, u0, u1)
+            _lstm_block(a, Hp, xw, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
             if nthreads > 1:
                 spin_barrier(flags, tid, nthreads, k + 1)
 
@@ -275,9 +272,8 @@ def gru_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, hs, out, xw
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = k & 1, (k + 1) & 1
-            _recurrent(panels, hs[prev], a, Hp, u0, u1)
-            _gru_block(a, Hp, xw[t - t0], bias, b_hn, hs[prev], hs[new], out[t], lengths, t,
-                       n0, n1)
+            _recurrent(panels, hs, prev, a, Hp, u0, u1)
+            _gru_block(a, Hp, xw, t - t0, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1)
             if nthreads > 1:
                 spin_barrier(flags, tid, nthreads, k + 1)
 
