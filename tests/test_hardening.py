@@ -190,6 +190,8 @@ def test_inference_over_100k_steps_needs_output_sized_memory():
     """T = 100000, B = 1, H = 32 (LSTM, float32): peak memory ~ the output (12.8 MB),
     not T times the gate width (4H) as an unchunked run needs."""
     backend = "numba" if "numba" in CPU_BACKENDS else "numpy"
+    if backend == "numba":
+        from fastrnn.backends import packed_numba
     T, I, H = 100_000, 8, 32
     if backend == "numpy":
         T = 10_000   # the reference runs ~6 us a step in Python
@@ -201,7 +203,10 @@ def test_inference_over_100k_steps_needs_output_sized_memory():
     assert peak < 1.25 * out.nbytes, (peak, out.nbytes)
     m.eval_chunk = 10 ** 9
     (out_full, _), peak_full = peak_bytes(lambda: m(x))
-    assert peak_full > 4 * out.nbytes   # the projection alone is (T, 1, 4H)
+    if backend == "numba":   # float32: the packed loop projects a chunk of steps at a time
+        assert peak_full < 1.25 * out.nbytes + 4 * packed_numba.CHUNK_FLOATS, peak_full
+    else:
+        assert peak_full > 4 * out.nbytes   # the projection alone is (T, 1, 4H)
     np.testing.assert_allclose(out, out_full, rtol=1e-5, atol=1e-6)
 
 
