@@ -1,0 +1,67 @@
+"""A/B of the numba backend's packed inference loops (fastrnn.backends.packed_numba)
+against its BLAS loops (numba_cpu, ``packed_numba.enabled = False``), each timing in
+a fresh process, the two alternating, so that neither inherits the other's idle
+thread pools (OpenBLAS's spin after a call, and the packed loops have threads too).
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
+        [--cells lstm gru] [--sizes 100x64x512x512,...]
+
+Per point and round, each variant's process times the layer's inference (median of 9
+after a warm-up call); the table shows the median over rounds and the ratio (above
+1: the packed loop is faster).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from fastrnn.bench import FULL_GRID
+
+CHILD = r"""
+import json, sys, time
+import numpy as np
+import fastrnn
+from fastrnn.backends import packed_numba
+cell, T, B, I, H, packed = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6] == "1"
+packed_numba.enabled = packed
+m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0).eval()
+x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+m(x)
+times = []
+for _ in range(9):
+    t0 = time.perf_counter()
+    m(x)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(float(np.median(times))))
+"""
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cells", nargs="+", default=["lstm", "gru"])
+    p.add_argument("--sizes", default=None, help="TxBxIxH,... (default: fastrnn bench's grid)")
+    args = p.parse_args()
+    sizes = FULL_GRID if args.sizes is None else \
+        [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    env = dict(os.environ)
+    for cell in args.cells:
+        for T, B, I, H in sizes:
+            times = {"1": [], "0": []}
+            for r in range(args.rounds):
+                for packed in (("0", "1") if r % 2 == 0 else ("1", "0")):
+                    out = subprocess.run([sys.executable, "-c", CHILD, cell, str(T), str(B),
+                                          str(I), str(H), packed], capture_output=True,
+                                         text=True, check=True, env=env).stdout
+                    times[packed].append(json.loads(out.strip().splitlines()[-1]))
+            blas, packed = (float(np.median(times[k])) * 1e3 for k in ("0", "1"))
+            print(f"{cell:<5} inference {T}x{B}x{I}x{H}: BLAS loops {blas:9.3f} ms  packed "
+                  f"{packed:9.3f} ms  speed-up {blas / packed:5.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
