@@ -40,6 +40,9 @@ def cmd_info(args) -> int:
             if name == backends.auto_name():
                 line += " (backend='auto' picks it)"
             print(line)
+    if "numba" not in absent:
+        from fastrnn.backends import packed_numba
+        print(f"  numba packed loops: {packed_numba.describe()}")
     from fastrnn.backends import cuda
     details = cuda.info(load="cuda" not in absent)
     fatbins = ", ".join(details["fatbins"]) or "none installed (no nvcc at build time)"

@@ -16,6 +16,9 @@ def test_info_names_every_backend(capsys):
         assert name in text
     for reason in backends.why_absent().values():
         assert reason in text
+    if "numba" not in backends.why_absent():
+        from fastrnn.backends import _simd
+        assert f"{_simd.vector_width()}-lane vectors" in text   # the width this CPU gets
 
 
 def test_cuda_algorithm_option_sets_the_time_loop(monkeypatch, capsys):

@@ -128,3 +128,45 @@ def test_only_float32_inference_takes_the_packed_loop(monkeypatch):
         nb.lstm_forward(x, h, h, *w, training=False)
         nb.lstm_forward(x, h, h, *w, training=True)     # training: numba_cpu's loops
     assert calls == [np.float32]
+
+
+AVX2_CHILD = """
+import json
+import numpy as np
+from fastrnn.backends import numba_cpu as nb, packed_numba as pk, reference as ref
+rng = np.random.default_rng(7)
+errs = {}
+for kind, gates in (("lstm", 4), ("gru", 3)):
+    T, B, I, H = 5, 7, 6, 21
+    x = rng.standard_normal((T, B, I))
+    states = [0.5 * rng.standard_normal((B, H)) for _ in range(2 if kind == "lstm" else 1)]
+    w = [rng.uniform(-0.5, 0.5, s) for s in ((gates * H, I), (gates * H, H), (gates * H,),
+                                              (gates * H,))]
+    lengths = np.array([5, 3, 0, 5, 1, 4, 2])
+    f32 = lambda a: a.astype(np.float32)
+    got = getattr(nb, kind + "_forward")(f32(x), *map(f32, states), *map(f32, w),
+                                         lengths=lengths, training=False)
+    want = getattr(ref, kind + "_forward")(x, *states, *w, lengths=lengths, training=False)
+    errs[kind] = max(float(np.abs(g - e).max()) for g, e in zip(got[:-1], want[:-1]))
+print(json.dumps({"VW": pk.VW, "MR": [pk.MR_LSTM, pk.MR_GRU], "errs": errs}))
+"""
+
+
+@pytest.mark.slow
+def test_the_avx2_configuration_end_to_end(tmp_path):
+    """The packed loops as an AVX2-only CPU gets them (8-lane vectors, tiles of 2 and 3
+    rows): Numba compiling for Haswell on this host, in a process with its own cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2,"
+                                  "+cx16,+movbe,+lzcnt,+sse,+sse2,+sse3,+ssse3,+sse4.1")
+    run = subprocess.run([sys.executable, "-c", AVX2_CHILD], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["VW"] == 8 and result["MR"] == [2, 3], result
+    for kind, err in result["errs"].items():
+        assert err < 2e-5, (kind, result)

@@ -30,7 +30,11 @@ from ._numba_math import FASTMATH
 
 
 def host_features():
-    """The host CPU's feature names, as LLVM (and so Numba's code) sees them."""
+    """The feature names of the CPU Numba compiles for: the host's, as LLVM sees them,
+    or those of ``NUMBA_CPU_FEATURES`` where it is set (with ``NUMBA_CPU_NAME``, Numba
+    then compiles for that CPU, e.g. ``haswell`` for AVX2 code on an AVX-512 host)."""
+    if numba.config.CPU_FEATURES:
+        return {f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+")}
     return {name for name, on in llvm.get_host_cpu_features().items() if on}
 
 

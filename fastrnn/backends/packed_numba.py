@@ -201,6 +201,16 @@ def _executor():
         return _pool
 
 
+def describe():
+    """One line for ``fastrnn info``: the vector width chosen for this CPU and when the
+    loops split over threads."""
+    isa = "AVX-512F" if VW == 16 else "no AVX-512F: AVX2 or older"
+    state = "on" if enabled else "off (packed_numba.enabled)"
+    return (f"{state} for float32 LSTM/GRU inference; {VW}-lane vectors ({isa}), tiles of "
+            f"{MR_LSTM} (LSTM) / {MR_GRU} (GRU) rows; split over threads by hidden units from "
+            f"{MIN_SPLIT_STEP_WORK} multiply-adds per step")
+
+
 def _thread_count(B, G, H):
     want = threads if threads is not None else (blas_get_threads() if blas_get_threads else 1)
     if B * G * H < MIN_SPLIT_STEP_WORK:
