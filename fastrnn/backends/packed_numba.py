@@ -64,43 +64,16 @@ def aligned_empty(shape):
     return buf[start:start + n].reshape(shape)
 
 
-#: Work buffers up to this many floats (64 MB) are kept per calling thread and reused
-#: by its next calls; larger ones are allocated per call.
-KEEP_FLOATS = 1 << 24
-_workspace = threading.local()
-
-
-def workspace(name, shape):
-    """A 64-byte aligned float32 buffer of ``shape`` for this call, reused across the
-    calls of the calling thread. Fresh per call, the chunk and scratch buffers (a few
-    MB) came from new pages whenever glibc's heap state sent them to mmap: measured,
-    LSTM 1000x8x32x32 inference ran 2-3x slower in a process that had run other
-    models than in a fresh one."""
-    n = int(np.prod(shape))
-    if n > KEEP_FLOATS:
-        return aligned_empty(shape)
-    kept = getattr(_workspace, name, None)
-    if kept is None or kept.size < n:
-        kept = aligned_empty((n,))
-        setattr(_workspace, name, kept)
-    return kept[:n].reshape(shape)
-
-
-def pack(w_hh, gates, out=None):
+def pack(w_hh, gates):
     """``W_hh`` (gates * H, K) into panels ``(ceil(H / VW), K, gates * VW)``:
-    ``P[u, k, g VW + j] = W_hh[g H + u VW + j, k]``, zero past ``H`` (into ``out``
-    where given)."""
+    ``P[u, k, g VW + j] = W_hh[g H + u VW + j, k]``, zero past ``H``."""
     G, K = w_hh.shape
     H = G // gates
     U = -(-H // VW)
-    panels = aligned_empty((U, K, gates * VW)) if out is None else out
-    view = panels.reshape(U, K, gates, VW)
-    full = H // VW
-    view[:full] = w_hh.reshape(gates, H, K)[:, :full * VW].reshape(gates, full, VW, K
-                                                                   ).transpose(1, 3, 0, 2)
-    if full < U:                      # the last panel: its units past H are zeros
-        view[full:] = 0
-        view[full, :, :, :H - full * VW] = w_hh.reshape(gates, H, K)[:, full * VW:].transpose(2, 0, 1)
+    w = np.zeros((gates, U * VW, K), dtype=np.float32)
+    w[:, :H] = w_hh.reshape(gates, H, K)
+    panels = aligned_empty((U, K, gates * VW))
+    panels.reshape(U, K, gates, VW)[...] = w.reshape(gates, U, VW, K).transpose(1, 3, 0, 2)
     return panels
 
 
@@ -324,8 +297,8 @@ def _run(thread, nthreads, x, w_ih, panels, *args):
     T, B, I = x.shape
     U, _, NR = panels.shape
     G = w_ih.shape[0]
-    xw = workspace("xw", (max(1, min(T, CHUNK_FLOATS // (B * G))), B, G))
-    a = workspace("a", (B, NR * U))
+    xw = np.empty((max(1, min(T, CHUNK_FLOATS // (B * G))), B, G), dtype=np.float32)
+    a = aligned_empty((B, NR * U))
     fl = flags(nthreads)
     call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (xw, a, fl)
     if nthreads == 1:
@@ -341,11 +314,6 @@ def _run(thread, nthreads, x, w_ih, panels, *args):
                 f.result()
 
 
-def _panels(w_hh, gates):
-    G, K = w_hh.shape
-    return pack(w_hh, gates, workspace("panels", (-(-G // gates // VW), K, gates * VW)))
-
-
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     """:func:`.numba_cpu.lstm_forward` in inference (no projection, no zoneout) through
     the packed loop: the same outputs, no cache."""
@@ -355,7 +323,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     bias = _bias(b_ih, b_hh, 4 * H, x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, False, reverse, h0, c0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    _run(lstm_thread, _thread_count(B, 4 * H, H), x, w_ih, _panels(w_hh, 4), bias,
+    _run(lstm_thread, _thread_count(B, 4 * H, H), x, w_ih, pack(w_hh, 4), bias,
          _full_lengths(lengths, T, B), reverse, hs, cs, out)
     return out, _final(hs, T, False, reverse), _final(cs, T, False, reverse), None
 
@@ -371,6 +339,6 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
     (hs,) = _state_buffers(T, B, H, x.dtype, False, reverse, h0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    _run(gru_thread, _thread_count(B, 3 * H, H), x, w_ih, _panels(w_hh, 3), bias, b_hn,
+    _run(gru_thread, _thread_count(B, 3 * H, H), x, w_ih, pack(w_hh, 3), bias, b_hn,
          _full_lengths(lengths, T, B), reverse, hs, out)
     return out, _final(hs, T, False, reverse), None
