@@ -25,9 +25,9 @@ def threads(request, monkeypatch):
     counts = []
     real = pk._run
 
-    def spy(thread, nthreads, *args):
+    def spy(nthreads, *args):
         counts.append(nthreads)
-        return real(thread, nthreads, *args)
+        return real(nthreads, *args)
 
     monkeypatch.setattr(pk, "_run", spy)
     return request.param, counts

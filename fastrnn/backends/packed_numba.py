@@ -238,15 +238,18 @@ def _project(gemm, x2, w_ih, xw2, gates, H, n0, n1):
 
 
 @_jit
-def lstm_thread(gemm, x2, w_ih, panels, bias, lengths, reverse, hs, cs, out, xw, a, flags, tid,
-                nthreads):
-    """The LSTM inference loop, thread ``tid`` of ``nthreads``: the panels (hidden units)
-    ``[U tid / nthreads, U (tid + 1) / nthreads)`` of every step, and their columns
-    of the input projection, a chunk of ``xw.shape[0]`` steps at a time (each thread
-    projects and reads only its own units, so chunks need no barrier). ``hs``/``cs``
-    are (2, B, H) ping-pong buffers, ``a`` the shared (B, 4 Hp) scratch."""
+def cell_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, hs, cs, out, xw, a, flags,
+                tid, nthreads):
+    """The inference loop of an LSTM (4 gates per panel; ``cs`` its cells, ``b_hn``
+    unused) or a reset-after GRU (3; ``b_hn`` the n gate's recurrent bias, ``cs``
+    unused), thread ``tid`` of ``nthreads``: the panels (hidden units) ``[U tid /
+    nthreads, U (tid + 1) / nthreads)`` of every step, and their columns of the input
+    projection, a chunk of ``xw.shape[0]`` steps at a time (each thread projects and
+    reads only its own units, so chunks need no barrier). ``hs``/``cs`` are (2, B, H)
+    ping-pong buffers, ``a`` the shared (B, gates Hp) scratch."""
     T, B, H = out.shape
-    U = panels.shape[0]
+    U, _, NR = panels.shape
+    gates = NR // VW
     Hp, Tc = U * VW, xw.shape[0]
     u0, u1 = U * tid // nthreads, U * (tid + 1) // nthreads
     n0, n1 = min(u0 * VW, H), min(u1 * VW, H)
@@ -254,42 +257,23 @@ def lstm_thread(gemm, x2, w_ih, panels, bias, lengths, reverse, hs, cs, out, xw,
     for c0 in range(0, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0        # the chunk's steps cover times [t0, t0 + c1 - c0)
-        _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_ih, xw2[:(c1 - c0) * B], 4, H, n0, n1)
+        _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_ih, xw2[:(c1 - c0) * B], gates, H, n0,
+                 n1)
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = k & 1, (k + 1) & 1
             _recurrent(panels, hs, prev, a, Hp, u0, u1)
-            _lstm_block(a, Hp, xw, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
+            if gates == 4:
+                _lstm_block(a, Hp, xw, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
+            else:
+                _gru_block(a, Hp, xw, t - t0, bias, b_hn, hs, prev, new, out, t, lengths, n0,
+                           n1)
             if nthreads > 1:
                 spin_barrier(flags, tid, nthreads, k + 1)
 
 
-@_jit
-def gru_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, hs, out, xw, a, flags, tid,
-               nthreads):
-    """The GRU (reset_after) inference loop, thread ``tid`` of ``nthreads`` (see
-    :func:`lstm_thread`)."""
-    T, B, H = out.shape
-    U = panels.shape[0]
-    Hp, Tc = U * VW, xw.shape[0]
-    u0, u1 = U * tid // nthreads, U * (tid + 1) // nthreads
-    n0, n1 = min(u0 * VW, H), min(u1 * VW, H)
-    xw2 = xw.reshape(Tc * B, xw.shape[2])
-    for c0 in range(0, T, Tc):
-        c1 = min(T, c0 + Tc)
-        t0 = T - c1 if reverse else c0
-        _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_ih, xw2[:(c1 - c0) * B], 3, H, n0, n1)
-        for k in range(c0, c1):
-            t = T - 1 - k if reverse else k
-            prev, new = k & 1, (k + 1) & 1
-            _recurrent(panels, hs, prev, a, Hp, u0, u1)
-            _gru_block(a, Hp, xw, t - t0, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1)
-            if nthreads > 1:
-                spin_barrier(flags, tid, nthreads, k + 1)
-
-
-def _run(thread, nthreads, x, w_ih, panels, *args):
-    """``thread(gemm, x2, w_ih, panels, *args, xw, a, flags, tid, nthreads)`` on
+def _run(nthreads, x, w_ih, panels, *args):
+    """``cell_thread(gemm, x2, w_ih, panels, *args, xw, a, flags, tid, nthreads)`` on
     ``nthreads`` threads, with the chunk and scratch buffers. With one thread the
     projection GEMMs use the BLAS's threads; with more, each thread projects its own
     units with a single-threaded BLAS (an idle BLAS pool would spin on the cores the
@@ -302,13 +286,13 @@ def _run(thread, nthreads, x, w_ih, panels, *args):
     fl = flags(nthreads)
     call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (xw, a, fl)
     if nthreads == 1:
-        thread(*call, 0, 1)
+        cell_thread(*call, 0, 1)
         return
     with _single_threaded_blas():
         pool = _executor()
-        futures = [pool.submit(thread, *call, tid, nthreads) for tid in range(1, nthreads)]
+        futures = [pool.submit(cell_thread, *call, tid, nthreads) for tid in range(1, nthreads)]
         try:
-            thread(*call, 0, nthreads)
+            cell_thread(*call, 0, nthreads)
         finally:
             for f in futures:
                 f.result()
@@ -323,7 +307,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     bias = _bias(b_ih, b_hh, 4 * H, x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, False, reverse, h0, c0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    _run(lstm_thread, _thread_count(B, 4 * H, H), x, w_ih, pack(w_hh, 4), bias,
+    _run(_thread_count(B, 4 * H, H), x, w_ih, pack(w_hh, 4), bias, bias,
          _full_lengths(lengths, T, B), reverse, hs, cs, out)
     return out, _final(hs, T, False, reverse), _final(cs, T, False, reverse), None
 
@@ -339,6 +323,6 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
     (hs,) = _state_buffers(T, B, H, x.dtype, False, reverse, h0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    _run(gru_thread, _thread_count(B, 3 * H, H), x, w_ih, pack(w_hh, 3), bias, b_hn,
-         _full_lengths(lengths, T, B), reverse, hs, out)
+    _run(_thread_count(B, 3 * H, H), x, w_ih, pack(w_hh, 3), bias, b_hn,
+         _full_lengths(lengths, T, B), reverse, hs, hs, out)
     return out, _final(hs, T, False, reverse), None
