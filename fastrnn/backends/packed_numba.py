@@ -1,23 +1,26 @@
-"""Packed time loops of the numba backend: LSTM and GRU (reset_after), float32.
+"""Packed time loops of the numba backend: LSTM and GRU (reset_after), float32
+inference.
 
-Per step, the recurrent product ``h_{t-1} W_hh^T`` and the gates are computed
-tile by tile, each tile in the L1 cache, with no BLAS call:
+Per step, the recurrent product ``h_{t-1} W_hh^T`` is computed by a register-blocked
+micro-kernel from ``W_hh`` packed once per call, with no BLAS call inside the loop,
+then the gates:
 
-* ``W_hh`` is packed once per sequence into panels, one per block of ``VW``
-  hidden units (``VW`` = the host's float32 vector width,
-  :func:`._simd.vector_width`): panel ``u`` holds, for every input ``k``, the
-  rows of every gate for the units ``[u VW, (u + 1) VW)`` side by side, ``NV =
-  gates`` vectors (zeros past ``H``). ``pack(w_hh, gates)`` below.
-* a tile is ``MR`` batch rows by one panel: the register-blocked
-  :func:`._simd.microkernel` writes its ``MR x NV VW`` pre-activations into a
-  gate-major scratch row block (gate stride ``Hp``, ``H`` padded to whole
-  vectors); then one pointwise pass over the thread's units and every row
-  (gates, state update, masking by ``lengths``, outputs), written as
-  the loops of :mod:`.numba_cpu` that LLVM vectorizes.
+* ``W_hh`` is packed into panels, one per block of ``VW`` hidden units (``VW`` = the
+  float32 vector width of the CPU Numba compiles for, :func:`._simd.vector_width`):
+  panel ``u`` holds, for every input ``k``, the rows of every gate for the units
+  ``[u VW, (u + 1) VW)`` side by side, ``NV = gates`` vectors (zeros past ``H``).
+  ``pack(w_hh, gates)`` below.
+* a tile is ``MR`` batch rows by one panel: :func:`._simd.microkernel` keeps its
+  ``MR x NV`` vector accumulators in registers over a block of ``KC`` inputs and
+  writes them into gate-major scratch rows (gate stride ``Hp``, ``H`` padded to whole
+  vectors); then one pointwise pass over the thread's units and every row (gates,
+  state update, masking by ``lengths``, outputs), written so that LLVM vectorizes it.
 * every gate of a unit lies in one panel, so threads split the panels (hidden
   units) and never need another thread's gates: one barrier per step
   (:func:`._simd.spin_barrier`), where ``h_t`` is complete. The threads are
-  Python threads running the same nogil loop (``tid`` of ``nthreads``).
+  Python threads running the same nogil loop (``tid`` of ``nthreads``); each also
+  computes its units' columns of the input projection (BLAS), a chunk of steps at a
+  time, just before those steps.
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
@@ -66,14 +69,18 @@ def aligned_empty(shape):
 
 def pack(w_hh, gates):
     """``W_hh`` (gates * H, K) into panels ``(ceil(H / VW), K, gates * VW)``:
-    ``P[u, k, g VW + j] = W_hh[g H + u VW + j, k]``, zero past ``H``."""
+    ``P[u, k, g VW + j] = W_hh[g H + u VW + j, k]``, zero past ``H``. One copy, straight
+    into the aligned panels (a zero-padded temporary would copy ``W_hh`` twice a call)."""
     G, K = w_hh.shape
     H = G // gates
-    U = -(-H // VW)
-    w = np.zeros((gates, U * VW, K), dtype=np.float32)
-    w[:, :H] = w_hh.reshape(gates, H, K)
+    U, full = -(-H // VW), H // VW
     panels = aligned_empty((U, K, gates * VW))
-    panels.reshape(U, K, gates, VW)[...] = w.reshape(gates, U, VW, K).transpose(1, 3, 0, 2)
+    view = panels.reshape(U, K, gates, VW)
+    w = w_hh.reshape(gates, H, K)
+    view[:full] = w[:, :full * VW].reshape(gates, full, VW, K).transpose(1, 3, 0, 2)
+    if full < U:                      # the last panel: its units past H are zeros
+        view[full] = 0
+        view[full, :, :, :H - full * VW] = w[:, full * VW:].transpose(2, 0, 1)
     return panels
 
 
@@ -163,8 +170,8 @@ def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1
 # ------------------------------------------------------------ the wrappers
 
 #: Multiply-adds of one step's recurrent product (B * G * H) from which the loop is
-#: split over threads (`python bench/packed_threads.py`): below, one step is too short
-#: for the barrier and the second thread's start to pay.
+#: split over threads (`python bench/packed_ab.py --compare threads`): below, one step
+#: is too short for the barrier and the second thread's start to pay.
 MIN_SPLIT_STEP_WORK = 3 << 20
 #: Threads the packed loops may use; None: the BLAS's thread count.
 threads = None
@@ -178,9 +185,9 @@ enabled = True
 def eligible(x, T, training):
     """The packed loops run float32 inference of two steps or more (one step: the
     packing costs more than it saves). Training keeps numba_cpu's loops: its forward
-    stores the gates for backward (four more arrays written per element, and LLVM
-    leaves the packed pass scalar), and a packed backward (d_a W_hh by column panels)
-    measured 0.55-0.9x of the BLAS one; see docs/numba.md."""
+    stores the gates for backward (four more stores per element into the cache, and
+    every form tried left LLVM's pass scalar), and a packed backward (d_a W_hh by column
+    panels) measured 0.55-0.9x of the BLAS one; see docs/numba.md."""
     return enabled and not training and x.dtype == np.float32 and T >= 2
 
 
