@@ -1,18 +1,20 @@
-"""A/B of the numba backend's packed inference loops (fastrnn.backends.packed_numba),
+"""A/B of the numba backend's packed loops (fastrnn.backends.packed_numba),
 each timing in a fresh process, the two variants alternating, so that neither inherits
 the other's idle thread pools (OpenBLAS's spin after a call, and the packed loops have
 threads too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
-        [--compare blas|threads] [--cells lstm gru] [--sizes 100x64x512x512,...]
+        [--compare blas|threads] [--mode inference|training] [--cells lstm gru]
+        [--sizes 100x64x512x512,...]
 
 ``--compare blas`` (default): the BLAS loops (numba_cpu, ``packed_numba.enabled =
 False``) against the packed loops. ``--compare threads``: the packed loops on one thread
 against two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
 ``MIN_SPLIT_STEP_WORK`` was set from.
 
-Per point and round, each variant's process times the layer's inference (median of 9
-after a warm-up call); the table shows the median over rounds and the ratio (above
+Per point and round, each variant's process times the layer's inference, or a training
+step (forward and backward; the packed loops run its forward) with ``--mode training``
+(median of 9 after a warm-up call); the table shows the median over rounds and the ratio (above
 1: the second variant is faster).
 """
 
@@ -31,19 +33,29 @@ import json, sys, time
 import numpy as np
 import fastrnn
 from fastrnn.backends import packed_numba
-cell, T, B, I, H, variant = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
+cell, T, B, I, H, variant, mode = sys.argv[1], *map(int, sys.argv[2:6]), *sys.argv[6:8]
 if variant == "blas":
     packed_numba.enabled = False
 elif variant != "packed":                 # "1 thread" / "2 threads", the split forced
     packed_numba.threads = int(variant.split()[0])
     packed_numba.MIN_SPLIT_STEP_WORK = 0
-m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0).eval()
+m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0)
+m = m.train() if mode == "training" else m.eval()
 x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
-m(x)
+d_out = np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32)
+
+
+def step():
+    m(x)
+    if mode == "training":
+        m.backward(d_out)
+
+
+step()
 times = []
 for _ in range(9):
     t0 = time.perf_counter()
-    m(x)
+    step()
     times.append(time.perf_counter() - t0)
 print(json.dumps(float(np.median(times))))
 """
@@ -53,6 +65,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compare", choices=["blas", "threads"], default="blas")
+    p.add_argument("--mode", choices=["inference", "training"], default="inference")
     p.add_argument("--cells", nargs="+", default=["lstm", "gru"])
     p.add_argument("--sizes", default=None, help="TxBxIxH,... (default: fastrnn bench's grid)")
     args = p.parse_args()
@@ -67,11 +80,12 @@ def main():
             for r in range(args.rounds):
                 for variant in ((first, second) if r % 2 == 0 else (second, first)):
                     out = subprocess.run([sys.executable, "-c", CHILD, cell, str(T), str(B),
-                                          str(I), str(H), variant], capture_output=True,
+                                          str(I), str(H), variant, args.mode],
+                                         capture_output=True,
                                          text=True, check=True, env=env).stdout
                     times[variant].append(json.loads(out.strip().splitlines()[-1]))
             a, b = (float(np.median(times[k])) * 1e3 for k in (first, second))
-            print(f"{cell:<5} inference {T}x{B}x{I}x{H}: {names.get(first, first)} {a:9.3f} ms  "
+            print(f"{cell:<5} {args.mode} {T}x{B}x{I}x{H}: {names.get(first, first)} {a:9.3f} ms  "
                   f"{names.get(second, second)} {b:9.3f} ms  speed-up {a / b:5.2f}", flush=True)
 
 

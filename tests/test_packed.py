@@ -1,9 +1,10 @@
 """The packed time loops (fastrnn.backends.packed_numba, float32 LSTM and GRU): the
 LLVM micro-kernel against NumPy's matmul for every row count, in the host's vector
 width and in the AVX2 one; the panel layout against its definition; and the whole
-inference against the float64 NumPy reference, on one thread and split over
-threads by hidden units (forced on small problems), with lengths, both directions,
-sizes that leave partial tiles, and no biases."""
+forward (inference, and training with the gradients of its cache) against the float64
+NumPy reference, on one thread and split over threads by hidden units (forced on small
+problems), with lengths, both directions, sizes that leave partial tiles, and no biases;
+and when the split yields to another running thread."""
 
 import numpy as np
 import pytest
@@ -92,9 +93,12 @@ def _forward(kind, backend, x, states, w, lengths, reverse, training):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk", [None, 1, 2], ids=["whole", "chunk1", "chunk2"])
-def test_packed_inference_matches_the_float64_reference(threads, kind, B, H, reverse, bias,
-                                                        chunk, monkeypatch):
-    """``chunk``: steps of input projection computed at a time (None: all six)."""
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, reverse, bias,
+                                                      chunk, training, monkeypatch):
+    """``chunk``: steps of input projection computed at a time (None: all six). In
+    training, the cache the packed forward leaves goes through numba_cpu's backward:
+    every gradient against the reference's."""
     nthreads, counts = threads
     rng = np.random.default_rng(B * 100 + H)
     T, I, G = 6, 4, GATES[kind] * H
@@ -107,27 +111,109 @@ def test_packed_inference_matches_the_float64_reference(threads, kind, B, H, rev
     x32, states32, w32 = f32[0], f32[1:1 + len(states)], f32[1 + len(states):]
     if chunk:
         monkeypatch.setattr(pk, "CHUNK_FLOATS", chunk * B * G)
-    got = _forward(kind, nb, x32, states32, w32, lengths, reverse, False)
-    want = _forward(kind, ref, x, states, w, lengths, reverse, False)
-    assert got[-1] is None
+    got = _forward(kind, nb, x32, states32, w32, lengths, reverse, training)
+    want = _forward(kind, ref, x, states, w, lengths, reverse, training)
+    assert counts == [min(nthreads, -(-H // pk.VW))], counts
     for g, e in zip(got[:-1], want[:-1]):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5)
-    assert counts == [min(nthreads, -(-H // pk.VW))], counts
+    if not training:
+        assert got[-1] is None
+        return
+    d_out = rng.standard_normal((T, B, H))
+    d_states = [rng.standard_normal((B, H)) for _ in states]
+    got_grads = getattr(nb, f"{kind}_backward")(d_out.astype(np.float32),
+                                                *(d.astype(np.float32) for d in d_states),
+                                                got[-1])
+    want_grads = getattr(ref, f"{kind}_backward")(d_out, *d_states, want[-1])
+    assert len(got_grads) == len(want_grads)
+    for g, e in zip(got_grads, want_grads):
+        assert (g is None) == (e is None)
+        if g is not None:
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
-def test_only_float32_inference_takes_the_packed_loop(monkeypatch):
+def test_only_float32_forwards_of_two_steps_take_the_packed_loop(monkeypatch):
     calls = []
     real = pk.lstm_forward
-    monkeypatch.setattr(pk, "lstm_forward", lambda *a: calls.append(a[0].dtype) or real(*a))
+    monkeypatch.setattr(pk, "lstm_forward",
+                        lambda *a: calls.append((a[0].dtype, a[0].shape[0], a[9])) or real(*a))
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
-        x = rng.standard_normal((3, 2, 4)).astype(dtype)
-        h = np.zeros((2, 5), dtype)
-        w = [rng.standard_normal(s).astype(dtype) for s in ((20, 4), (20, 5), (20,), (20,))]
-        nb.lstm_forward(x, h, h, *w, training=False)
-        nb.lstm_forward(x, h, h, *w, training=True)     # training: numba_cpu's loops
-    assert calls == [np.float32]
+        for T in (1, 3):
+            x = rng.standard_normal((T, 2, 4)).astype(dtype)
+            h = np.zeros((2, 5), dtype)
+            w = [rng.standard_normal(s).astype(dtype) for s in ((20, 4), (20, 5), (20,), (20,))]
+            nb.lstm_forward(x, h, h, *w, training=False)
+            nb.lstm_forward(x, h, h, *w, training=True)
+    assert calls == [(np.float32, 3, False), (np.float32, 3, True)]
+
+
+def _spinning_thread():
+    """A thread that spins (nogil) until the returned ``stop()`` is called: what an idle
+    BLAS pool looks like from /proc after a parallel call."""
+    import threading
+
+    import numba
+
+    from fastrnn.backends._simd import load_acquire, store_release
+
+    @numba.njit(nogil=True)
+    def spin(flag):
+        while load_acquire(flag, 0) == 0:
+            pass
+
+    @numba.njit(nogil=True)
+    def release(flag):
+        store_release(flag, 0, 1)
+
+    flag = np.zeros(1, np.int64)
+    spin(np.ones(1, np.int64))                    # compiled before the thread starts
+    t = threading.Thread(target=spin, args=(flag,))
+    t.start()
+
+    def stop():
+        release(flag)
+        t.join()
+    return stop
+
+
+def _wait_until_no_other_thread_runs(timeout=5.0):
+    """An earlier test's BLAS call may have left OpenBLAS's pool spinning (~0.1 s)."""
+    import time
+    end = time.monotonic() + timeout
+    while pk._other_threads_running():
+        if time.monotonic() > end:
+            pytest.skip("another thread of the test process keeps running")
+        time.sleep(0.05)
+
+
+def test_the_split_yields_to_a_running_thread(monkeypatch):
+    """Where another thread of the process runs (a spinning BLAS pool), a forward big
+    enough to split runs the BLAS loops instead (0); alone, it splits; below the split
+    threshold one packed thread runs either way; a forced thread count is kept."""
+    import time
+    monkeypatch.setattr(pk, "threads", None)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
+    monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 1000)
+    H = 4 * pk.VW
+    x = np.zeros((5, 8, 3), np.float32)
+    _wait_until_no_other_thread_runs()
+    assert pk.threads_for(x, 4, H) == 2
+    stop = _spinning_thread()
+    try:
+        deadline = time.monotonic() + 5
+        while not pk._other_threads_running():     # the spinner has started
+            assert time.monotonic() < deadline, "the spinning thread never showed as running"
+            time.sleep(0.01)
+        assert pk.threads_for(x, 4, H) == 0
+        assert pk.threads_for(x[:, :1], 4, 8) == 1              # 1 x 32 x 8 < 1000
+        monkeypatch.setattr(pk, "threads", 2)
+        assert pk.threads_for(x, 4, H) == 2
+        assert pk.threads_for(x.astype(np.float64), 4, H) == 0
+        assert pk.threads_for(x[:1], 4, H) == 0
+    finally:
+        stop()
 
 
 AVX2_CHILD = """

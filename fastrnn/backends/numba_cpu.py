@@ -694,8 +694,10 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                                       "backend has no kernels for both; use backend='numpy'")
         return zoneout_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                           training, zoneout_h, zoneout_c)
-    if w_hr is None and packed_numba.eligible(x, x.shape[0], training):
-        return packed_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    nthreads = packed_numba.threads_for(x, 4, c0.shape[1]) if w_hr is None else 0
+    if nthreads:
+        return packed_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                         training, nthreads)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = c0.shape[1]
@@ -717,10 +719,14 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                    gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T),
                    *_recurrent_weight(w_hr, B, T), full, reverse, training, hs, cs, out, gates,
                    ms)
-    cache = None
-    if training:
-        cache = (x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse, w_hr, ms)
+    cache = lstm_cache(x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse, w_hr,
+                       ms) if training else None
     return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
+
+
+def lstm_cache(x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse, w_hr=None, ms=None):
+    """What :func:`lstm_backward` needs (the packed loops make the same)."""
+    return (x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse, w_hr, ms)
 
 
 def lstm_backward(d_out, d_h_n, d_c_n, cache):
@@ -997,8 +1003,10 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
                                       "backend has no kernels for both; use backend='numpy'")
         return zoneout_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                          training, zoneout_h)
-    if reset_after and packed_numba.eligible(x, x.shape[0], training):
-        return packed_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    nthreads = packed_numba.threads_for(x, 3, h0.shape[1]) if reset_after else 0
+    if nthreads:
+        return packed_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                        training, nthreads)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
@@ -1024,10 +1032,14 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         _over_rows(_gru_forward_loop_reset_before, B, T * B * w_hh.size,
                    gemm_for(x.dtype), xw, bias, w_hrz, w_hn, trans_w, full,
                    reverse, training, hs, out, gates)
-    cache = None
-    if training:
-        cache = (x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, reset_after)
+    cache = gru_cache(x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse,
+                      reset_after) if training else None
     return out, _final(hs, T, training, reverse), cache
+
+
+def gru_cache(x, hs, gates, hns, w_ih, w_hh, has_bias, full, reverse, reset_after):
+    """What :func:`gru_backward` needs (the packed loops make the same)."""
+    return (x, hs, gates, hns, w_ih, w_hh, has_bias, full, reverse, reset_after)
 
 
 def gru_backward(d_out, d_h_n, cache):

@@ -1,5 +1,5 @@
 """Packed time loops of the numba backend: LSTM and GRU (reset_after), float32
-inference.
+forward.
 
 Per step, the recurrent product ``h_{t-1} W_hh^T`` is computed by a register-blocked
 micro-kernel from ``W_hh`` packed once per call, with no BLAS call inside the loop,
@@ -24,14 +24,15 @@ then the gates:
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
-(docs/numba.md). Inference only: training keeps :mod:`.numba_cpu`'s loops
-(:func:`eligible` says why).
+(docs/numba.md). The forward only, inference and training (whose pass also stores
+the gates for backward); the backward stays :mod:`.numba_cpu`'s.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 import os
 import threading
 
@@ -41,8 +42,8 @@ import numpy as np
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
 from ._simd import FLAG_STRIDE, microkernel, spin_barrier, vector_width
-from .numba_cpu import (_bias, _c, _final, _full_lengths, _mm, _single_threaded_blas,
-                        _state_buffers)
+from .numba_cpu import (_bias, _c, _final, _full_lengths, _mm, _single_threaded_blas, _slots,
+                        _state_buffers, gru_cache, lstm_cache)
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
                          error_model="numpy")
@@ -61,7 +62,7 @@ def aligned_empty(shape):
     """An uninitialized float32 array whose data starts on a 64-byte boundary (NumPy's
     start on 16): the micro-kernel's vector loads and stores then never split a cache
     line (about 5% of its speed)."""
-    n = int(np.prod(shape))
+    n = math.prod(shape)              # np.prod: 3 us of a 40 us call at B = 1
     buf = np.empty(n + 16, dtype=np.float32)
     start = (-buf.ctypes.data % 64) // 4
     return buf[start:start + n].reshape(shape)
@@ -116,16 +117,27 @@ def _recurrent(panels, hs, prev, a, Hp, u0, u1):
                             b0 * ldc + u * VW, ldc, Hp, k0 > 0)
 
 
+# The pointwise passes. Inference runs one fused pass per step that stores only the
+# states and the output. Training also keeps the activated gates for backward: stored
+# from that pass, they made LLVM leave it scalar (17 ns per unit against 2.8 at B = 64,
+# H = 512), and so did any pass that reads the gate array and stores into it. A pass per
+# gate that stores only that gate, then a pass that reads them back for the states, ran at
+# the fused pass's speed there but 3.95 against 2.74 ns per unit at B = 8, H = 32, and
+# 3-6% slower end to end at 100x64x{256,512} (LSTM inference; session 6's A/Bs). So
+# training runs the fused pass as inference does, then passes per gate that compute the
+# gates again and store them (_lstm_gates, _gru_gates): the states come from one function
+# in both modes, so eval and train forwards agree bitwise (tests/test_hardening.py), and
+# training pays about 2.5 ns per unit more. Column indices are uint64: Numba wraps a
+# signed index that it cannot prove non-negative (``j`` from ``range(n0, n1)``), and that
+# select turns a loop into gathers and scatters, 7x slower. Whole arrays and a time index,
+# not per-step row views: each view costs two reference-count calls, a few hundred ns a
+# step at B = 1. Inactive rows' gate rows are not written (backward never reads them).
+
 @_jit
 def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1):
-    """Inference: units [n0, n1) of every row; inactive rows carry their state. Reads
-    xw[tx], cs[prev], hs[prev]; writes cs[new], hs[new], out[t].
-
-    Whole arrays and a time index, not per-step row views: each view costs two
-    reference-count calls, a few hundred ns a step at B = 1. Column indices are
-    uint64: Numba wraps a signed index that it cannot prove non-negative (``j`` from
-    ``range(n0, n1)``), and that select turns the loop into gathers and scatters, 7x
-    slower than the vectorized loop (2.8 ns per element)."""
+    """Units [n0, n1) of every row, one fused pass from the pre-activations (``a``, gate
+    stride Hp, plus ``xw[tx]`` and the bias): reads cs[prev], hs[prev]; writes cs[new],
+    hs[new], out[t]; inactive rows carry their state."""
     H1, P1 = np.uint64(cs.shape[2]), np.uint64(Hp)
     H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
     for b in range(a.shape[0]):
@@ -148,8 +160,26 @@ def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
 
 
 @_jit
+def _lstm_gates(a, Hp, xw, tx, bias, t, lengths, n0, n1, gates):
+    """Training: the gates i, f, g, o of the active rows into ``gates[t]``, a pass per
+    gate, from the same expressions as _lstm_block."""
+    H1, P1 = np.uint64(gates.shape[2] // 4), np.uint64(Hp)
+    H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
+    for b in range(a.shape[0]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                gates[t, b, j] = sigmoid(a[b, j] + xw[tx, b, j] + bias[j])
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                gates[t, b, H1 + j] = sigmoid(a[b, P1 + j] + xw[tx, b, H1 + j] + bias[H1 + j])
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                gates[t, b, H2 + j] = tanh(a[b, P2 + j] + xw[tx, b, H2 + j] + bias[H2 + j])
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                gates[t, b, H3 + j] = sigmoid(a[b, P3 + j] + xw[tx, b, H3 + j] + bias[H3 + j])
+
+
+@_jit
 def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1):
-    """reset_after, inference: units [n0, n1) of every row (see _lstm_block)."""
+    """reset_after, units [n0, n1) of every row: one fused pass (see _lstm_block)."""
     H1, P1 = np.uint64(hs.shape[2]), np.uint64(Hp)
     H2, P2 = H1 + H1, P1 + P1
     for b in range(a.shape[0]):
@@ -167,28 +197,39 @@ def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1
                 out[t, b, j] = 0
 
 
+@_jit
+def _gru_gates(a, Hp, xw, tx, bias, b_hn, t, lengths, n0, n1, gates, hns):
+    """Training: r, z, n into ``gates[t]`` and hn = W_hn h + b_hn into ``hns[t]`` for the
+    active rows, a pass per gate, from the same expressions as _gru_block."""
+    H1, P1 = np.uint64(hns.shape[2]), np.uint64(Hp)
+    H2, P2 = H1 + H1, P1 + P1
+    for b in range(a.shape[0]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                gates[t, b, j] = sigmoid(a[b, j] + xw[tx, b, j] + bias[j])
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                gates[t, b, H1 + j] = sigmoid(a[b, P1 + j] + xw[tx, b, H1 + j] + bias[H1 + j])
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                r = sigmoid(a[b, j] + xw[tx, b, j] + bias[j])
+                hn = a[b, P2 + j] + b_hn[j]
+                hns[t, b, j] = hn
+                gates[t, b, H2 + j] = tanh(xw[tx, b, H2 + j] + bias[H2 + j] + r * hn)
+
+
 # ------------------------------------------------------------ the wrappers
 
 #: Multiply-adds of one step's recurrent product (B * G * H) from which the loop is
 #: split over threads (`python bench/packed_ab.py --compare threads`): below, one step
 #: is too short for the barrier and the second thread's start to pay.
 MIN_SPLIT_STEP_WORK = 3 << 20
-#: Threads the packed loops may use; None: the BLAS's thread count.
+#: Threads the packed loops use; None: the BLAS's thread count where the work per step
+#: and idle cores allow (:func:`threads_for`).
 threads = None
 
 
 #: False sends every call to numba_cpu's BLAS loops (for A/B timings:
 #: ``python bench/packed_ab.py``).
 enabled = True
-
-
-def eligible(x, T, training):
-    """The packed loops run float32 inference of two steps or more (one step: the
-    packing costs more than it saves). Training keeps numba_cpu's loops: its forward
-    stores the gates for backward (four more stores per element into the cache, and
-    every form tried left LLVM's pass scalar), and a packed backward (d_a W_hh by column
-    panels) measured 0.55-0.9x of the BLAS one; see docs/numba.md."""
-    return enabled and not training and x.dtype == np.float32 and T >= 2
 
 
 #: Workers of the packed loops' own pool (the calling thread is one more). Every
@@ -213,15 +254,55 @@ def describe():
     loops split over threads."""
     isa = "AVX-512F" if VW == 16 else "no AVX-512F: AVX2 or older"
     state = "on" if enabled else "off (packed_numba.enabled)"
-    return (f"{state} for float32 LSTM/GRU inference; {VW}-lane vectors ({isa}), tiles of "
+    return (f"{state} for float32 LSTM/GRU forwards; {VW}-lane vectors ({isa}), tiles of "
             f"{MR_LSTM} (LSTM) / {MR_GRU} (GRU) rows; split over threads by hidden units from "
-            f"{MIN_SPLIT_STEP_WORK} multiply-adds per step")
+            f"{MIN_SPLIT_STEP_WORK} multiply-adds per step while no other thread runs")
 
 
-def _thread_count(B, G, H):
-    want = threads if threads is not None else (blas_get_threads() if blas_get_threads else 1)
-    if B * G * H < MIN_SPLIT_STEP_WORK:
+def _other_threads_running():
+    """Whether another thread of this process is running right now: state ``R`` in
+    ``/proc/self/task/*/stat`` (Linux; elsewhere False). A BLAS or OpenMP pool spins for
+    a while after each parallel call (OpenBLAS's for about 0.1 s): a split loop, whose
+    threads meet at every step, then shares the cores with it and ran up to 4x slower
+    than alone (docs/numba.md). About 30 us with a handful of threads."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    me = str(threading.get_native_id())
+    for tid in tids:
+        if tid == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:                  # the thread has ended
+            continue
+        end = stat.rfind(b")")           # the state follows the name, which may hold spaces
+        if stat[end + 2:end + 3] == b"R":
+            return True
+    return False
+
+
+def threads_for(x, gates, H):
+    """Threads of the packed loop for this forward, or 0: run numba_cpu's BLAS loops.
+
+    0 where the loops are off, for float64, and for one step (packing costs more than it
+    saves). Below ``MIN_SPLIT_STEP_WORK``, one thread. Above, the split, unless another
+    thread of the process is running (a BLAS pool spinning after its last call, most
+    often: the backward of a training step leaves OpenBLAS's spinning into the next
+    forward): then the BLAS loops, whose GEMMs run on that same pool, measured fastest.
+    ``threads`` set forces that many threads, without that check."""
+    T, B, _ = x.shape
+    if not enabled or x.dtype != np.float32 or T < 2:
+        return 0
+    if threads is not None:
+        return max(1, min(threads, -(-H // VW), POOL_WORKERS + 1))
+    want = blas_get_threads() if blas_get_threads else 1
+    if want <= 1 or B * gates * H * H < MIN_SPLIT_STEP_WORK:
         return 1
+    if _other_threads_running():
+        return 0
     return max(1, min(want, -(-H // VW), POOL_WORKERS + 1))
 
 
@@ -245,15 +326,17 @@ def _project(gemm, x2, w_ih, xw2, gates, H, n0, n1):
 
 
 @_jit
-def cell_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, hs, cs, out, xw, a, flags,
-                tid, nthreads):
-    """The inference loop of an LSTM (4 gates per panel; ``cs`` its cells, ``b_hn``
-    unused) or a reset-after GRU (3; ``b_hn`` the n gate's recurrent bias, ``cs``
-    unused), thread ``tid`` of ``nthreads``: the panels (hidden units) ``[U tid /
-    nthreads, U (tid + 1) / nthreads)`` of every step, and their columns of the input
-    projection, a chunk of ``xw.shape[0]`` steps at a time (each thread projects and
-    reads only its own units, so chunks need no barrier). ``hs``/``cs`` are (2, B, H)
-    ping-pong buffers, ``a`` the shared (B, gates Hp) scratch."""
+def cell_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, training, hs, cs, out,
+                gates_out, hns, xw, a, flags, tid, nthreads):
+    """The time loop of an LSTM (4 gates per panel; ``cs`` its cells, ``b_hn`` and
+    ``hns`` unused) or a reset-after GRU (3; ``b_hn`` the n gate's recurrent bias, ``hns``
+    its cache of W_hn h + b_hn, ``cs`` unused), thread ``tid`` of ``nthreads``: the panels
+    (hidden units) ``[U tid / nthreads, U (tid + 1) / nthreads)`` of every step, and their
+    columns of the input projection, a chunk of ``xw.shape[0]`` steps at a time (each
+    thread projects and reads only its own units, so chunks need no barrier). ``hs``/``cs``
+    are the state buffers of :func:`.numba_cpu._state_buffers` ((2, B, H) ping-pong in
+    inference, (T + 1, B, H) in training); ``gates_out`` (and ``hns``) the cache in
+    training (unused in inference); ``a`` the shared (B, gates Hp) scratch."""
     T, B, H = out.shape
     U, _, NR = panels.shape
     gates = NR // VW
@@ -261,6 +344,7 @@ def cell_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, hs, cs, ou
     u0, u1 = U * tid // nthreads, U * (tid + 1) // nthreads
     n0, n1 = min(u0 * VW, H), min(u1 * VW, H)
     xw2 = xw.reshape(Tc * B, xw.shape[2])
+    r = 1 if reverse else 0
     for c0 in range(0, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0        # the chunk's steps cover times [t0, t0 + c1 - c0)
@@ -268,13 +352,18 @@ def cell_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, hs, cs, ou
                  n1)
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
-            prev, new = k & 1, (k + 1) & 1
+            prev, new = _slots(t, k, r, training)
             _recurrent(panels, hs, prev, a, Hp, u0, u1)
             if gates == 4:
                 _lstm_block(a, Hp, xw, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
+                if training:
+                    _lstm_gates(a, Hp, xw, t - t0, bias, t, lengths, n0, n1, gates_out)
             else:
                 _gru_block(a, Hp, xw, t - t0, bias, b_hn, hs, prev, new, out, t, lengths, n0,
                            n1)
+                if training:
+                    _gru_gates(a, Hp, xw, t - t0, bias, b_hn, t, lengths, n0, n1, gates_out,
+                               hns)
             if nthreads > 1:
                 spin_barrier(flags, tid, nthreads, k + 1)
 
@@ -305,31 +394,40 @@ def _run(nthreads, x, w_ih, panels, *args):
                 f.result()
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
-    """:func:`.numba_cpu.lstm_forward` in inference (no projection, no zoneout) through
-    the packed loop: the same outputs, no cache."""
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, nthreads):
+    """:func:`.numba_cpu.lstm_forward` (no projection, no zoneout) through the packed
+    loop: the same outputs and, in training, the same cache."""
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = c0.shape[1]
     bias = _bias(b_ih, b_hh, 4 * H, x.dtype)
-    hs, cs = _state_buffers(T, B, H, x.dtype, False, reverse, h0, c0)
+    hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    _run(_thread_count(B, 4 * H, H), x, w_ih, pack(w_hh, 4), bias, bias,
-         _full_lengths(lengths, T, B), reverse, hs, cs, out)
-    return out, _final(hs, T, False, reverse), _final(cs, T, False, reverse), None
+    gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
+    full = _full_lengths(lengths, T, B)
+    _run(nthreads, x, w_ih, pack(w_hh, 4), bias, bias, full, reverse,
+         training, hs, cs, out, gates, gates)
+    cache = lstm_cache(x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse) \
+        if training else None
+    return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
-    """:func:`.numba_cpu.gru_forward` in inference (reset_after, no zoneout) through the
-    packed loop: the same outputs, no cache."""
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, nthreads):
+    """:func:`.numba_cpu.gru_forward` (reset_after, no zoneout) through the packed loop:
+    ``nthreads`` threads: the same outputs and, in training, the same cache."""
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
     bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
     bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
     b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
-    (hs,) = _state_buffers(T, B, H, x.dtype, False, reverse, h0)
+    (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
     out = np.empty((T, B, H), dtype=x.dtype)
-    _run(_thread_count(B, 3 * H, H), x, w_ih, pack(w_hh, 3), bias, b_hn,
-         _full_lengths(lengths, T, B), reverse, hs, hs, out)
-    return out, _final(hs, T, False, reverse), None
+    gates = np.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
+    hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+    full = _full_lengths(lengths, T, B)
+    _run(nthreads, x, w_ih, pack(w_hh, 3), bias, b_hn, full, reverse,
+         training, hs, hs, out, gates, hns)
+    cache = gru_cache(x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, True) \
+        if training else None
+    return out, _final(hs, T, training, reverse), cache
