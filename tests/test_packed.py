@@ -15,7 +15,12 @@ pk = pytest.importorskip("fastrnn.backends.packed_numba")
 from fastrnn.backends import numba_cpu as nb  # noqa: E402
 from fastrnn.backends import reference as ref  # noqa: E402
 
-GATES = {"lstm": 4, "gru": 3}
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _panels(kind, H):
+    """Panels of the packed loop: units per panel VW (gated cells) or RNN_NV VW (RNN)."""
+    return -(-H // (pk.VW if GATES[kind] > 1 else pk.RNN_NV * pk.VW))
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda p: f"{p}threads")
@@ -23,6 +28,7 @@ def threads(request, monkeypatch):
     """Force the split over ``threads`` (hidden-unit panels), whatever the size."""
     monkeypatch.setattr(pk, "threads", request.param)
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
+    monkeypatch.setattr(pk, "RNN_MIN_H", 1)
     counts = []
     real = pk._run
 
@@ -83,13 +89,28 @@ def test_pack_layout(gates):
                 np.testing.assert_array_equal(p[u, :, g * pk.VW + j], want)
 
 
+@pytest.mark.parametrize("H", [5, 64, 69, 130])
+def test_pack_layout_rnn(H):
+    """The RNN's panels: RNN_NV vectors of consecutive units each, zeros past H."""
+    K = 3
+    w = np.arange(H * K, dtype=np.float32).reshape(H, K)
+    p = pk.pack(w, 1)
+    NR = pk.RNN_NV * pk.VW
+    assert p.shape == (-(-H // NR), K, NR)
+    for u in range(p.shape[0]):
+        for j in range(NR):
+            n = u * NR + j
+            want = w[n] if n < H else np.zeros(K, np.float32)
+            np.testing.assert_array_equal(p[u, :, j], want)
+
+
 def _forward(kind, backend, x, states, w, lengths, reverse, training):
     fwd = getattr(backend, f"{kind}_forward")
     return fwd(x, *states, *w, lengths=lengths, reverse=reverse, training=training)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("B,H", [(1, 5), (7, 16), (13, 37)])
+@pytest.mark.parametrize("kind", list(GATES))
+@pytest.mark.parametrize("B,H", [(1, 5), (7, 16), (13, 37), (3, 130)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk", [None, 1, 2], ids=["whole", "chunk1", "chunk2"])
@@ -105,7 +126,10 @@ def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, rever
     lengths = random_lengths(rng, T, B)
     x = rng.standard_normal((T, B, I))
     states = [0.5 * rng.standard_normal((B, H)) for _ in range(2 if kind == "lstm" else 1)]
-    w = [rng.uniform(-0.6, 0.6, (G, I)), rng.uniform(-0.6, 0.6, (G, H))]
+    # W_hh ~ U(-0.6, 0.6) up to H = 37; at H = 130 that makes the ReLU RNN's state grow
+    # by orders of magnitude over six steps, so its range shrinks as 1 / sqrt(H) there.
+    s_hh = 0.6 * min(1.0, np.sqrt(37 / H))
+    w = [rng.uniform(-0.6, 0.6, (G, I)), rng.uniform(-s_hh, s_hh, (G, H))]
     w += [rng.uniform(-0.6, 0.6, G), rng.uniform(-0.6, 0.6, G)] if bias else [None, None]
     f32 = [None if a is None else a.astype(np.float32) for a in [x] + states + w]
     x32, states32, w32 = f32[0], f32[1:1 + len(states)], f32[1 + len(states):]
@@ -113,7 +137,7 @@ def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, rever
         monkeypatch.setattr(pk, "CHUNK_FLOATS", chunk * B * G)
     got = _forward(kind, nb, x32, states32, w32, lengths, reverse, training)
     want = _forward(kind, ref, x, states, w, lengths, reverse, training)
-    assert counts == [min(nthreads, -(-H // pk.VW))], counts
+    assert counts == [min(nthreads, _panels(kind, H))], counts
     for g, e in zip(got[:-1], want[:-1]):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5)
@@ -212,6 +236,8 @@ def test_the_split_yields_to_a_running_thread(monkeypatch):
         assert pk.threads_for(x, 4, H) == 2
         assert pk.threads_for(x.astype(np.float64), 4, H) == 0
         assert pk.threads_for(x[:1], 4, H) == 0
+        assert pk.threads_for(x, 1, pk.RNN_MIN_H - 1) == 0         # a narrow RNN
+        assert pk.threads_for(x, 1, pk.RNN_MIN_H) == 1
     finally:
         stop()
 
@@ -222,12 +248,13 @@ import numpy as np
 from fastrnn.backends import numba_cpu as nb, packed_numba as pk, reference as ref
 rng = np.random.default_rng(7)
 errs = {}
-for kind, gates in (("lstm", 4), ("gru", 3)):
-    T, B, I, H = 5, 7, 6, 21
+for kind, gates, H in (("lstm", 4, 21), ("gru", 3, 21), ("rnn_tanh", 1, 70),
+                      ("rnn_relu", 1, 21)):
+    T, B, I = 5, 7, 6
     x = rng.standard_normal((T, B, I))
     states = [0.5 * rng.standard_normal((B, H)) for _ in range(2 if kind == "lstm" else 1)]
-    w = [rng.uniform(-0.5, 0.5, s) for s in ((gates * H, I), (gates * H, H), (gates * H,),
-                                              (gates * H,))]
+    w = [rng.uniform(-0.5, 0.5, s) / (1 + (gates == 1) * H ** 0.5)
+         for s in ((gates * H, I), (gates * H, H), (gates * H,), (gates * H,))]
     lengths = np.array([5, 3, 0, 5, 1, 4, 2])
     f32 = lambda a: a.astype(np.float32)
     got = getattr(nb, kind + "_forward")(f32(x), *map(f32, states), *map(f32, w),
@@ -241,7 +268,8 @@ print(json.dumps({"VW": pk.VW, "MR": [pk.MR_LSTM, pk.MR_GRU], "errs": errs}))
 @pytest.mark.slow
 def test_the_avx2_configuration_end_to_end(tmp_path):
     """The packed loops as an AVX2-only CPU gets them (8-lane vectors, tiles of 2 and 3
-    rows): Numba compiling for Haswell on this host, in a process with its own cache."""
+    rows; the RNN at H = 70 over three 32-unit panels): Numba compiling for Haswell on
+    this host, in a process with its own cache."""
     import json
     import os
     import subprocess
@@ -254,5 +282,6 @@ def test_the_avx2_configuration_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["VW"] == 8 and result["MR"] == [2, 3], result
+    assert set(result["errs"]) == {"lstm", "gru", "rnn_tanh", "rnn_relu"}, result
     for kind, err in result["errs"].items():
         assert err < 2e-5, (kind, result)

@@ -401,6 +401,10 @@ def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a, 
 
 
 def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu):
+    nthreads = packed_numba.threads_for(x, 1, h0.shape[1])
+    if nthreads:
+        return packed_numba.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                        training, relu, nthreads)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
@@ -412,10 +416,14 @@ def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu
     _over_rows(_rnn_forward_loop, B, T * B * H * H,
                gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
                training, relu, hs, out)
-    cache = None
-    if training:
-        cache = (x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu)
+    cache = rnn_cache(x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu) \
+        if training else None
     return out, _final(hs, T, training, reverse), cache
+
+
+def rnn_cache(x, hs, w_ih, w_hh, has_bias, full, reverse, relu):
+    """What :func:`_rnn_backward` needs (the packed loops make the same)."""
+    return (x, hs, w_ih, w_hh, has_bias, full, reverse, relu)
 
 
 def _rnn_backward(d_out, d_h_n, cache):

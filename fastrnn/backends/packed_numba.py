@@ -1,4 +1,4 @@
-"""Packed time loops of the numba backend: LSTM and GRU (reset_after), float32
+"""Packed time loops of the numba backend: LSTM, GRU (reset_after) and RNN, float32
 forward.
 
 Per step, the recurrent product ``h_{t-1} W_hh^T`` is computed by a register-blocked
@@ -43,7 +43,7 @@ from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
 from ._simd import FLAG_STRIDE, microkernel, spin_barrier, vector_width
 from .numba_cpu import (_bias, _c, _final, _full_lengths, _mm, _single_threaded_blas, _slots,
-                        _state_buffers, gru_cache, lstm_cache)
+                        _state_buffers, gru_cache, lstm_cache, rnn_cache)
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
                          error_model="numpy")
@@ -54,6 +54,16 @@ VW = vector_width()
 #: broadcast must fit the vector registers (32 with AVX-512, 16 with AVX2).
 MR_BY_GATES = {4: 6, 3: 8} if VW == 16 else {4: 2, 3: 3}
 MR_LSTM, MR_GRU = MR_BY_GATES[4], MR_BY_GATES[3]
+#: Vectors of units per panel of the RNN (one gate): four, as the LSTM's gates, so that
+#: it runs the LSTM's micro-kernel (one vector per panel would make the kernel wait on
+#: loads: a broadcast and a panel load per FMA).
+RNN_NV = 4
+#: The RNN takes the packed loop from this hidden size on: at H = 32 (AVX-512) half of
+#: its one panel is zeros, and it ran 0.92x of the BLAS loops at 1000x8x32x32 (1.11-1.19x
+#: from H = 64 up; ``python bench/packed_ab.py --cells rnn_tanh``).
+RNN_MIN_H = RNN_NV * VW // 2 + 1
+#: The cell codes of :func:`cell_thread` (their gate counts).
+RNN_TANH, RNN_RELU, GRU, LSTM = 1, -1, 3, 4
 _MK_LSTM = microkernel(MR_LSTM, 4, VW)
 _MK_GRU = microkernel(MR_GRU, 3, VW)
 
@@ -71,8 +81,19 @@ def aligned_empty(shape):
 def pack(w_hh, gates):
     """``W_hh`` (gates * H, K) into panels ``(ceil(H / VW), K, gates * VW)``:
     ``P[u, k, g VW + j] = W_hh[g H + u VW + j, k]``, zero past ``H``. One copy, straight
-    into the aligned panels (a zero-padded temporary would copy ``W_hh`` twice a call)."""
+    into the aligned panels (a zero-padded temporary would copy ``W_hh`` twice a call).
+    The RNN (one gate) gets panels of ``RNN_NV`` consecutive vectors of units instead,
+    ``(ceil(H / (RNN_NV VW)), K, RNN_NV VW)``: ``P[u, k, j] = W_hh[u RNN_NV VW + j, k]``."""
     G, K = w_hh.shape
+    if gates == 1:
+        NR = RNN_NV * VW
+        U, full = -(-G // NR), G // NR
+        panels = aligned_empty((U, K, NR))
+        panels[:full] = w_hh[:full * NR].reshape(full, NR, K).transpose(0, 2, 1)
+        if full < U:
+            panels[full] = 0
+            panels[full, :, :G - full * NR] = w_hh[full * NR:].T
+        return panels
     H = G // gates
     U, full = -(-H // VW), H // VW
     panels = aligned_empty((U, K, gates * VW))
@@ -96,13 +117,15 @@ KC = 128
 
 
 @_jit
-def _recurrent(panels, hs, prev, a, Hp, u0, u1):
-    """a[b, g Hp + n] = (hs[prev] W_hh^T)[b, g H + n] for the units of panels [u0, u1)."""
+def _recurrent(panels, hs, prev, a, PU, cv, u0, u1):
+    """The product hs[prev] W_hh^T for the units of panels [u0, u1) into the scratch ``a``:
+    panel ``u``'s vector ``v`` at columns ``u PU + v cv`` (gated cells: PU = VW units per
+    panel, gate stride cv = Hp; the RNN: PU = RNN_NV VW, cv = VW)."""
     _, B, K = hs.shape
     h0 = prev * B * K
     U, _, NR = panels.shape
     ldc = a.shape[1]
-    lstm = NR == 4 * VW
+    lstm = NR == 4 * VW               # the LSTM's and the RNN's panels: 4 vectors
     MR = MR_LSTM if lstm else MR_GRU
     for u in range(u0, u1):
         for k0 in range(0, K, KC):
@@ -111,10 +134,10 @@ def _recurrent(panels, hs, prev, a, Hp, u0, u1):
                 mr = min(MR, B - b0)
                 if lstm:
                     _MK_LSTM(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                             b0 * ldc + u * VW, ldc, Hp, k0 > 0)
+                             b0 * ldc + u * PU, ldc, cv, k0 > 0)
                 else:
                     _MK_GRU(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                            b0 * ldc + u * VW, ldc, Hp, k0 > 0)
+                            b0 * ldc + u * PU, ldc, cv, k0 > 0)
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the
@@ -287,23 +310,25 @@ def _other_threads_running():
 def threads_for(x, gates, H):
     """Threads of the packed loop for this forward, or 0: run numba_cpu's BLAS loops.
 
-    0 where the loops are off, for float64, and for one step (packing costs more than it
-    saves). Below ``MIN_SPLIT_STEP_WORK``, one thread. Above, the split, unless another
-    thread of the process is running (a BLAS pool spinning after its last call, most
-    often: the backward of a training step leaves OpenBLAS's spinning into the next
-    forward): then the BLAS loops, whose GEMMs run on that same pool, measured fastest.
-    ``threads`` set forces that many threads, without that check."""
+    0 where the loops are off, for float64, for one step (packing costs more than it
+    saves), and for an RNN narrower than ``RNN_MIN_H``. Below ``MIN_SPLIT_STEP_WORK``,
+    one thread. Above, the split, unless another thread of the process is running (a
+    BLAS pool spinning after its last call, most often: the backward of a training step
+    leaves OpenBLAS's spinning into the next forward): then the BLAS loops, whose GEMMs
+    run on that same pool, measured fastest. ``threads`` set forces that many threads,
+    without that check."""
     T, B, _ = x.shape
-    if not enabled or x.dtype != np.float32 or T < 2:
+    if not enabled or x.dtype != np.float32 or T < 2 or (gates == 1 and H < RNN_MIN_H):
         return 0
+    panels = -(-H // (VW if gates > 1 else RNN_NV * VW))
     if threads is not None:
-        return max(1, min(threads, -(-H // VW), POOL_WORKERS + 1))
+        return max(1, min(threads, panels, POOL_WORKERS + 1))
     want = blas_get_threads() if blas_get_threads else 1
     if want <= 1 or B * gates * H * H < MIN_SPLIT_STEP_WORK:
         return 1
     if _other_threads_running():
         return 0
-    return max(1, min(want, -(-H // VW), POOL_WORKERS + 1))
+    return max(1, min(want, panels, POOL_WORKERS + 1))
 
 
 #: Floats of input projection computed ahead of the loop at a time (4 MB): the
@@ -311,6 +336,23 @@ def threads_for(x, gates, H):
 #: the caches; the whole sequence's (52 MB at 100x64x2048) came from fresh pages at
 #: every call (glibc maps blocks above 32 MB anew), 10-100 ms of page faults.
 CHUNK_FLOATS = 1 << 20
+
+
+@_jit
+def _rnn_block(a, xw, tx, bias, hs, prev, new, out, t, lengths, n0, n1, relu):
+    """The RNN, units [n0, n1) of every row, one pass (see _lstm_block); ``a`` holds the
+    units in order. ReLU keeps NaN (``not v <= 0``), as numba_cpu's loop does."""
+    for b in range(a.shape[0]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                v = a[b, j] + xw[tx, b, j] + bias[j]
+                hv = (v if not v <= 0 else 0.0) if relu else tanh(v)
+                hs[new, b, j] = hv
+                out[t, b, j] = hv
+        else:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                hs[new, b, j] = hs[prev, b, j]
+                out[t, b, j] = 0
 
 
 @_jit
@@ -326,12 +368,13 @@ def _project(gemm, x2, w_ih, xw2, gates, H, n0, n1):
 
 
 @_jit
-def cell_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, training, hs, cs, out,
-                gates_out, hns, xw, a, flags, tid, nthreads):
-    """The time loop of an LSTM (4 gates per panel; ``cs`` its cells, ``b_hn`` and
-    ``hns`` unused) or a reset-after GRU (3; ``b_hn`` the n gate's recurrent bias, ``hns``
-    its cache of W_hn h + b_hn, ``cs`` unused), thread ``tid`` of ``nthreads``: the panels
-    (hidden units) ``[U tid / nthreads, U (tid + 1) / nthreads)`` of every step, and their
+def cell_thread(gemm, x2, w_ih, panels, cell, bias, b_hn, lengths, reverse, training, hs, cs,
+                out, gates_out, hns, xw, a, flags, tid, nthreads):
+    """The time loop of ``cell``: an LSTM (``LSTM``; ``cs`` its cells, ``b_hn`` and ``hns``
+    unused), a reset-after GRU (``GRU``; ``b_hn`` the n gate's recurrent bias, ``hns`` its
+    cache of W_hn h + b_hn, ``cs`` unused) or an RNN (``RNN_TANH``, ``RNN_RELU``; ``hs``
+    alone), thread ``tid`` of ``nthreads``: the panels (hidden units) ``[U tid /
+    nthreads, U (tid + 1) / nthreads)`` of every step, and their
     columns of the input projection, a chunk of ``xw.shape[0]`` steps at a time (each
     thread projects and reads only its own units, so chunks need no barrier). ``hs``/``cs``
     are the state buffers of :func:`.numba_cpu._state_buffers` ((2, B, H) ping-pong in
@@ -339,10 +382,12 @@ def cell_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, training, 
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch."""
     T, B, H = out.shape
     U, _, NR = panels.shape
-    gates = NR // VW
-    Hp, Tc = U * VW, xw.shape[0]
+    gates = abs(cell)
+    PU = VW if gates > 1 else NR          # units per panel
+    Hp, Tc = U * PU, xw.shape[0]
+    cv = Hp if gates > 1 else VW          # columns between a panel's vectors in ``a``
     u0, u1 = U * tid // nthreads, U * (tid + 1) // nthreads
-    n0, n1 = min(u0 * VW, H), min(u1 * VW, H)
+    n0, n1 = min(u0 * PU, H), min(u1 * PU, H)
     xw2 = xw.reshape(Tc * B, xw.shape[2])
     r = 1 if reverse else 0
     for c0 in range(0, T, Tc):
@@ -353,8 +398,11 @@ def cell_thread(gemm, x2, w_ih, panels, bias, b_hn, lengths, reverse, training, 
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = _slots(t, k, r, training)
-            _recurrent(panels, hs, prev, a, Hp, u0, u1)
-            if gates == 4:
+            _recurrent(panels, hs, prev, a, PU, cv, u0, u1)
+            if gates == 1:
+                _rnn_block(a, xw, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1,
+                           cell == RNN_RELU)
+            elif gates == 4:
                 _lstm_block(a, Hp, xw, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
                 if training:
                     _lstm_gates(a, Hp, xw, t - t0, bias, t, lengths, n0, n1, gates_out)
@@ -396,7 +444,7 @@ def _run(nthreads, x, w_ih, panels, *args):
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, nthreads):
     """:func:`.numba_cpu.lstm_forward` (no projection, no zoneout) through the packed
-    loop: the same outputs and, in training, the same cache."""
+    loop on ``nthreads`` threads: the same outputs and, in training, the same cache."""
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = c0.shape[1]
@@ -405,16 +453,16 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, 
     out = np.empty((T, B, H), dtype=x.dtype)
     gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _run(nthreads, x, w_ih, pack(w_hh, 4), bias, bias, full, reverse,
-         training, hs, cs, out, gates, gates)
+    _run(nthreads, x, w_ih, pack(w_hh, 4), LSTM, bias, bias, full, reverse, training, hs, cs,
+         out, gates, gates)
     cache = lstm_cache(x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse) \
         if training else None
     return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
 
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, nthreads):
-    """:func:`.numba_cpu.gru_forward` (reset_after, no zoneout) through the packed loop:
-    ``nthreads`` threads: the same outputs and, in training, the same cache."""
+    """:func:`.numba_cpu.gru_forward` (reset_after, no zoneout) through the packed loop
+    on ``nthreads`` threads: the same outputs and, in training, the same cache."""
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
@@ -426,8 +474,27 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, nthre
     gates = np.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
     hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _run(nthreads, x, w_ih, pack(w_hh, 3), bias, b_hn, full, reverse,
-         training, hs, hs, out, gates, hns)
+    _run(nthreads, x, w_ih, pack(w_hh, 3), GRU, bias, b_hn, full, reverse, training, hs, hs,
+         out, gates, hns)
     cache = gru_cache(x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, True) \
+        if training else None
+    return out, _final(hs, T, training, reverse), cache
+
+
+def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu, nthreads):
+    """:func:`.numba_cpu.rnn_tanh_forward` / ``rnn_relu_forward`` (no zoneout) through the
+    packed loop on ``nthreads`` threads: the same outputs and, in training, the same
+    cache."""
+    x, w_ih, w_hh = _c(x, w_ih, w_hh)
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    bias = _bias(b_ih, b_hh, H, x.dtype)
+    (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
+    out = np.empty((T, B, H), dtype=x.dtype)
+    unused = np.empty((0, 0, 0), dtype=x.dtype)
+    full = _full_lengths(lengths, T, B)
+    _run(nthreads, x, w_ih, pack(w_hh, 1), RNN_RELU if relu else RNN_TANH, bias, bias, full,
+         reverse, training, hs, hs, out, unused, unused)
+    cache = rnn_cache(x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu) \
         if training else None
     return out, _final(hs, T, training, reverse), cache
