@@ -6,7 +6,7 @@ passes and the loop), in ms and in ns per (step, row, unit).
     python bench/time_parts.py [--cells lstm gru] [--sizes 100x64x512x512 1000x8x32x32]
 
 Medians of 7. Unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE first where they are set.
-It measures the BLAS loops (numba_cpu's): float32 LSTM and GRU inference would otherwise
+It measures the BLAS loops (numba_cpu's): float32 LSTM and GRU forwards would otherwise
 run the packed loops (fastrnn/backends/packed_numba.py), whose parts these are not, so they
 are switched off for the run.
 """
