@@ -183,21 +183,27 @@ def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
 
 
 @_jit
+def _store_gate(a, Hp, xw, tx, bias, gates, t, b, g, H, n0, n1, use_tanh):
+    """gates[t, b, g H + j] = act(a[b, g Hp + j] + xw[tx, b, g H + j] + bias[g H + j]) for
+    the units j of [n0, n1): one gate of one row, the sigmoid or tanh."""
+    G1, P1 = np.uint64(g) * np.uint64(H), np.uint64(g) * np.uint64(Hp)
+    if use_tanh:
+        for j in range(np.uint64(n0), np.uint64(n1)):
+            gates[t, b, G1 + j] = tanh(a[b, P1 + j] + xw[tx, b, G1 + j] + bias[G1 + j])
+    else:
+        for j in range(np.uint64(n0), np.uint64(n1)):
+            gates[t, b, G1 + j] = sigmoid(a[b, P1 + j] + xw[tx, b, G1 + j] + bias[G1 + j])
+
+
+@_jit
 def _lstm_gates(a, Hp, xw, tx, bias, t, lengths, n0, n1, gates):
     """Training: the gates i, f, g, o of the active rows into ``gates[t]``, a pass per
     gate, from the same expressions as _lstm_block."""
-    H1, P1 = np.uint64(gates.shape[2] // 4), np.uint64(Hp)
-    H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
+    H = gates.shape[2] // 4
     for b in range(a.shape[0]):
         if t < lengths[b]:
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                gates[t, b, j] = sigmoid(a[b, j] + xw[tx, b, j] + bias[j])
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                gates[t, b, H1 + j] = sigmoid(a[b, P1 + j] + xw[tx, b, H1 + j] + bias[H1 + j])
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                gates[t, b, H2 + j] = tanh(a[b, P2 + j] + xw[tx, b, H2 + j] + bias[H2 + j])
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                gates[t, b, H3 + j] = sigmoid(a[b, P3 + j] + xw[tx, b, H3 + j] + bias[H3 + j])
+            for g in range(4):
+                _store_gate(a, Hp, xw, tx, bias, gates, t, b, g, H, n0, n1, g == 2)
 
 
 @_jit
@@ -224,14 +230,12 @@ def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1
 def _gru_gates(a, Hp, xw, tx, bias, b_hn, t, lengths, n0, n1, gates, hns):
     """Training: r, z, n into ``gates[t]`` and hn = W_hn h + b_hn into ``hns[t]`` for the
     active rows, a pass per gate, from the same expressions as _gru_block."""
-    H1, P1 = np.uint64(hns.shape[2]), np.uint64(Hp)
-    H2, P2 = H1 + H1, P1 + P1
+    H = hns.shape[2]
+    H2, P2 = np.uint64(2 * H), np.uint64(2 * Hp)
     for b in range(a.shape[0]):
         if t < lengths[b]:
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                gates[t, b, j] = sigmoid(a[b, j] + xw[tx, b, j] + bias[j])
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                gates[t, b, H1 + j] = sigmoid(a[b, P1 + j] + xw[tx, b, H1 + j] + bias[H1 + j])
+            _store_gate(a, Hp, xw, tx, bias, gates, t, b, 0, H, n0, n1, False)
+            _store_gate(a, Hp, xw, tx, bias, gates, t, b, 1, H, n0, n1, False)
             for j in range(np.uint64(n0), np.uint64(n1)):
                 r = sigmoid(a[b, j] + xw[tx, b, j] + bias[j])
                 hn = a[b, P2 + j] + b_hn[j]
