@@ -157,6 +157,15 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1):
 # step at B = 1. Inactive rows' gate rows are not written (backward never reads them).
 
 @_jit
+def _carry(hs, prev, new, out, t, b, n0, n1):
+    """An inactive row: its state carried from ``prev`` to ``new``, its output 0, for
+    the units [n0, n1)."""
+    for j in range(np.uint64(n0), np.uint64(n1)):
+        hs[new, b, j] = hs[prev, b, j]
+        out[t, b, j] = 0
+
+
+@_jit
 def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1):
     """Units [n0, n1) of every row, one fused pass from the pre-activations (``a``, gate
     stride Hp, plus ``xw[tx]`` and the bias): reads cs[prev], hs[prev]; writes cs[new],
@@ -176,10 +185,8 @@ def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
                 hs[new, b, j] = hv
                 out[t, b, j] = hv
         else:
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                hs[new, b, j] = hs[prev, b, j]
-                cs[new, b, j] = cs[prev, b, j]
-                out[t, b, j] = 0
+            _carry(hs, prev, new, out, t, b, n0, n1)
+            _carry(cs, prev, new, out, t, b, n0, n1)
 
 
 @_jit
@@ -221,9 +228,7 @@ def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1
                 hs[new, b, j] = hv
                 out[t, b, j] = hv
         else:
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                hs[new, b, j] = hs[prev, b, j]
-                out[t, b, j] = 0
+            _carry(hs, prev, new, out, t, b, n0, n1)
 
 
 @_jit
@@ -354,9 +359,7 @@ def _rnn_block(a, xw, tx, bias, hs, prev, new, out, t, lengths, n0, n1, relu):
                 hs[new, b, j] = hv
                 out[t, b, j] = hv
         else:
-            for j in range(np.uint64(n0), np.uint64(n1)):
-                hs[new, b, j] = hs[prev, b, j]
-                out[t, b, j] = 0
+            _carry(hs, prev, new, out, t, b, n0, n1)
 
 
 @_jit
