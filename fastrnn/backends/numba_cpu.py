@@ -594,8 +594,9 @@ def _lstm_backward_row(g, c_prev, c_new, d_out, d_h, d_c, d_a, H):
 
 
 # The backward passes store one array each. As one fused pass (d_a's four gates and d_c),
-# LLVM left the LSTM's scalar: 17.6 ns per unit at B = 64, H = 512, against 2.4 for these
-# passes (GRU: 8.1 against 1.6; scratch probes). The forward's passes had the same cause
+# LLVM left the LSTM's scalar: 8.8 ns per unit at B = 64, H = 512, against 2.35 for these
+# passes (GRU: 4.2 against 1.4; scratch probes on cache-resident rows; end to end 1.06-1.10x
+# on small training steps, docs/numba.md). The forward's passes had the same cause
 # (docs/numba.md). d_c first becomes dc, the gradient before the forget gate, in place,
 # so that the gate passes read it from there rather than from d_a at another offset
 # (which stayed scalar too).

@@ -8,24 +8,27 @@ then the gates:
 * ``W_hh`` is packed into panels, one per block of ``VW`` hidden units (``VW`` = the
   float32 vector width of the CPU Numba compiles for, :func:`._simd.vector_width`):
   panel ``u`` holds, for every input ``k``, the rows of every gate for the units
-  ``[u VW, (u + 1) VW)`` side by side, ``NV = gates`` vectors (zeros past ``H``).
+  ``[u VW, (u + 1) VW)`` side by side, ``NV = gates`` vectors (zeros past ``H``); the
+  RNN's panels hold ``RNN_NV`` consecutive vectors of units instead.
   ``pack(w_hh, gates)`` below.
 * a tile is ``MR`` batch rows by one panel: :func:`._simd.microkernel` keeps its
   ``MR x NV`` vector accumulators in registers over a block of ``KC`` inputs and
   writes them into gate-major scratch rows (gate stride ``Hp``, ``H`` padded to whole
   vectors); then one pointwise pass over the thread's units and every row (gates,
-  state update, masking by ``lengths``, outputs), written so that LLVM vectorizes it.
+  state update, masking by ``lengths``, outputs), written so that LLVM vectorizes it,
+  and in training one pass per gate that stores it into the cache for backward.
 * every gate of a unit lies in one panel, so threads split the panels (hidden
   units) and never need another thread's gates: one barrier per step
   (:func:`._simd.spin_barrier`), where ``h_t`` is complete. The threads are
   Python threads running the same nogil loop (``tid`` of ``nthreads``); each also
   computes its units' columns of the input projection (BLAS), a chunk of steps at a
-  time, just before those steps.
+  time, just before those steps. :func:`threads_for` decides the thread count, and
+  runs the BLAS loops instead while another thread of the process is running.
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
-(docs/numba.md). The forward only, inference and training (whose pass also stores
-the gates for backward); the backward stays :mod:`.numba_cpu`'s.
+(docs/numba.md). The forward only, inference and training; the backward stays
+:mod:`.numba_cpu`'s, reading the same cache.
 """
 
 from __future__ import annotations
