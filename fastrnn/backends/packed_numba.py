@@ -289,7 +289,7 @@ def describe():
     loops split over threads."""
     isa = "AVX-512F" if VW == 16 else "no AVX-512F: AVX2 or older"
     state = "on" if enabled else "off (packed_numba.enabled)"
-    return (f"{state} for float32 LSTM/GRU forwards; {VW}-lane vectors ({isa}), tiles of "
+    return (f"{state} for float32 LSTM/GRU/RNN forwards; {VW}-lane vectors ({isa}), tiles of "
             f"{MR_LSTM} (LSTM) / {MR_GRU} (GRU) rows; split over threads by hidden units from "
             f"{MIN_SPLIT_STEP_WORK} multiply-adds per step while no other thread runs")
 
