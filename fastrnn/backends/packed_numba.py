@@ -21,8 +21,9 @@ then the gates:
   units) and never need another thread's gates: one barrier per step
   (:func:`._simd.spin_barrier`), where ``h_t`` is complete. The threads are
   Python threads running the same nogil loop (``tid`` of ``nthreads``); each also
-  computes its units' columns of the input projection (BLAS), a chunk of steps at a
-  time, just before those steps. :func:`threads_for` decides the thread count, and
+  computes its units' columns of the input projection (one BLAS GEMM on W_ih's rows of
+  those units, :func:`_rows_by_thread`), a chunk of steps at a time, just before those
+  steps. :func:`threads_for` decides the thread count, and
   runs the BLAS loops instead while another thread of the process is running.
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
