@@ -4,13 +4,15 @@ the other's idle thread pools (OpenBLAS's spin after a call, and the packed loop
 threads too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
-        [--compare blas|threads] [--mode inference|training] [--cells lstm gru]
+        [--compare blas|threads|REV] [--mode inference|training] [--cells lstm gru]
         [--sizes 100x64x512x512,...]
 
 ``--compare blas`` (default): the BLAS loops (numba_cpu, ``packed_numba.enabled =
 False``) against the packed loops. ``--compare threads``: the packed loops on one thread
 against two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
-``MIN_SPLIT_STEP_WORK`` was set from.
+``MIN_SPLIT_STEP_WORK`` was set from. ``--compare REV`` (a git revision): the whole
+package at REV (checked out into a temporary git worktree) against the working tree,
+each as shipped: how session 6's kernel changes were judged.
 
 Per point and round, each variant's process times the layer's inference, or a training
 step (forward and backward; the packed loops run its forward) with ``--mode training``
@@ -23,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -30,13 +33,16 @@ from fastrnn.bench import FULL_GRID
 
 CHILD = r"""
 import json, sys, time
+cell, T, B, I, H, variant, mode = sys.argv[1], *map(int, sys.argv[2:6]), *sys.argv[6:8]
+if variant.startswith("tree:"):           # a checkout to import fastrnn from, not the install
+    sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__]
+    sys.path.insert(0, variant[5:])
 import numpy as np
 import fastrnn
 from fastrnn.backends import packed_numba
-cell, T, B, I, H, variant, mode = sys.argv[1], *map(int, sys.argv[2:6]), *sys.argv[6:8]
 if variant == "blas":
     packed_numba.enabled = False
-elif variant != "packed":                 # "1 thread" / "2 threads", the split forced
+elif variant.endswith((" thread", " threads")):    # "1 thread" / "2 threads": split forced
     packed_numba.threads = int(variant.split()[0])
     packed_numba.MIN_SPLIT_STEP_WORK = 0
 m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0)
@@ -64,15 +70,35 @@ print(json.dumps(float(np.median(times))))
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--compare", choices=["blas", "threads"], default="blas")
+    p.add_argument("--compare", default="blas", help="blas, threads or a git revision")
     p.add_argument("--mode", choices=["inference", "training"], default="inference")
     p.add_argument("--cells", nargs="+", default=["lstm", "gru"])
     p.add_argument("--sizes", default=None, help="TxBxIxH,... (default: fastrnn bench's grid)")
     args = p.parse_args()
     sizes = FULL_GRID if args.sizes is None else \
         [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    first, second = ("blas", "packed") if args.compare == "blas" else ("1 thread", "2 threads")
     names = {"blas": "BLAS loops", "packed": "packed"}
+    worktree = None
+    if args.compare == "blas":
+        first, second = "blas", "packed"
+    elif args.compare == "threads":
+        first, second = "1 thread", "2 threads"
+    else:
+        worktree = tempfile.mkdtemp(prefix="packed_ab_")
+        subprocess.run(["git", "worktree", "add", "--detach", worktree, args.compare],
+                       check=True, capture_output=True)
+        root = subprocess.run(["git", "rev-parse", "--show-toplevel"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        first, second = f"tree:{worktree}", f"tree:{root}"
+        names = {first: args.compare, second: "working tree"}
+    try:
+        _compare(args, sizes, first, second, names)
+    finally:
+        if worktree:
+            subprocess.run(["git", "worktree", "remove", "--force", worktree], check=True)
+
+
+def _compare(args, sizes, first, second, names):
     env = dict(os.environ)
     for cell in args.cells:
         for T, B, I, H in sizes:

@@ -401,29 +401,27 @@ def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a, 
 
 
 def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu):
-    nthreads = packed_numba.threads_for(x, 1, h0.shape[1])
-    if nthreads:
-        return packed_numba.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                        training, relu, nthreads)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
-    xw = _project(x, w_ih)
     bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
     out = np.empty((T, B, H), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
-    _over_rows(_rnn_forward_loop, B, T * B * H * H,
-               gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
-               training, relu, hs, out)
-    cache = rnn_cache(x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu) \
-        if training else None
+    nthreads = packed_numba.threads_for(x, 1, H)
+    if nthreads:
+        unused = np.empty((0, 0, 0), dtype=x.dtype)
+        packed_numba.run(nthreads, packed_numba.RNN_RELU if relu else packed_numba.RNN_TANH,
+                         x, w_ih, w_hh, bias, bias, full, reverse, training, hs, hs, out,
+                         unused, unused)
+    else:
+        _over_rows(_rnn_forward_loop, B, T * B * H * H,
+                   gemm_for(x.dtype), _project(x, w_ih), bias, *_recurrent_weight(w_hh, B, T),
+                   full, reverse, training, relu, hs, out)
+    cache = None
+    if training:
+        cache = (x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu)
     return out, _final(hs, T, training, reverse), cache
-
-
-def rnn_cache(x, hs, w_ih, w_hh, has_bias, full, reverse, relu):
-    """What :func:`_rnn_backward` needs (the packed loops make the same)."""
-    return (x, hs, w_ih, w_hh, has_bias, full, reverse, relu)
 
 
 def _rnn_backward(d_out, d_h_n, cache):
@@ -726,39 +724,34 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                                       "backend has no kernels for both; use backend='numpy'")
         return zoneout_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                           training, zoneout_h, zoneout_c)
-    nthreads = packed_numba.threads_for(x, 4, c0.shape[1]) if w_hr is None else 0
-    if nthreads:
-        return packed_numba.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                         training, nthreads)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = c0.shape[1]
-    xw = _project(x, w_ih)
     bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
     out = np.empty((T, B, h0.shape[1]), dtype=x.dtype)
     gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     ms = None
-    if w_hr is None:
+    nthreads = packed_numba.threads_for(x, 4, H) if w_hr is None else 0
+    if nthreads:
+        packed_numba.run(nthreads, packed_numba.LSTM, x, w_ih, w_hh, bias, bias, full, reverse,
+                         training, hs, cs, out, gates, gates)
+    elif w_hr is None:
         _over_rows(_lstm_forward_loop, B, T * B * w_hh.size,
-                   gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), full, reverse,
-                   training, hs, cs, out, gates)
+                   gemm_for(x.dtype), _project(x, w_ih), bias, *_recurrent_weight(w_hh, B, T),
+                   full, reverse, training, hs, cs, out, gates)
     else:
         (w_hr,) = _c(w_hr)
         ms = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
         _over_rows(_lstmp_forward_loop, B, T * B * (w_hh.size + w_hr.size),
-                   gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T),
+                   gemm_for(x.dtype), _project(x, w_ih), bias, *_recurrent_weight(w_hh, B, T),
                    *_recurrent_weight(w_hr, B, T), full, reverse, training, hs, cs, out, gates,
                    ms)
-    cache = lstm_cache(x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse, w_hr,
-                       ms) if training else None
+    cache = None
+    if training:
+        cache = (x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse, w_hr, ms)
     return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
-
-
-def lstm_cache(x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse, w_hr=None, ms=None):
-    """What :func:`lstm_backward` needs (the packed loops make the same)."""
-    return (x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse, w_hr, ms)
 
 
 def lstm_backward(d_out, d_h_n, d_c_n, cache):
@@ -1045,10 +1038,6 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
                                       "backend has no kernels for both; use backend='numpy'")
         return zoneout_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                          training, zoneout_h)
-    nthreads = packed_numba.threads_for(x, 3, h0.shape[1]) if reset_after else 0
-    if nthreads:
-        return packed_numba.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                        training, nthreads)
     x, w_ih, w_hh = _c(x, w_ih, w_hh)
     T, B, _ = x.shape
     H = h0.shape[1]
@@ -1058,14 +1047,17 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     full = _full_lengths(lengths, T, B)
     hns = None
     if reset_after:
-        xw = _project(x, w_ih)
-        bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
-        bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
-        b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
+        bias, b_hn = _gru_biases(b_ih, b_hh, H, x.dtype)
         hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
-        _over_rows(_gru_forward_loop, B, T * B * w_hh.size,
-                   gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), b_hn, full,
-                   reverse, training, hs, out, gates, hns)
+        nthreads = packed_numba.threads_for(x, 3, H)
+        if nthreads:
+            packed_numba.run(nthreads, packed_numba.GRU, x, w_ih, w_hh, bias, b_hn, full,
+                             reverse, training, hs, hs, out, gates, hns)
+        else:
+            _over_rows(_gru_forward_loop, B, T * B * w_hh.size,
+                       gemm_for(x.dtype), _project(x, w_ih), bias,
+                       *_recurrent_weight(w_hh, B, T), b_hn, full, reverse, training, hs, out,
+                       gates, hns)
     else:
         xw = _project(x, w_ih)
         bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
@@ -1074,14 +1066,19 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         _over_rows(_gru_forward_loop_reset_before, B, T * B * w_hh.size,
                    gemm_for(x.dtype), xw, bias, w_hrz, w_hn, trans_w, full,
                    reverse, training, hs, out, gates)
-    cache = gru_cache(x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse,
-                      reset_after) if training else None
+    cache = None
+    if training:
+        cache = (x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, reset_after)
     return out, _final(hs, T, training, reverse), cache
 
 
-def gru_cache(x, hs, gates, hns, w_ih, w_hh, has_bias, full, reverse, reset_after):
-    """What :func:`gru_backward` needs (the packed loops make the same)."""
-    return (x, hs, gates, hns, w_ih, w_hh, has_bias, full, reverse, reset_after)
+def _gru_biases(b_ih, b_hh, H, dtype):
+    """reset_after: ``(bias, b_hn)``, the summed biases of r and z with b_ih's n part,
+    and b_hh's n part apart, which stays inside ``r * (W_hn h + b_hn)``."""
+    bias = _bias(b_ih, b_hh, 3 * H, dtype)
+    bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]
+    b_hn = np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
+    return bias, b_hn
 
 
 def gru_backward(d_out, d_h_n, cache):

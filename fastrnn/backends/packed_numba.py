@@ -46,8 +46,7 @@ import numpy as np
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
 from ._simd import FLAG_STRIDE, microkernel, spin_barrier, vector_width
-from .numba_cpu import (_bias, _c, _final, _full_lengths, _mm, _single_threaded_blas, _slots,
-                        _state_buffers, gru_cache, lstm_cache, rnn_cache)
+from .numba_cpu import _mm, _single_threaded_blas, _slots
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
                          error_model="numpy")
@@ -72,6 +71,12 @@ _MK_LSTM = microkernel(MR_LSTM, 4, VW)
 _MK_GRU = microkernel(MR_GRU, 3, VW)
 
 
+@_jit
+def _panel_units(gates):
+    """Hidden units per panel: VW for the gated cells, RNN_NV VW for the RNN."""
+    return VW if gates > 1 else RNN_NV * VW
+
+
 def aligned_empty(shape):
     """An uninitialized float32 array whose data starts on a 64-byte boundary (NumPy's
     start on 16): the micro-kernel's vector loads and stores then never split a cache
@@ -90,7 +95,7 @@ def pack(w_hh, gates):
     ``(ceil(H / (RNN_NV VW)), K, RNN_NV VW)``: ``P[u, k, j] = W_hh[u RNN_NV VW + j, k]``."""
     G, K = w_hh.shape
     if gates == 1:
-        NR = RNN_NV * VW
+        NR = _panel_units(1)
         U, full = -(-G // NR), G // NR
         panels = aligned_empty((U, K, NR))
         panels[:full] = w_hh[:full * NR].reshape(full, NR, K).transpose(0, 2, 1)
@@ -352,7 +357,7 @@ def threads_for(x, gates, H):
     T, B, _ = x.shape
     if not enabled or x.dtype != np.float32 or T < 2 or (gates == 1 and H < RNN_MIN_H):
         return 0
-    panels = -(-H // (VW if gates > 1 else RNN_NV * VW))
+    panels = -(-H // _panel_units(gates))
     if threads is not None:
         return max(1, min(threads, panels, POOL_WORKERS + 1))
     want = blas_get_threads() if blas_get_threads else 1
@@ -434,9 +439,9 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
     W_ih with its rows in the threads' order (:func:`_rows_by_thread`)."""
     T, B, H = out.shape
-    U, _, NR = panels.shape
+    U = panels.shape[0]
     gates = abs(cell)
-    PU = VW if gates > 1 else NR          # units per panel
+    PU = _panel_units(gates)
     Hp, Tc = U * PU, xw.shape[0]
     cv = Hp if gates > 1 else VW          # columns between a panel's vectors in ``a``
     u0, u1, n0, n1 = _thread_units(U, PU, H, tid, nthreads)
@@ -478,7 +483,7 @@ def _run(nthreads, x, w_ih, panels, *args):
     U, _, NR = panels.shape
     G = w_ih.shape[0]
     gates = abs(args[0])
-    w_proj = _rows_by_thread(w_ih, gates, U, VW if gates > 1 else NR, nthreads)
+    w_proj = _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads)
     xw = np.empty((max(1, min(T, CHUNK_FLOATS // (B * G))), B, G), dtype=np.float32)
     a = aligned_empty((B, NR * U))
     fl = flags(nthreads)
@@ -496,59 +501,12 @@ def _run(nthreads, x, w_ih, panels, *args):
                 f.result()
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, nthreads):
-    """:func:`.numba_cpu.lstm_forward` (no projection, no zoneout) through the packed
-    loop on ``nthreads`` threads: the same outputs and, in training, the same cache."""
-    x, w_ih, w_hh = _c(x, w_ih, w_hh)
-    T, B, _ = x.shape
-    H = c0.shape[1]
-    bias = _bias(b_ih, b_hh, 4 * H, x.dtype)
-    hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
-    out = np.empty((T, B, H), dtype=x.dtype)
-    gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
-    full = _full_lengths(lengths, T, B)
-    _run(nthreads, x, w_ih, pack(w_hh, 4), LSTM, bias, bias, full, reverse, training, hs, cs,
-         out, gates, gates)
-    cache = lstm_cache(x, hs, cs, gates, w_ih, w_hh, b_ih is not None, full, reverse) \
-        if training else None
-    return out, _final(hs, T, training, reverse), _final(cs, T, training, reverse), cache
-
-
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, nthreads):
-    """:func:`.numba_cpu.gru_forward` (reset_after, no zoneout) through the packed loop
-    on ``nthreads`` threads: the same outputs and, in training, the same cache."""
-    x, w_ih, w_hh = _c(x, w_ih, w_hh)
-    T, B, _ = x.shape
-    H = h0.shape[1]
-    bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
-    bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
-    b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
-    (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
-    out = np.empty((T, B, H), dtype=x.dtype)
-    gates = np.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
-    hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
-    full = _full_lengths(lengths, T, B)
-    _run(nthreads, x, w_ih, pack(w_hh, 3), GRU, bias, b_hn, full, reverse, training, hs, hs,
-         out, gates, hns)
-    cache = gru_cache(x, hs, gates, hns, w_ih, w_hh, b_ih is not None, full, reverse, True) \
-        if training else None
-    return out, _final(hs, T, training, reverse), cache
-
-
-def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu, nthreads):
-    """:func:`.numba_cpu.rnn_tanh_forward` / ``rnn_relu_forward`` (no zoneout) through the
-    packed loop on ``nthreads`` threads: the same outputs and, in training, the same
-    cache."""
-    x, w_ih, w_hh = _c(x, w_ih, w_hh)
-    T, B, _ = x.shape
-    H = h0.shape[1]
-    bias = _bias(b_ih, b_hh, H, x.dtype)
-    (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
-    out = np.empty((T, B, H), dtype=x.dtype)
-    unused = np.empty((0, 0, 0), dtype=x.dtype)
-    full = _full_lengths(lengths, T, B)
-    _run(nthreads, x, w_ih, pack(w_hh, 1), RNN_RELU if relu else RNN_TANH, bias, bias, full,
-         reverse, training, hs, hs, out, unused, unused)
-    cache = rnn_cache(x, hs, w_ih, w_hh, b_ih is not None, full, reverse, relu) \
-        if training else None
-    return out, _final(hs, T, training, reverse), cache
+def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, hs, cs, out,
+        gates, hns):
+    """The forward of ``cell`` (``LSTM``, ``GRU``, ``RNN_TANH``, ``RNN_RELU``) on
+    ``nthreads`` threads (:func:`threads_for`), into the buffers numba_cpu's forward made
+    for its BLAS loops (states, output and, in training, the gate cache it returns): the
+    packed loop is the other time loop those forwards choose between, with the same
+    arguments but ``W_hh`` packed here (see :func:`cell_thread` for the unused ones)."""
+    _run(nthreads, x, w_ih, pack(w_hh, abs(cell)), cell, bias, b_hn, lengths, reverse,
+         training, hs, cs, out, gates, hns)

@@ -25,9 +25,9 @@ import numpy as np
 
 from ._numba_math import tanh
 from .numba_cpu import (_add_row, _bias, _c, _carry_row, _copy_row, _final, _full_lengths,
-                        _gru_backward_row, _gru_row, _jit, _lstm_backward_row, _lstm_row, _mm,
-                        _param_grads, _project, _recurrent_weight, _slots, _state_buffers,
-                        _zero_row, gemm_for)
+                        _gru_backward_row, _gru_biases, _gru_row, _jit, _lstm_backward_row,
+                        _lstm_row, _mm, _param_grads, _project, _recurrent_weight, _slots,
+                        _state_buffers, _zero_row, gemm_for)
 
 
 class Cache(tuple):
@@ -311,9 +311,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, zoneo
     hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     xw = _project(x, w_ih)
-    bias = _bias(b_ih, b_hh, 3 * H, x.dtype)
-    bias[2 * H:] = 0 if b_ih is None else b_ih[2 * H:]  # b_hn stays inside r * (.)
-    b_hn = np.zeros(H, x.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
+    bias, b_hn = _gru_biases(b_ih, b_hh, H, x.dtype)
     _gru_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), b_hn,
                       zoneout_h, full, reverse, training, hs, out, gates, hns)
     cache = None
