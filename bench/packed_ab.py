@@ -4,13 +4,15 @@ the other's idle thread pools (OpenBLAS's spin after a call, and the packed loop
 threads too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
-        [--compare blas|threads|REV] [--mode inference|training] [--cells lstm gru]
+        [--compare blas|threads|ahead|REV] [--mode inference|training] [--cells lstm gru]
         [--sizes 100x64x512x512,...]
 
 ``--compare blas`` (default): the BLAS loops (numba_cpu, ``packed_numba.enabled =
 False``) against the packed loops. ``--compare threads``: the packed loops on one thread
 against two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
-``MIN_SPLIT_STEP_WORK`` was set from. ``--compare REV`` (a git revision): the whole
+``MIN_SPLIT_STEP_WORK`` was set from. ``--compare ahead``: one-thread loops with
+the projection on the BLAS's threads before each chunk against projected ahead on
+another core (``packed_numba.ahead``). ``--compare REV`` (a git revision): the whole
 package at REV (checked out into a temporary git worktree) against the working tree,
 each as shipped: how session 6's kernel changes were judged.
 
@@ -42,6 +44,8 @@ import fastrnn
 from fastrnn.backends import packed_numba
 if variant == "blas":
     packed_numba.enabled = False
+elif variant.startswith("ahead "):             # "ahead off" / "ahead on"
+    packed_numba.ahead = variant == "ahead on"
 elif variant.endswith((" thread", " threads")):    # "1 thread" / "2 threads": split forced
     packed_numba.threads = int(variant.split()[0])
     packed_numba.MIN_SPLIT_STEP_WORK = 0
@@ -70,7 +74,8 @@ print(json.dumps(float(np.median(times))))
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--compare", default="blas", help="blas, threads or a git revision")
+    p.add_argument("--compare", default="blas",
+                   help="blas, threads, ahead or a git revision")
     p.add_argument("--mode", choices=["inference", "training"], default="inference")
     p.add_argument("--cells", nargs="+", default=["lstm", "gru"])
     p.add_argument("--sizes", default=None, help="TxBxIxH,... (default: fastrnn bench's grid)")
@@ -83,6 +88,8 @@ def main():
         first, second = "blas", "packed"
     elif args.compare == "threads":
         first, second = "1 thread", "2 threads"
+    elif args.compare == "ahead":
+        first, second = "ahead off", "ahead on"
     else:
         worktree = tempfile.mkdtemp(prefix="packed_ab_")
         subprocess.run(["git", "worktree", "add", "--detach", worktree, args.compare],

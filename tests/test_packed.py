@@ -23,10 +23,14 @@ def _panels(kind, H):
     return -(-H // (pk.VW if GATES[kind] > 1 else pk.RNN_NV * pk.VW))
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda p: f"{p}threads")
+@pytest.fixture(params=[1, 2, 3, "ahead"], ids=lambda p: p if p == "ahead" else f"{p}threads")
 def threads(request, monkeypatch):
-    """Force the split over ``threads`` (hidden-unit panels), whatever the size."""
-    monkeypatch.setattr(pk, "threads", request.param)
+    """Force the split over ``threads`` (hidden-unit panels), whatever the size; "ahead":
+    one thread, its input projection computed ahead by another (a ring of two slots where
+    the chunks are short: ``chunk``)."""
+    nthreads = 1 if request.param == "ahead" else request.param
+    monkeypatch.setattr(pk, "threads", nthreads)
+    monkeypatch.setattr(pk, "ahead", request.param == "ahead")
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
     monkeypatch.setattr(pk, "RNN_MIN_H", 1)
     counts = []
@@ -37,7 +41,7 @@ def threads(request, monkeypatch):
         return real(nthreads, *args)
 
     monkeypatch.setattr(pk, "_run", spy)
-    return request.param, counts
+    return nthreads, counts
 
 
 @pytest.mark.parametrize("VW", sorted({pk.VW, 8}))
@@ -239,6 +243,38 @@ def test_the_split_yields_to_a_running_thread(monkeypatch):
         assert pk.threads_for(x, 1, pk.RNN_MIN_H) == 1
     finally:
         stop()
+
+
+def test_the_projection_runs_ahead_only_on_an_idle_core(monkeypatch):
+    """A one-thread loop projects ahead on another core where the BLAS has two threads,
+    the projection is big enough and no other thread runs; next to a running thread, a
+    training forward projects on the BLAS's threads and an inference on one; an RNN,
+    a small projection or a one-thread BLAS never project ahead."""
+    import time
+    monkeypatch.setattr(pk, "ahead", None)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
+    big = dict(T=100, B=16, I=128, G=512, gates=4)
+    assert 100 * 16 * 128 * 512 >= pk.AHEAD_MIN_WORK
+    _wait_until_no_other_thread_runs()
+    assert pk._projection(**big, training=False) == "ahead"
+    assert pk._projection(**big, training=True) == "ahead"
+    assert pk._projection(**{**big, "gates": 1, "G": 128}, training=False) == "blas"
+    assert pk._projection(**{**big, "T": 10}, training=False) == "blas"
+    stop = _spinning_thread()
+    try:
+        deadline = time.monotonic() + 5
+        while not pk._other_threads_running():
+            assert time.monotonic() < deadline, "the spinning thread never showed as running"
+            time.sleep(0.01)
+        assert pk._projection(**big, training=True) == "blas"
+        assert pk._projection(**big, training=False) == "alone"
+        monkeypatch.setattr(pk, "ahead", True)
+        assert pk._projection(**big, training=False) == "ahead"
+    finally:
+        stop()
+    monkeypatch.setattr(pk, "ahead", None)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 1)
+    assert pk._projection(**big, training=False) == "blas"
 
 
 AVX2_CHILD = """

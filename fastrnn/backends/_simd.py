@@ -211,14 +211,22 @@ SPINS_BEFORE_YIELD = 2000
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def wait_for(flags, i, value):
+    """Wait until ``flags[i] >= value`` (read with acquire: what the thread that stored
+    it wrote before is visible after), spinning, then yielding the core."""
+    spins = 0
+    while load_acquire(flags, i) < value:
+        spins += 1
+        if spins > SPINS_BEFORE_YIELD:
+            _sched_yield()
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def spin_barrier(flags, tid, nthreads, step):
     """Thread ``tid`` of ``nthreads`` has finished ``step``: publish it, then wait
     until every other thread has too. Everything a thread wrote before its call
     is visible to every thread after theirs (release/acquire)."""
     store_release(flags, tid * FLAG_STRIDE, step)
     for q in range(nthreads):
-        spins = 0
-        while load_acquire(flags, q * FLAG_STRIDE) < step:
-            spins += 1
-            if spins > SPINS_BEFORE_YIELD:
-                _sched_yield()
+        wait_for(flags, q * FLAG_STRIDE, step)
+

@@ -25,6 +25,9 @@ then the gates:
   those units, :func:`_rows_by_thread`), a chunk of steps at a time, just before those
   steps. :func:`threads_for` decides the thread count, and
   runs the BLAS loops instead while another thread of the process is running.
+* one thread (below the split threshold) leaves the other core to its input projection:
+  :func:`project_ahead` computes the chunks there into a ring while the loop runs the
+  steps (:func:`_projection` decides where that pays).
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
@@ -45,7 +48,7 @@ import numpy as np
 
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
-from ._simd import FLAG_STRIDE, microkernel, spin_barrier, vector_width
+from ._simd import FLAG_STRIDE, microkernel, spin_barrier, store_release, vector_width, wait_for
 from .numba_cpu import _mm, _single_threaded_blas, _slots
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
@@ -126,17 +129,23 @@ KC = 128
 
 
 @_jit
-def _recurrent(panels, hs, prev, a, PU, cv, u0, u1):
+def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards):
     """The product hs[prev] W_hh^T for the units of panels [u0, u1) into the scratch ``a``:
     panel ``u``'s vector ``v`` at columns ``u PU + v cv`` (gated cells: PU = VW units per
-    panel, gate stride cv = Hp; the RNN: PU = RNN_NV VW, cv = VW)."""
+    panel, gate stride cv = Hp; the RNN: PU = RNN_NV VW, cv = VW). ``backwards``: the
+    panels from the last down, which the loops do at every other step. Where the
+    panels outgrow the L1 cache (W_hh of the LSTM at H = 64 is 64 KB, L1 is 32-48 KB),
+    each step then starts with the panels the last one ended with, still in L1, instead of
+    the ones it evicted first: the product at B = 1, H = 64 took 430 ns a step instead of
+    555 (a scratch probe)."""
     _, B, K = hs.shape
     h0 = prev * B * K
     U, _, NR = panels.shape
     ldc = a.shape[1]
     lstm = NR == 4 * VW               # the LSTM's and the RNN's panels: 4 vectors
     MR = MR_LSTM if lstm else MR_GRU
-    for u in range(u0, u1):
+    for i in range(u0, u1):
+        u = u0 + u1 - 1 - i if backwards else i
         for k0 in range(0, K, KC):
             kc = min(KC, K - k0)
             for b0 in range(0, B, MR):
@@ -425,15 +434,37 @@ def _rows_by_thread(w_ih, gates, U, PU, nthreads):
 
 
 @_jit
+def project_ahead(gemm, x2, w_ih, xw, T, reverse, flags):
+    """The projector of a one-thread loop (:func:`cell_thread` with ``ahead``), on
+    another core: the chunks' input projections, in the loop's order, into the ring of
+    ``xw.shape[0]`` slots (chunk ``c`` into slot ``c % slots``). It publishes chunk ``c``
+    as ``flags[0] = c + 1`` and reuses a slot once the loop has published
+    ``flags[FLAG_STRIDE]`` (chunks done) past its last chunk."""
+    S, Tc, B, G = xw.shape
+    c = 0
+    for c0 in range(0, T, Tc):
+        c1 = min(T, c0 + Tc)
+        t0 = T - c1 if reverse else c0
+        wait_for(flags, FLAG_STRIDE, c - S + 1)
+        _mm(gemm, x2[t0 * B:(t0 + c1 - c0) * B], False, w_ih, True,
+            xw[c % S].reshape(Tc * B, G)[:(c1 - c0) * B], 0.0)
+        store_release(flags, 0, c + 1)
+        c += 1
+
+
+@_jit
 def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, training, hs, cs,
-                out, gates_out, hns, xw, a, flags, tid, nthreads):
+                out, gates_out, hns, xw, a, flags, tid, nthreads, ahead):
     """The time loop of ``cell``: an LSTM (``LSTM``; ``cs`` its cells, ``b_hn`` and ``hns``
     unused), a reset-after GRU (``GRU``; ``b_hn`` the n gate's recurrent bias, ``hns`` its
     cache of W_hn h + b_hn, ``cs`` unused) or an RNN (``RNN_TANH``, ``RNN_RELU``; ``hs``
     alone), thread ``tid`` of ``nthreads``: the panels (hidden units) ``[U tid /
     nthreads, U (tid + 1) / nthreads)`` of every step, and their
-    columns of the input projection, a chunk of ``xw.shape[0]`` steps at a time (each
-    thread projects and reads only its own units, so chunks need no barrier). ``hs``/``cs``
+    columns of the input projection, a chunk of ``xw.shape[1]`` steps at a time (each
+    thread projects and reads only its own units, so chunks need no barrier). With
+    ``ahead`` (one thread), :func:`project_ahead` computes the chunks on another core
+    into the ring ``xw`` instead, and ``flags`` counts the chunks it and this loop have
+    done. ``hs``/``cs``
     are the state buffers of :func:`.numba_cpu._state_buffers` ((2, B, H) ping-pong in
     inference, (T + 1, B, H) in training); ``gates_out`` (and ``hns``) the cache in
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
@@ -442,60 +473,119 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     U = panels.shape[0]
     gates = abs(cell)
     PU = _panel_units(gates)
-    Hp, Tc = U * PU, xw.shape[0]
+    S, Tc = xw.shape[0], xw.shape[1]
+    Hp = U * PU
     cv = Hp if gates > 1 else VW          # columns between a panel's vectors in ``a``
     u0, u1, n0, n1 = _thread_units(U, PU, H, tid, nthreads)
-    xw2 = xw.reshape(Tc * B, xw.shape[2])
     r = 1 if reverse else 0
+    c = 0
     for c0 in range(0, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0        # the chunk's steps cover times [t0, t0 + c1 - c0)
-        _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj, xw2[:(c1 - c0) * B], gates, n0,
-                 n1)
+        if ahead:
+            wait_for(flags, 0, c + 1)
+            xc = xw[c % S]
+        else:
+            xc = xw[0]
+            _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
+                     xc.reshape(Tc * B, xw.shape[3])[:(c1 - c0) * B], gates, n0, n1)
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = _slots(t, k, r, training)
-            _recurrent(panels, hs, prev, a, PU, cv, u0, u1)
+            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k & 1 == 1)
             if gates == 1:
-                _rnn_block(a, xw, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1,
+                _rnn_block(a, xc, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1,
                            cell == RNN_RELU)
             elif gates == 4:
-                _lstm_block(a, Hp, xw, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
+                _lstm_block(a, Hp, xc, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
                 if training:
-                    _lstm_gates(a, Hp, xw, t - t0, bias, t, lengths, n0, n1, gates_out)
+                    _lstm_gates(a, Hp, xc, t - t0, bias, t, lengths, n0, n1, gates_out)
             else:
-                _gru_block(a, Hp, xw, t - t0, bias, b_hn, hs, prev, new, out, t, lengths, n0,
+                _gru_block(a, Hp, xc, t - t0, bias, b_hn, hs, prev, new, out, t, lengths, n0,
                            n1)
                 if training:
-                    _gru_gates(a, Hp, xw, t - t0, bias, b_hn, t, lengths, n0, n1, gates_out,
+                    _gru_gates(a, Hp, xc, t - t0, bias, b_hn, t, lengths, n0, n1, gates_out,
                                hns)
             if nthreads > 1:
                 spin_barrier(flags, tid, nthreads, k + 1)
+        if ahead:
+            store_release(flags, FLAG_STRIDE, c + 1)
+        c += 1
+
+
+#: Chunks of a one-thread loop whose projection runs ahead on another core
+#: (:func:`_projection`): about this many per call, so that the loop waits only for the
+#: first, and at least ``AHEAD_MIN_ROWS`` rows each, so that each is one efficient GEMM.
+AHEAD_CHUNKS, AHEAD_MIN_ROWS = 16, 128
+#: Multiply-adds of the input projection (T B G I) from which it runs ahead: below, the
+#: pool thread's wake-up and the loop's reads of projections another core wrote cost
+#: more than the projection on the BLAS's two threads (0.80-0.91x at 200x1x64x64).
+AHEAD_MIN_WORK = 16 << 20
+#: None: project ahead where :func:`_projection` finds a core for it; True/False force it
+#: on/off for one-thread loops (tests, A/B timings).
+ahead = None
+
+
+def _projection(T, B, I, G, gates, training):
+    """How a one-thread loop gets its input projection: ``"ahead"``, a pool thread
+    computes the chunks on the other core while the loop runs the steps
+    (:func:`project_ahead`); ``"blas"``, the loop computes each chunk before its
+    steps on the BLAS's threads; ``"alone"``, the same on one BLAS thread. Ahead where
+    the BLAS has two threads or more (the cores are there), the call has two chunks or
+    more, and no other thread of the process is running: a BLAS pool spinning after its
+    last call would share the projector's core (:func:`_other_threads_running`). Next to
+    such a pool, a training forward projects on it ("blas": its backward wakes it anyway),
+    an inference does not ("alone"), so that the pool falls asleep and the next call can
+    project ahead again."""
+    if ahead is not None:
+        return "ahead" if ahead else "blas"
+    want = blas_get_threads() if blas_get_threads else 1
+    if want < 2 or T < 2 or gates == 1 or T * B * G * I < AHEAD_MIN_WORK:
+        return "blas"
+    if _other_threads_running():
+        return "blas" if training else "alone"
+    return "ahead"
 
 
 def _run(nthreads, x, w_ih, panels, *args):
-    """``cell_thread(gemm, x2, w_proj, panels, *args, xw, a, flags, tid, nthreads)`` on
-    ``nthreads`` threads, with the chunk and scratch buffers. With one thread the
-    projection GEMMs use the BLAS's threads; with more, each thread projects its own
-    units with a single-threaded BLAS (an idle BLAS pool would spin on the cores the
-    loop needs)."""
+    """``cell_thread(gemm, x2, w_proj, panels, *args, xw, a, flags, tid, nthreads,
+    ahead)`` on ``nthreads`` threads, with the chunk and scratch buffers. With one thread
+    the projection runs ahead on another core, or on the BLAS's threads, or on one
+    (:func:`_projection`); with more, each thread projects its own units with a
+    single-threaded BLAS (an idle BLAS pool would spin on the cores the loop needs)."""
     T, B, I = x.shape
     U, _, NR = panels.shape
     G = w_ih.shape[0]
-    gates = abs(args[0])
+    gates, training = abs(args[0]), args[5]
+    per_chunk = max(1, min(T, CHUNK_FLOATS // (B * G)))
+    mode = _projection(T, B, I, G, gates, training) if nthreads == 1 else "split"
+    if mode == "ahead":
+        Tc = min(per_chunk, max(-(-AHEAD_MIN_ROWS // B), -(-T // AHEAD_CHUNKS)))
+        slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
+    else:
+        Tc, slots = per_chunk, 1
     w_proj = _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads)
-    xw = np.empty((max(1, min(T, CHUNK_FLOATS // (B * G))), B, G), dtype=np.float32)
+    xw = np.empty((slots, Tc, B, G), dtype=np.float32)
     a = aligned_empty((B, NR * U))
-    fl = flags(nthreads)
-    call = (gemm_for(x.dtype), x.reshape(T * B, I), w_proj, panels) + args + (xw, a, fl)
-    if nthreads == 1:
-        cell_thread(*call, 0, 1)
+    fl = flags(max(nthreads, 2))
+    gemm = gemm_for(x.dtype)
+    x2 = x.reshape(T * B, I)
+    call = (gemm, x2, w_proj, panels) + args + (xw, a, fl)
+    if mode == "blas":
+        cell_thread(*call, 0, 1, False)
         return
     with _single_threaded_blas():
+        if mode == "alone":
+            cell_thread(*call, 0, 1, False)
+            return
         pool = _executor()
-        futures = [pool.submit(cell_thread, *call, tid, nthreads) for tid in range(1, nthreads)]
+        if mode == "ahead":
+            futures = [pool.submit(project_ahead, gemm, x2, w_ih, xw, T, args[4], fl)]
+        else:
+            futures = [pool.submit(cell_thread, *call, tid, nthreads, False)
+                       for tid in range(1, nthreads)]
         try:
-            cell_thread(*call, 0, nthreads)
+            cell_thread(*call, 0, nthreads, mode == "ahead")
         finally:
             for f in futures:
                 f.result()
