@@ -320,3 +320,21 @@ def test_the_avx2_configuration_end_to_end(tmp_path):
     assert set(result["errs"]) == {"lstm", "gru", "rnn_tanh", "rnn_relu"}, result
     for kind, err in result["errs"].items():
         assert err < 2e-5, (kind, result)
+
+
+@pytest.mark.skipif(pk.VW != 16, reason="the host has no AVX-512: 256-bit vectors are its widest")
+def test_the_pointwise_passes_use_the_widest_vectors():
+    """``wide_vectors()`` makes LLVM vectorize the pointwise passes with 512-bit vectors on
+    AVX-512 hosts, where its tuning prefers 256-bit ones (zmm registers in the code)."""
+    H, B, T = 32, 2, 2
+    a = pk.aligned_empty((B, 4 * H))
+    xw = np.zeros((T, B, 4 * H), np.float32)
+    bias = np.zeros(4 * H, np.float32)
+    cs = np.zeros((2, B, H), np.float32)
+    out = np.zeros((T, B, H), np.float32)
+    lengths = np.full(B, T, np.int64)
+    pk._lstm_block(a, H, xw, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H)
+    sig = pk._lstm_block.signatures[-1]
+    assert "zmm" in pk._lstm_block.inspect_asm(sig)
+    nb._lstm_infer_block(a, xw[0], bias, cs[0], cs[1], cs[1].copy(), out[0], 0, B)
+    assert "zmm" in nb._lstm_infer_block.inspect_asm(nb._lstm_infer_block.signatures[-1])

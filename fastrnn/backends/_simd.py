@@ -10,6 +10,8 @@ CPU, so the same source gets zmm registers on one machine and ymm on another.
 * :func:`microkernel` ``(MR, NV, VW)``: ``C[:mr, :NV*VW] = A[:mr, :K] @ P[:K, :NV*VW]``
   for a packed panel ``P`` (K rows of ``NV * VW`` contiguous values), with
   ``MR * NV`` vector accumulators held in registers over the whole ``K`` loop.
+* :func:`wide_vectors`: lets LLVM's loop vectorizer use the host's widest vectors in
+  the function that calls it.
 * :func:`load_acquire` / :func:`store_release`: atomic int64 accesses, and
   :func:`spin_barrier` built on them: the per-step barrier of the threads that
   share one time loop.
@@ -230,3 +232,25 @@ def spin_barrier(flags, tid, nthreads, step):
     for q in range(nthreads):
         wait_for(flags, q * FLAG_STRIDE, step)
 
+
+
+# ------------------------------------------------------------ vector width
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Mark the calling function ``"prefer-vector-width"="512"``: LLVM's tuning for the
+    AVX-512 Xeons (Skylake-SP to Sapphire Rapids) prefers 256-bit vectors in
+    auto-vectorized loops, so the pointwise passes ran on 8-lane vectors there. With the
+    mark they use 16 lanes: 2.75 -> 2.07 ns per unit at B = 64, H = 512 (LSTM), 3.35 ->
+    2.73 at B = 8, H = 32 (``docs/numba.md``). A CPU without AVX-512 keeps its widest
+    (256-bit) vectors. The explicit ``<16 x float>`` of :func:`microkernel` need no mark:
+    without a ``min-legal-vector-width`` attribute, which Numba does not set, 512-bit
+    types stay legal. llvmlite validates only the attributes it knows, so this string
+    attribute goes into the set directly (``tests/test_packed.py`` checks the result)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+    return sig, codegen

@@ -32,6 +32,7 @@ from . import CELLS, KERNEL_OPTIONS, gate_count, state_count
 from ._cblas import (NO_TRANS, SGEMM, TRANS, blas_get_threads, blas_set_threads, gemm_call_ilp64,
                      gemm_call_lp64, gemm_for)
 from ._numba_math import FASTMATH, sigmoid, tanh
+from ._simd import wide_vectors
 
 xp = np
 
@@ -356,6 +357,7 @@ def _add_row(src, dst):
 @_jit
 def _rnn_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training, relu, hs, out,
                       b0, b1):
+    wide_vectors()
     T, B, H = xw.shape
     r = 1 if reverse else 0
     a = np.empty((B, H), dtype=xw.dtype)
@@ -377,6 +379,7 @@ def _rnn_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training,
 
 @_jit
 def _rnn_backward_loop(gemm, d_out, d_h, w_hh, lengths, reverse, relu, hs, d_a, b0, b1):
+    wide_vectors()
     T, B, H = d_out.shape
     r = 1 if reverse else 0
     tmp = np.empty((B, H), dtype=d_out.dtype)
@@ -473,6 +476,7 @@ rnn_tanh_backward = rnn_relu_backward = _rnn_backward
 def _lstm_row(a, x, bias, c_prev, c_new, h_new, H):
     """One row: pre-activations a (4H,) in, gates after activation back into a
     (in training ``a`` is the cache row; in inference, scratch), new c and h out."""
+    wide_vectors()
     for j in range(H):
         i = sigmoid(a[j] + x[j] + bias[j])
         f = sigmoid(a[H + j] + x[H + j] + bias[H + j])
@@ -492,6 +496,7 @@ def _lstm_infer_block(a, x, bias, c_prev, c_new, h_new, out, b0, b1):
     """Inference, every row of [b0, b1) active: one pass over the block, nothing
     stored but the states and the output. Twice as fast as the row pass at H = 32
     (1.3x at H = 512): no call and no alias checks per row, no gates written back."""
+    wide_vectors()
     H = c_prev.shape[1]
     for b in range(b0, b1):
         for j in range(H):
@@ -510,6 +515,7 @@ def _lstm_infer_block(a, x, bias, c_prev, c_new, h_new, out, b0, b1):
 def _lstm_train_block(a, x, bias, c_prev, c_new, h_new, out, gates, b0, b1):
     """Training, every row of [b0, b1) active: as _lstm_infer_block, the gates after
     activation stored into ``gates`` (this step's cache rows, not ``a``)."""
+    wide_vectors()
     H = c_prev.shape[1]
     for b in range(b0, b1):
         for j in range(H):
@@ -571,6 +577,7 @@ def _lstm_forward_loop(gemm, xw, bias, w_hh, trans_w, lengths, reverse, training
 @_jit
 def _lstm_backward_row(g, c_prev, c_new, d_out, d_h, d_c, d_a, H):
     """One row, a pass per stored array (see _lstm_backward_block)."""
+    wide_vectors()
     for j in range(H):
         o = g[3 * H + j]
         tc = tanh(c_new[j])   # tanh of a cached state, cheaper to redo than to store
@@ -602,6 +609,7 @@ def _lstm_backward_row(g, c_prev, c_new, d_out, d_h, d_c, d_a, H):
 @_jit
 def _lstm_backward_block(g, c_prev, c_new, d_out, d_h, d_c, d_a, b0, b1):
     """_lstm_backward_row over every row of [b0, b1), all active."""
+    wide_vectors()
     H = c_prev.shape[1]
     for b in range(b0, b1):
         for j in range(H):
@@ -791,6 +799,7 @@ def _gru_row(a, x, bias, b_hn, h_prev, h_new, hn_out, H):
     """reset_after, one row: a = h W_hh^T (3H,) in; r, z, n back into a and
     hn = W_hn h + b_hn into hn_out (cache rows in training, scratch in
     inference); the new h out."""
+    wide_vectors()
     for j in range(H):
         r = sigmoid(a[j] + x[j] + bias[j])
         z = sigmoid(a[H + j] + x[H + j] + bias[H + j])
@@ -806,6 +815,7 @@ def _gru_row(a, x, bias, b_hn, h_prev, h_new, hn_out, H):
 @_jit
 def _gru_infer_block(a, x, bias, b_hn, h_prev, h_new, out, b0, b1):
     """reset_after, inference, every row of [b0, b1) active (see _lstm_infer_block)."""
+    wide_vectors()
     H = h_prev.shape[1]
     for b in range(b0, b1):
         for j in range(H):
@@ -821,6 +831,7 @@ def _gru_infer_block(a, x, bias, b_hn, h_prev, h_new, out, b0, b1):
 def _gru_train_block(a, x, bias, b_hn, h_prev, h_new, out, gates, hns, b0, b1):
     """reset_after, training, every row of [b0, b1) active: as _gru_infer_block, with r, z,
     n and hn = W_hn h + b_hn stored into this step's cache rows (not into ``a``)."""
+    wide_vectors()
     H = h_prev.shape[1]
     for b in range(b0, b1):
         for j in range(H):
@@ -912,6 +923,7 @@ def _gru_forward_loop_reset_before(gemm, xw, bias, w_hrz, w_hn, trans_w, lengths
 def _gru_backward_row(g, hn, h_prev, d_out, d_h, d_ax, d_ah, H):
     """reset_after, one row, a pass per stored array (see _lstm_backward_block); d_h
     becomes its direct part dh * z (the GEMM adds the rest), last: every pass reads it."""
+    wide_vectors()
     for j in range(H):
         z, n = g[H + j], g[2 * H + j]
         d_ax[2 * H + j] = (d_out[j] + d_h[j]) * (1 - z) * (1 - n * n)
@@ -934,6 +946,7 @@ def _gru_backward_row(g, hn, h_prev, d_out, d_h, d_ax, d_ah, H):
 @_jit
 def _gru_backward_block(g, hn, h_prev, d_out, d_h, d_ax, d_ah, b0, b1):
     """_gru_backward_row over every row of [b0, b1), all active."""
+    wide_vectors()
     H = h_prev.shape[1]
     for b in range(b0, b1):
         for j in range(H):

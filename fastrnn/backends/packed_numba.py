@@ -48,7 +48,8 @@ import numpy as np
 
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
-from ._simd import FLAG_STRIDE, microkernel, spin_barrier, store_release, vector_width, wait_for
+from ._simd import (FLAG_STRIDE, microkernel, spin_barrier, store_release, vector_width,
+                    wait_for, wide_vectors)
 from .numba_cpu import _mm, _single_threaded_blas, _slots
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
@@ -187,6 +188,7 @@ def _xw_offsets(gates, n0, n1):
 def _carry(hs, prev, new, out, t, b, n0, n1):
     """An inactive row: its state carried from ``prev`` to ``new``, its output 0, for
     the units [n0, n1)."""
+    wide_vectors()
     for j in range(np.uint64(n0), np.uint64(n1)):
         hs[new, b, j] = hs[prev, b, j]
         out[t, b, j] = 0
@@ -198,6 +200,7 @@ def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
     stride Hp, plus ``xw[tx]`` in the thread's layout, :func:`_xw_offsets`, and the bias):
     reads cs[prev], hs[prev]; writes cs[new], hs[new], out[t]; inactive rows carry their
     state."""
+    wide_vectors()
     H1, P1 = np.uint64(cs.shape[2]), np.uint64(Hp)
     H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
     X0, W = _xw_offsets(4, n0, n1)
@@ -224,6 +227,7 @@ def _store_gate(a, Hp, xw, tx, bias, gates, t, b, g, H, n0, n1, use_tanh):
     """gates[t, b, g H + j] = act(a[b, g Hp + j] + xw[tx, b, g W + X0 + j] + bias[g H + j])
     for the units j of [n0, n1) (:func:`_xw_offsets`): one gate of one row, the sigmoid or
     tanh."""
+    wide_vectors()
     G1, P1 = np.uint64(g) * np.uint64(H), np.uint64(g) * np.uint64(Hp)
     X0, W = _xw_offsets(gates.shape[2] // H, n0, n1)
     XG = X0 + np.uint64(g) * W
@@ -249,6 +253,7 @@ def _lstm_gates(a, Hp, xw, tx, bias, t, lengths, n0, n1, gates):
 @_jit
 def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1):
     """reset_after, units [n0, n1) of every row: one fused pass (see _lstm_block)."""
+    wide_vectors()
     H1, P1 = np.uint64(hs.shape[2]), np.uint64(Hp)
     H2, P2 = H1 + H1, P1 + P1
     X0, W = _xw_offsets(3, n0, n1)
@@ -270,6 +275,7 @@ def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1
 def _gru_gates(a, Hp, xw, tx, bias, b_hn, t, lengths, n0, n1, gates, hns):
     """Training: r, z, n into ``gates[t]`` and hn = W_hn h + b_hn into ``hns[t]`` for the
     active rows, a pass per gate, from the same expressions as _gru_block."""
+    wide_vectors()
     H = hns.shape[2]
     H2, P2 = np.uint64(2 * H), np.uint64(2 * Hp)
     X0, W = _xw_offsets(3, n0, n1)
@@ -388,6 +394,7 @@ CHUNK_FLOATS = 1 << 20
 def _rnn_block(a, xw, tx, bias, hs, prev, new, out, t, lengths, n0, n1, relu):
     """The RNN, units [n0, n1) of every row, one pass (see _lstm_block); ``a`` holds the
     units in order. ReLU keeps NaN (``not v <= 0``), as numba_cpu's loop does."""
+    wide_vectors()
     for b in range(a.shape[0]):
         if t < lengths[b]:
             for j in range(np.uint64(n0), np.uint64(n1)):
