@@ -38,6 +38,7 @@ API) and the pointwise pass ran on one core after a whole-batch GEMM
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import functools
 import math
 import os
@@ -528,9 +529,13 @@ AHEAD_CHUNKS, AHEAD_MIN_ROWS = 16, 128
 #: pool thread's wake-up and the loop's reads of projections another core wrote cost
 #: more than the projection on the BLAS's two threads (0.80-0.91x at 200x1x64x64).
 AHEAD_MIN_WORK = 16 << 20
-#: None: project ahead where :func:`_projection` finds a core for it; True/False force it
-#: on/off for one-thread loops (tests, A/B timings).
-ahead = None
+#: Whether one-thread loops project ahead on another core: False (the default), never;
+#: None, where :func:`_projection` finds that it pays; True, always (tests, A/B timings).
+#: Off by default because it did not hold up in ``fastrnn bench``'s protocol: timed in
+#: fresh processes, back to back (``python bench/packed_ab.py --compare ahead``), auto
+#: gained 1.08-1.14x at 1000x8x32x32 and 50x16x128x128 (LSTM, GRU); in the bench's workers,
+#: which pause 0.2 s between rounds, 0.84-1.01x at the same points (docs/numba.md).
+ahead = False
 
 
 def _projection(T, B, I, G, gates, training):
@@ -552,6 +557,38 @@ def _projection(T, B, I, G, gates, training):
     if _other_threads_running():
         return "blas" if training else "alone"
     return "ahead"
+
+
+try:
+    _sched_getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
+except (OSError, AttributeError):        # not glibc/Linux: the threads go where the OS puts them
+    _sched_getcpu = None
+
+
+def _current_cpu():
+    """The CPU the calling thread runs on (None where unknown)."""
+    if _sched_getcpu is None:
+        return None
+    cpu = _sched_getcpu()
+    return cpu if cpu >= 0 else None
+
+
+def _off_cpu(cpu, fn, *args):
+    """``fn(*args)`` in a pool thread kept off ``cpu``, the calling thread's, for the call.
+    The loops' threads wait on each other (a barrier per step, or the next projected chunk):
+    a pool thread woken onto its caller's CPU, which the scheduler did after the pool had
+    slept for 0.2 s, shared it with the caller for the whole call (GRU 50x16x128x128: 1.8
+    ms instead of 1.2, every call of a timing taken after a pause)."""
+    allowed = os.sched_getaffinity(0) if cpu is not None and hasattr(os, "sched_getaffinity") \
+        else None
+    moved = allowed is not None and len(allowed - {cpu}) > 0
+    if moved:
+        os.sched_setaffinity(0, allowed - {cpu})
+    try:
+        fn(*args)
+    finally:
+        if moved:
+            os.sched_setaffinity(0, allowed)
 
 
 def _run(nthreads, x, w_ih, panels, *args):
@@ -587,9 +624,11 @@ def _run(nthreads, x, w_ih, panels, *args):
             return
         pool = _executor()
         if mode == "ahead":
-            futures = [pool.submit(project_ahead, gemm, x2, w_ih, xw, T, args[4], fl)]
+            futures = [pool.submit(_off_cpu, _current_cpu(), project_ahead, gemm, x2, w_ih, xw,
+                                   T, args[4], fl)]
         else:
-            futures = [pool.submit(cell_thread, *call, tid, nthreads, False)
+            cpu = _current_cpu()
+            futures = [pool.submit(_off_cpu, cpu, cell_thread, *call, tid, nthreads, False)
                        for tid in range(1, nthreads)]
         try:
             cell_thread(*call, 0, nthreads, mode == "ahead")
