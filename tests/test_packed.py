@@ -341,3 +341,28 @@ def test_the_pointwise_passes_use_the_widest_vectors():
     packed = numba.njit(fastmath=FASTMATH)(pk._lstm_block.py_func)
     packed(a, H, xw, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H)
     assert "zmm" in packed.inspect_asm(packed.signatures[0])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity")
+def test_pool_threads_run_off_the_callers_cpu():
+    """A pool thread of the split (or the projector) runs its call with the caller's CPU
+    taken out of its affinity, and gets its affinity back after."""
+    import os
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: there is no other to move to")
+    cpu = min(allowed)
+    seen = []
+
+    def probe():
+        seen.append(os.sched_getaffinity(0))
+
+    def run_in_pool():
+        before = os.sched_getaffinity(0)
+        pk._off_cpu(cpu, probe)
+        return before, os.sched_getaffinity(0)
+
+    before, after = pk._executor().submit(run_in_pool).result()
+    assert seen == [before - {cpu}]
+    assert after == before
+    assert pk._off_cpu(None, probe) is None and seen[-1] == os.sched_getaffinity(0)
