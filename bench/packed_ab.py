@@ -10,7 +10,7 @@ threads too).
 ``--compare blas`` (default): the BLAS loops (numba_cpu, ``packed_numba.enabled =
 False``) against the packed loops. ``--compare threads``: the packed loops on one thread
 against two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
-``MIN_SPLIT_STEP_WORK`` was set from. ``--compare ahead``: one-thread loops with
+``MIN_SPLIT_STEP_WORK`` was set from. ``--compare ahead``: one-thread loops (forced) with
 the projection on the BLAS's threads before each chunk against projected ahead on
 another core (``packed_numba.ahead``). ``--compare REV`` (a git revision): the whole
 package at REV (checked out into a temporary git worktree) against the working tree,
@@ -44,8 +44,9 @@ import fastrnn
 from fastrnn.backends import packed_numba
 if variant == "blas":
     packed_numba.enabled = False
-elif variant.startswith("ahead "):             # "ahead off" / "ahead on"
+elif variant.startswith("ahead "):             # "ahead off" / "ahead on", one thread
     packed_numba.ahead = variant == "ahead on"
+    packed_numba.threads = 1
 elif variant.endswith((" thread", " threads")):    # "1 thread" / "2 threads": split forced
     packed_numba.threads = int(variant.split()[0])
     packed_numba.MIN_SPLIT_STEP_WORK = 0

@@ -117,11 +117,12 @@ def _forward(kind, backend, x, states, w, lengths, reverse, training):
 @pytest.mark.parametrize("B,H", [(1, 5), (7, 16), (13, 37), (3, 130)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("chunk", [None, 1, 2], ids=["whole", "chunk1", "chunk2"])
+@pytest.mark.parametrize("chunk", [None, 1, 2, 4], ids=["whole", "chunk1", "chunk2", "chunk4"])
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, reverse, bias,
                                                       chunk, training, monkeypatch):
-    """``chunk``: steps of input projection computed at a time (None: all six). In
+    """``chunk``: steps of input projection computed at a time (None: all six; 4: a short
+    last chunk). In
     training, the cache the packed forward leaves goes through numba_cpu's backward:
     every gradient against the reference's."""
     nthreads, counts = threads
@@ -334,13 +335,25 @@ def test_the_pointwise_passes_use_the_widest_vectors():
     cs = np.zeros((2, B, H), np.float32)
     out = np.zeros((T, B, H), np.float32)
     lengths = np.full(B, T, np.int64)
-    # Fresh compilations: a function loaded from Numba's cache has no assembly to show.
+    # Fresh compilations (a function loaded from Numba's cache has no assembly to show),
+    # with the mark and, as the control, with a no-op in its place.
+    import types
+
     import numba
 
     from fastrnn.backends._numba_math import FASTMATH
-    packed = numba.njit(fastmath=FASTMATH)(pk._lstm_block.py_func)
-    packed(a, H, xw, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H)
-    assert "zmm" in packed.inspect_asm(packed.signatures[0])
+    py = pk._lstm_block.py_func
+    no_mark = {**py.__globals__, "wide_vectors": numba.njit(lambda: None)}
+    no_mark["_carry"] = numba.njit(types.FunctionType(pk._carry.py_func.__code__, no_mark))
+    unmarked = types.FunctionType(py.__code__, no_mark)
+    asm = {}
+    for name, fn in (("marked", py), ("unmarked", unmarked)):
+        f = numba.njit(fastmath=FASTMATH)(fn)
+        f(a, H, xw, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H)
+        asm[name] = f.inspect_asm(f.signatures[0])
+    if "zmm" in asm["unmarked"]:
+        pytest.skip("this CPU's LLVM tuning already chooses 512-bit vectors")
+    assert "zmm" in asm["marked"]
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity")
@@ -357,12 +370,39 @@ def test_pool_threads_run_off_the_callers_cpu():
     def probe():
         seen.append(os.sched_getaffinity(0))
 
+    counters = pk.flags(2)
+
     def run_in_pool():
         before = os.sched_getaffinity(0)
-        pk._off_cpu(cpu, probe)
+        pk._off_cpu(cpu, counters, probe)
         return before, os.sched_getaffinity(0)
 
     before, after = pk._executor().submit(run_in_pool).result()
     assert seen == [before - {cpu}]
     assert after == before
-    assert pk._off_cpu(None, probe) is None and seen[-1] == os.sched_getaffinity(0)
+    assert pk._off_cpu(None, counters, probe) is None and seen[-1] == os.sched_getaffinity(0)
+    assert not counters.any()
+
+
+def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
+    """A pool thread that fails sets the loop's counters to RELEASE (so that the loop
+    waiting on it runs out instead of hanging) and its error reaches the caller."""
+    counters = pk.flags(2)
+
+    def fail():
+        raise RuntimeError("pool thread failed")
+
+    with pytest.raises(RuntimeError, match="pool thread failed"):
+        pk._off_cpu(None, counters, fail)
+    assert (counters == pk.RELEASE).all()
+    # end to end: the projector of a loop that projects ahead fails on its first chunk
+    monkeypatch.setattr(pk, "ahead", True)
+    monkeypatch.setattr(pk, "threads", 1)
+    monkeypatch.setattr(pk, "project_ahead", lambda *args: fail())
+    rng = np.random.default_rng(0)
+    T, B, I, H = 9, 3, 4, 16
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    w_ih, w_hh = (rng.standard_normal((4 * H, n)).astype(np.float32) for n in (I, H))
+    with pytest.raises(RuntimeError, match="pool thread failed"):
+        nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)

@@ -121,8 +121,15 @@ def pack(w_hh, gates):
 
 
 def flags(nthreads):
-    """The barrier's per-thread step counters, one cache line each."""
+    """Counters, one cache line each: the barrier's per-thread steps in a split loop; in a
+    loop that projects ahead, the chunks projected (0) and the chunks done (1)."""
     return np.zeros(max(nthreads, 1) * FLAG_STRIDE, dtype=np.int64)
+
+
+#: What the counters are set to when a thread of a loop fails: every wait is then over,
+#: so that the other threads run out (over garbage) and the failure is raised, instead of
+#: waiting forever for a thread that will not come.
+RELEASE = 1 << 62
 
 
 #: Inputs (k) per block of the recurrent product: a panel's block (KC x NV VW floats,
@@ -472,7 +479,8 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     thread projects and reads only its own units, so chunks need no barrier). With
     ``ahead`` (one thread), :func:`project_ahead` computes the chunks on another core
     into the ring ``xw`` instead, and ``flags`` counts the chunks it and this loop have
-    done. ``hs``/``cs``
+    done (one thread only: the counters sit where the split's barrier keeps thread 1's
+    step). ``hs``/``cs``
     are the state buffers of :func:`.numba_cpu._state_buffers` ((2, B, H) ping-pong in
     inference, (T + 1, B, H) in training); ``gates_out`` (and ``hns``) the cache in
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
@@ -500,7 +508,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = _slots(t, k, r, training)
-            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k & 1 == 1)
+            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1)
             if gates == 1:
                 _rnn_block(a, xc, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1,
                            cell == RNN_RELU)
@@ -532,9 +540,10 @@ AHEAD_MIN_WORK = 16 << 20
 #: Whether one-thread loops project ahead on another core: False (the default), never;
 #: None, where :func:`_projection` finds that it pays; True, always (tests, A/B timings).
 #: Off by default because it did not hold up in ``fastrnn bench``'s protocol: timed in
-#: fresh processes, back to back (``python bench/packed_ab.py --compare ahead``), auto
-#: gained 1.08-1.14x at 1000x8x32x32 and 50x16x128x128 (LSTM, GRU); in the bench's workers,
-#: which pause 0.2 s between rounds, 0.84-1.01x at the same points (docs/numba.md).
+#: fresh processes, back to back (``python bench/packed_ab.py --compare ahead``, which
+#: forces it on), it gained 1.04-1.15x at 1000x8x32x32 and 50x16x128x128 (LSTM, GRU); in
+#: the bench's workers, which pause 0.2 s between rounds, auto measured 0.84-1.01x at the
+#: same points (docs/numba.md).
 ahead = False
 
 
@@ -544,9 +553,10 @@ def _projection(T, B, I, G, gates, training):
     (:func:`project_ahead`); ``"blas"``, the loop computes each chunk before its
     steps on the BLAS's threads; ``"alone"``, the same on one BLAS thread. With ``ahead``
     None: ahead for a gated cell (the RNN's light steps did not keep ahead of a
-    single-threaded projection: 0.86x at 50x16x128x128) whose projection has
-    ``AHEAD_MIN_WORK`` multiply-adds or more, where the BLAS has two threads or more (the
-    cores are there) and no other thread of the process is running: a BLAS pool spinning after its
+    single-threaded projection: 0.86x at 50x16x128x128 with it forced on) whose projection
+    has
+    ``AHEAD_MIN_WORK`` multiply-adds or more in two chunks or more, where the BLAS has two
+    threads or more (the cores are there) and no other thread of the process is running: a BLAS pool spinning after its
     last call would share the projector's core (:func:`_other_threads_running`). Next to
     such a pool, a training forward projects on it ("blas": its backward wakes it anyway),
     an inference does not ("alone"), so that the pool falls asleep and the next call can
@@ -554,7 +564,8 @@ def _projection(T, B, I, G, gates, training):
     if ahead is not None:
         return "ahead" if ahead else "blas"
     want = blas_get_threads() if blas_get_threads else 1
-    if want < 2 or T < 2 or gates == 1 or T * B * G * I < AHEAD_MIN_WORK:
+    if (want < 2 or gates == 1 or T * B * G * I < AHEAD_MIN_WORK
+            or _ahead_chunk(T, B, G) >= T):          # one chunk: nothing to overlap
         return "blas"
     if _other_threads_running():
         return "blas" if training else "alone"
@@ -563,7 +574,7 @@ def _projection(T, B, I, G, gates, training):
 
 try:
     _sched_getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
-except (OSError, AttributeError):        # not glibc/Linux: the threads go where the OS puts them
+except (OSError, AttributeError, TypeError):  # not glibc: the threads go where the OS puts them
     _sched_getcpu = None
 
 
@@ -575,22 +586,35 @@ def _current_cpu():
     return cpu if cpu >= 0 else None
 
 
-def _off_cpu(cpu, fn, *args):
+def _off_cpu(cpu, counters, fn, *args):
     """``fn(*args)`` in a pool thread kept off ``cpu``, the calling thread's, for the call.
     The loops' threads wait on each other (a barrier per step, or the next projected chunk):
     a pool thread woken onto its caller's CPU, which the scheduler did after the pool had
     slept for 0.2 s, shared it with the caller for the whole call (GRU 50x16x128x128: 1.8
-    ms instead of 1.2, every call of a timing taken after a pause)."""
-    allowed = os.sched_getaffinity(0) if cpu is not None and hasattr(os, "sched_getaffinity") \
-        else None
-    moved = allowed is not None and len(allowed - {cpu}) > 0
-    if moved:
-        os.sched_setaffinity(0, allowed - {cpu})
+    ms instead of 1.2, every call of a timing taken after a pause). If ``fn`` fails, the
+    loop's ``counters`` are set to ``RELEASE`` before the error goes to the caller."""
+    allowed = None
     try:
+        if cpu is not None and hasattr(os, "sched_getaffinity"):
+            allowed = os.sched_getaffinity(0)
+            if allowed - {cpu}:
+                os.sched_setaffinity(0, allowed - {cpu})
+            else:
+                allowed = None
         fn(*args)
+    except BaseException:
+        counters[:] = RELEASE
+        raise
     finally:
-        if moved:
+        if allowed is not None:
             os.sched_setaffinity(0, allowed)
+
+
+def _ahead_chunk(T, B, G):
+    """Steps per chunk of a loop that projects ahead: about ``T / AHEAD_CHUNKS``, at least
+    ``AHEAD_MIN_ROWS`` rows, at most ``CHUNK_FLOATS`` floats (and T)."""
+    per_chunk = max(1, min(T, CHUNK_FLOATS // (B * G)))
+    return min(per_chunk, max(-(-AHEAD_MIN_ROWS // B), -(-T // AHEAD_CHUNKS)))
 
 
 def _run(nthreads, x, w_ih, panels, *args):
@@ -598,18 +622,19 @@ def _run(nthreads, x, w_ih, panels, *args):
     ahead)`` on ``nthreads`` threads, with the chunk and scratch buffers. With one thread
     the projection runs ahead on another core, or on the BLAS's threads, or on one
     (:func:`_projection`); with more, each thread projects its own units with a
-    single-threaded BLAS (an idle BLAS pool would spin on the cores the loop needs)."""
+    single-threaded BLAS (an idle BLAS pool would spin on the cores the loop needs). A
+    thread that fails releases the others (``RELEASE``) and its error is raised here."""
     T, B, I = x.shape
     U, _, NR = panels.shape
     G = w_ih.shape[0]
-    gates, training = abs(args[0]), args[5]
-    per_chunk = max(1, min(T, CHUNK_FLOATS // (B * G)))
+    cell, _, _, _, reverse, training = args[:6]
+    gates = abs(cell)
     mode = _projection(T, B, I, G, gates, training) if nthreads == 1 else "split"
     if mode == "ahead":
-        Tc = min(per_chunk, max(-(-AHEAD_MIN_ROWS // B), -(-T // AHEAD_CHUNKS)))
+        Tc = _ahead_chunk(T, B, G)
         slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
     else:
-        Tc, slots = per_chunk, 1
+        Tc, slots = max(1, min(T, CHUNK_FLOATS // (B * G))), 1
     w_proj = _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads)
     xw = np.empty((slots, Tc, B, G), dtype=np.float32)
     a = aligned_empty((B, NR * U))
@@ -624,16 +649,18 @@ def _run(nthreads, x, w_ih, panels, *args):
         if mode == "alone":
             cell_thread(*call, 0, 1, False)
             return
-        pool = _executor()
+        pool, cpu = _executor(), _current_cpu()
         if mode == "ahead":
-            futures = [pool.submit(_off_cpu, _current_cpu(), project_ahead, gemm, x2, w_ih, xw,
-                                   T, args[4], fl)]
+            futures = [pool.submit(_off_cpu, cpu, fl, project_ahead, gemm, x2, w_ih, xw, T,
+                                   reverse, fl)]
         else:
-            cpu = _current_cpu()
-            futures = [pool.submit(_off_cpu, cpu, cell_thread, *call, tid, nthreads, False)
+            futures = [pool.submit(_off_cpu, cpu, fl, cell_thread, *call, tid, nthreads, False)
                        for tid in range(1, nthreads)]
         try:
             cell_thread(*call, 0, nthreads, mode == "ahead")
+        except BaseException:
+            fl[:] = RELEASE
+            raise
         finally:
             for f in futures:
                 f.result()
