@@ -333,13 +333,15 @@ def _executor():
 
 
 def describe():
-    """One line for ``fastrnn info``: the vector width chosen for this CPU and when the
-    loops split over threads."""
+    """One line for ``fastrnn info``: the vector width chosen for this CPU, when the
+    loops split over threads, and whether one-thread loops project ahead."""
     isa = "AVX-512F" if VW == 16 else "no AVX-512F: AVX2 or older"
     state = "on" if enabled else "off (packed_numba.enabled)"
+    projecting = {False: "off", None: "where it pays", True: "always"}[ahead]
     return (f"{state} for float32 LSTM/GRU/RNN forwards; {VW}-lane vectors ({isa}), tiles of "
             f"{MR_LSTM} (LSTM) / {MR_GRU} (GRU) rows; split over threads by hidden units from "
-            f"{MIN_SPLIT_STEP_WORK} multiply-adds per step while no other thread runs")
+            f"{MIN_SPLIT_STEP_WORK} multiply-adds per step while no other thread runs; "
+            f"projection ahead on another core {projecting} (packed_numba.ahead)")
 
 
 def _other_threads_running():
