@@ -406,3 +406,51 @@ def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
     w_ih, w_hh = (rng.standard_normal((4 * H, n)).astype(np.float32) for n in (I, H))
     with pytest.raises(RuntimeError, match="pool thread failed"):
         nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)
+
+
+def test_loops_that_need_the_pool_at_once_take_turns(monkeypatch):
+    """Split loops started from several threads at once: one has the pool at a time, the
+    others run alone on their callers' threads (none waits for a worker that another
+    loop holds); every result is right. And while the pool is taken, a split runs alone."""
+    import threading
+    monkeypatch.setattr(pk, "threads", 2)
+    monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
+    modes = []
+    real = pk._loop
+
+    def spy(nthreads, mode, *args):
+        modes.append((nthreads, mode))
+        return real(nthreads, mode, *args)
+
+    monkeypatch.setattr(pk, "_loop", spy)
+    rng = np.random.default_rng(3)
+    T, B, I, H = 12, 5, 6, 4 * pk.VW
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    w_ih, w_hh = (0.3 * rng.standard_normal((4 * H, n)).astype(np.float32) for n in (I, H))
+    want = ref.lstm_forward(x.astype(np.float64), h0, h0, w_ih, w_hh, None, None,
+                            training=False)[0]
+    with pk._pool_loop:                            # another thread's loop has the pool
+        got = nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)[0]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert modes == [(1, "alone")]
+    outs, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(5):
+                outs.append(nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None,
+                                            training=False)[0])
+        except Exception as exc:                   # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a loop waited forever"
+    assert not errors and len(outs) == 20
+    for got in outs:
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert {m for m in modes[1:]} <= {(2, "split"), (1, "alone")}

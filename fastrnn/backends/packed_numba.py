@@ -321,6 +321,12 @@ enabled = True
 POOL_WORKERS = max(3, (os.cpu_count() or 2) - 1)
 _pool = None
 _pool_lock = threading.Lock()
+#: Held by the one loop of the process that uses the pool (split or projecting ahead).
+#: Another such loop started meanwhile, from another thread of the caller's, runs on its
+#: caller's thread alone instead: two loops whose threads wait on each other could each
+#: hold part of the pool's workers and wait forever for the rest, and two splits over
+#: the same cores would only take turns on them.
+_pool_loop = threading.Lock()
 
 
 def _executor():
@@ -625,13 +631,29 @@ def _run(nthreads, x, w_ih, panels, *args):
     the projection runs ahead on another core, or on the BLAS's threads, or on one
     (:func:`_projection`); with more, each thread projects its own units with a
     single-threaded BLAS (an idle BLAS pool would spin on the cores the loop needs). A
-    thread that fails releases the others (``RELEASE``) and its error is raised here."""
+    loop that would use the pool while another thread's loop has it runs alone
+    (``_pool_loop``). A thread that fails releases the others (``RELEASE``) and its
+    error is raised here."""
+    T, B, I = x.shape
+    mode = _projection(T, B, I, w_ih.shape[0], abs(args[0]), args[5]) if nthreads == 1 \
+        else "split"
+    if mode in ("blas", "alone"):
+        return _loop(1, mode, x, w_ih, panels, *args)
+    if not _pool_loop.acquire(blocking=False):
+        return _loop(1, "alone", x, w_ih, panels, *args)
+    try:
+        return _loop(nthreads, mode, x, w_ih, panels, *args)
+    finally:
+        _pool_loop.release()
+
+
+def _loop(nthreads, mode, x, w_ih, panels, *args):
+    """:func:`_run`'s loop, in the ``mode`` it chose ("blas", "alone", "ahead", "split")."""
     T, B, I = x.shape
     U, _, NR = panels.shape
     G = w_ih.shape[0]
-    cell, _, _, _, reverse, training = args[:6]
+    cell, _, _, _, reverse, _ = args[:6]
     gates = abs(cell)
-    mode = _projection(T, B, I, G, gates, training) if nthreads == 1 else "split"
     if mode == "ahead":
         Tc = _ahead_chunk(T, B, G)
         slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
