@@ -23,25 +23,33 @@ def _panels(kind, H):
     return -(-H // (pk.VW if GATES[kind] > 1 else pk.RNN_NV * pk.VW))
 
 
-@pytest.fixture(params=[1, 2, 3, "ahead"], ids=lambda p: p if p == "ahead" else f"{p}threads")
+@pytest.fixture(params=[1, 2, 3, "ahead", "rows"],
+                ids=lambda p: p if isinstance(p, str) else f"{p}threads")
 def threads(request, monkeypatch):
     """Force the split over ``threads`` (hidden-unit panels), whatever the size; "ahead":
     one thread, its input projection computed ahead by another (a ring of two slots where
-    the chunks are short: ``chunk``)."""
-    nthreads = 1 if request.param == "ahead" else request.param
+    the chunks are short: ``chunk``); "rows": inference split by batch rows over up to
+    three threads, one row each at least. Returns the thread count asked of ``_run`` and
+    the counts it (or, for "rows", ``_run_rows``) was called with."""
+    nthreads = request.param if isinstance(request.param, int) else 1
     monkeypatch.setattr(pk, "threads", nthreads)
     monkeypatch.setattr(pk, "ahead", request.param == "ahead")
+    monkeypatch.setattr(pk, "rows", request.param == "rows")
+    monkeypatch.setattr(pk, "ROWS_MIN", 1)
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
     monkeypatch.setattr(pk, "RNN_MIN_H", 1)
+    if request.param == "rows":
+        monkeypatch.setattr(pk, "blas_get_threads", lambda: 3)
     counts = []
-    real = pk._run
+    for name in ("_run", "_run_rows"):
+        real = getattr(pk, name)
 
-    def spy(nthreads, *args):
-        counts.append(nthreads)
-        return real(nthreads, *args)
+        def spy(n, *args, real=real, name=name):
+            counts.append((name, n))
+            return real(n, *args)
 
-    monkeypatch.setattr(pk, "_run", spy)
-    return nthreads, counts
+        monkeypatch.setattr(pk, name, spy)
+    return request.param, counts
 
 
 @pytest.mark.parametrize("VW", sorted({pk.VW, 8}))
@@ -125,7 +133,7 @@ def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, rever
     last chunk). In
     training, the cache the packed forward leaves goes through numba_cpu's backward:
     every gradient against the reference's."""
-    nthreads, counts = threads
+    mode, counts = threads
     rng = np.random.default_rng(B * 100 + H)
     T, I, G = 6, 4, GATES[kind] * H
     lengths = random_lengths(rng, T, B)
@@ -142,7 +150,11 @@ def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, rever
         monkeypatch.setattr(pk, "CHUNK_FLOATS", chunk * B * G)
     got = _forward(kind, nb, x32, states32, w32, lengths, reverse, training)
     want = _forward(kind, ref, x, states, w, lengths, reverse, training)
-    assert counts == [min(nthreads, _panels(kind, H))], counts
+    if mode == "rows" and not training and B > 1:
+        assert counts == [("_run_rows", min(3, B))], counts
+    else:
+        nthreads = mode if isinstance(mode, int) else 1
+        assert counts == [("_run", min(nthreads, _panels(kind, H)))], counts
     for g, e in zip(got[:-1], want[:-1]):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5)
@@ -454,3 +466,62 @@ def test_loops_that_need_the_pool_at_once_take_turns(monkeypatch):
     for got in outs:
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     assert {m for m in modes[1:]} <= {(2, "split"), (1, "alone")}
+
+
+def test_the_rows_split_only_where_it_pays(monkeypatch):
+    """Inference of a gated cell with ROWS_MIN rows a thread for two threads, small packed
+    weights and no other running thread splits the rows; training, the RNN, fewer rows,
+    big weights, a one-thread BLAS or a running thread do not; ``rows`` forces it."""
+    import time
+    monkeypatch.setattr(pk, "rows", None)             # auto (the default is off)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
+    x = np.zeros((5, 2 * pk.ROWS_MIN, 128), np.float32)
+    _wait_until_no_other_thread_runs()
+    assert pk._rows_for(x, 4, 128, False) == 2
+    assert pk._rows_for(x, 3, 128, False) == 2
+    assert pk._rows_for(x, 4, 128, True) == 0                    # training
+    assert pk._rows_for(x, 1, 128, False) == 0                   # the RNN
+    assert pk._rows_for(x[:, :2 * pk.ROWS_MIN - 1], 4, 128, False) == 0
+    assert pk._rows_for(np.zeros((5, 16, 512), np.float32), 4, 512, False) == 0  # 8 MB
+    stop = _spinning_thread()
+    try:
+        deadline = time.monotonic() + 5
+        while not pk._other_threads_running():
+            assert time.monotonic() < deadline, "the spinning thread never showed as running"
+            time.sleep(0.01)
+        assert pk._rows_for(x, 4, 128, False) == 0
+        monkeypatch.setattr(pk, "rows", True)
+        assert pk._rows_for(x, 1, 128, False) == 2
+    finally:
+        stop()
+    monkeypatch.setattr(pk, "rows", None)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 1)
+    assert pk._rows_for(x, 4, 128, False) == 0
+
+
+def test_threads_do_not_change_the_bits(monkeypatch):
+    """The hidden-unit split (2 and 3 threads) and projecting ahead give the one-thread
+    loop's results bitwise, so that a call's bits do not depend on the threads it got
+    (README: the same call twice is bitwise identical). The rows split does not (its
+    projection runs through the micro-kernel), which is why it is off by default."""
+    monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
+    assert pk.rows is False
+    rng = np.random.default_rng(11)
+    T, B, I, H = 7, 16, 40, 3 * pk.VW
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = (0.5 * rng.standard_normal((B, H))).astype(np.float32)
+    w = [(0.3 * rng.standard_normal(s)).astype(np.float32)
+         for s in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,))]
+    outs = {}
+    for name, threads, ahead, rows in (("one", 1, False, False), ("two", 2, False, False),
+                                       ("three", 3, False, False), ("ahead", 1, True, False),
+                                       ("rows", 1, False, True)):
+        monkeypatch.setattr(pk, "threads", threads)
+        monkeypatch.setattr(pk, "ahead", ahead)
+        monkeypatch.setattr(pk, "rows", rows)
+        outs[name] = nb.lstm_forward(x, h0, h0, *w, training=False)[:3]
+    for name in ("two", "three", "ahead"):
+        for got, want in zip(outs[name], outs["one"]):
+            np.testing.assert_array_equal(got, want)
+    for got, want in zip(outs["rows"], outs["one"]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -25,9 +25,11 @@ then the gates:
   those units, :func:`_rows_by_thread`), a chunk of steps at a time, just before those
   steps. :func:`threads_for` decides the thread count, and
   runs the BLAS loops instead while another thread of the process is running.
-* one thread (below the split threshold) leaves the other core to its input projection:
-  :func:`project_ahead` computes the chunks there into a ring while the loop runs the
-  steps (:func:`_projection` decides where that pays).
+* below the split threshold one thread runs the loop. Two opt-in modes use the other
+  core there: inference split by batch rows (:func:`rows_thread`: each thread runs every
+  step for its rows, projecting ``x[t]`` through the micro-kernel too, and never waits
+  for another; ``rows``), and the input projection computed ahead on the other core
+  (:func:`project_ahead`, into a ring while the loop runs the steps; ``ahead``).
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
@@ -138,15 +140,17 @@ KC = 128
 
 
 @_jit
-def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards):
-    """The product hs[prev] W_hh^T for the units of panels [u0, u1) into the scratch ``a``:
-    panel ``u``'s vector ``v`` at columns ``u PU + v cv`` (gated cells: PU = VW units per
-    panel, gate stride cv = Hp; the RNN: PU = RNN_NV VW, cv = VW). ``backwards``: the
+def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, shift):
+    """The product hs[prev] W_hh^T for the units of panels [u0, u1) and the rows [r0, r1)
+    into the scratch ``a`` (row ``b`` into row ``b - shift``): panel ``u``'s vector ``v``
+    at columns ``u PU + v cv`` (gated cells: PU = VW units per panel, gate stride cv = Hp;
+    the RNN: PU = RNN_NV VW, cv = VW). ``backwards``: the
     panels from the last down, which the loops do at every other step. Where the
     panels outgrow the L1 cache (W_hh of the LSTM at H = 64 is 64 KB, L1 is 32-48 KB),
     each step then starts with the panels the last one ended with, still in L1, instead of
     the ones it evicted first: the product at B = 1, H = 64 took 430 ns a step instead of
-    555 (a scratch probe)."""
+    555 (a scratch probe). Any (T, B, K) array and W of the same layout will do: the rows
+    split (:func:`rows_thread`) projects ``x[t]`` with ``W_ih``'s panels through it."""
     _, B, K = hs.shape
     h0 = prev * B * K
     U, _, NR = panels.shape
@@ -157,14 +161,14 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards):
         u = u0 + u1 - 1 - i if backwards else i
         for k0 in range(0, K, KC):
             kc = min(KC, K - k0)
-            for b0 in range(0, B, MR):
-                mr = min(MR, B - b0)
+            for b0 in range(r0, r1, MR):
+                mr = min(MR, r1 - b0)
                 if lstm:
                     _MK_LSTM(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                             b0 * ldc + u * PU, ldc, cv, k0 > 0)
+                             (b0 - shift) * ldc + u * PU, ldc, cv, k0 > 0)
                 else:
                     _MK_GRU(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                            b0 * ldc + u * PU, ldc, cv, k0 > 0)
+                            (b0 - shift) * ldc + u * PU, ldc, cv, k0 > 0)
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the
@@ -340,14 +344,15 @@ def _executor():
 
 def describe():
     """One line for ``fastrnn info``: the vector width chosen for this CPU, when the
-    loops split over threads, and whether one-thread loops project ahead."""
+    loops split over threads, and whether the opt-in modes are on."""
     isa = "AVX-512F" if VW == 16 else "no AVX-512F: AVX2 or older"
     state = "on" if enabled else "off (packed_numba.enabled)"
-    projecting = {False: "off", None: "where it pays", True: "always"}[ahead]
+    how = {False: "off", None: "where it pays", True: "always"}
     return (f"{state} for float32 LSTM/GRU/RNN forwards; {VW}-lane vectors ({isa}), tiles of "
             f"{MR_LSTM} (LSTM) / {MR_GRU} (GRU) rows; split over threads by hidden units from "
             f"{MIN_SPLIT_STEP_WORK} multiply-adds per step while no other thread runs; "
-            f"projection ahead on another core {projecting} (packed_numba.ahead)")
+            f"projection ahead on another core {how[ahead]} (packed_numba.ahead); batch rows "
+            f"split {how[rows]} (packed_numba.rows)")
 
 
 def _other_threads_running():
@@ -516,7 +521,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = _slots(t, k, r, training)
-            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1)
+            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1, 0, B, 0)
             if gates == 1:
                 _rnn_block(a, xc, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1,
                            cell == RNN_RELU)
@@ -535,6 +540,38 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         if ahead:
             store_release(flags, FLAG_STRIDE, c + 1)
         c += 1
+
+
+@_jit
+def rows_thread(x, panels_ih, panels, cell, bias, b_hn, lengths, reverse, hs, cs, out, xa, a,
+                r0, r1):
+    """Inference over the batch rows [r0, r1) alone: the rows split, which needs no
+    barrier (rows never meet). Per step, x[t] W_ih^T through the micro-kernel from
+    ``W_ih``'s panels into ``xa`` (gate stride H, and ``PU`` columns of room after the
+    last gate: a partial last panel writes past its gate, and panel 0 of the next gate,
+    written after it, puts those columns right), then h W_hh^T into ``a``, then the
+    pointwise pass. ``hs``, ``cs`` (2, r1 - r0, H), ``out`` (T, r1 - r0, H), ``lengths``
+    (r1 - r0,), ``xa`` and ``a`` are this thread's own, contiguous; ``x`` is the whole
+    input."""
+    T, Bt, H = out.shape
+    U = panels.shape[0]
+    gates = abs(cell)
+    PU = _panel_units(gates)
+    Hp = U * PU
+    cv = Hp if gates > 1 else VW
+    xv = H if gates > 1 else VW           # xa's columns between a panel's vectors
+    xw = xa.reshape(1, Bt, xa.shape[1])
+    for k in range(T):
+        t = T - 1 - k if reverse else k
+        prev, new = k & 1, (k + 1) & 1
+        _recurrent(panels_ih, x, t, xa, PU, xv, 0, U, True, r0, r1, r0)
+        _recurrent(panels, hs, prev, a, PU, cv, 0, U, k % 2 == 1, 0, Bt, 0)
+        if gates == 1:
+            _rnn_block(a, xw, 0, bias, hs, prev, new, out, t, lengths, 0, H, cell == RNN_RELU)
+        elif gates == 4:
+            _lstm_block(a, Hp, xw, 0, bias, cs, hs, prev, new, out, t, lengths, 0, H)
+        else:
+            _gru_block(a, Hp, xw, 0, bias, b_hn, hs, prev, new, out, t, lengths, 0, H)
 
 
 #: Chunks of a one-thread loop whose projection runs ahead on another core
@@ -690,6 +727,79 @@ def _loop(nthreads, mode, x, w_ih, panels, *args):
                 f.result()
 
 
+#: Whether inference splits the batch rows over threads (:func:`rows_thread`): False
+#: (the default), never; None, where :func:`_rows_for` finds that it pays; True,
+#: wherever :func:`threads_for` runs one thread and there are two threads of
+#: ``ROWS_MIN`` rows (tests, A/B timings). Off by default because its results differ
+#: from the one-thread loop's in the last bits (its projection runs through the
+#: micro-kernel, whose sums go in another order than OpenBLAS's), and whether it runs
+#: depends on what other threads do: the same call twice would not always give the same
+#: bits (the README promises it does). The hidden-unit split and projecting ahead give
+#: the one-thread results bitwise (``tests/test_packed.py``).
+rows = False
+#: Rows a thread of the rows split has at least: with 4 (LSTM 1000x8x32x32) the two
+#: threads' per-step overheads made it 0.81x of one thread; with 8 (50x16x128x128)
+#: 1.09-1.19x (LSTM, GRU; docs/numba.md).
+ROWS_MIN = 8
+#: Bytes of packed weights (W_ih and W_hh) up to which the rows split is used: each
+#: thread reads all of them at every step, which must stay in its L2 (half of its 2 MB
+#: here); the hidden-unit split reads half each.
+ROWS_MAX_WEIGHT_BYTES = 1 << 20
+
+
+def _rows_for(x, gates, H, training):
+    """Threads of the rows split for this forward, or 0 (no rows split): inference of a
+    gated cell, ``ROWS_MIN`` rows a thread for two threads or more, the packed weights
+    within ``ROWS_MAX_WEIGHT_BYTES``, and (as for the hidden-unit split) no other thread
+    of the process running. Not the RNN: its steps are too light for two threads to pay
+    their fixed costs (0.5-0.9x at 50x16x128x128, docs/numba.md)."""
+    T, B, I = x.shape
+    n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN, POOL_WORKERS + 1)
+    if rows is False or training or n < 2:
+        return 0
+    if rows:
+        return n
+    G = gates * -(-H // _panel_units(gates)) * _panel_units(gates)
+    if gates == 1 or 4 * G * (I + H) > ROWS_MAX_WEIGHT_BYTES or _other_threads_running():
+        return 0
+    return n
+
+
+def _run_rows(n, x, w_ih, panels, cell, bias, b_hn, lengths, reverse, hs, cs, out):
+    """Inference with the batch rows split over ``n`` threads (:func:`rows_thread`), each
+    on buffers of its own, copied into ``hs``, ``cs`` (both slots) and ``out`` after."""
+    T, B, _ = x.shape
+    H = out.shape[2]
+    gates = abs(cell)
+    U, _, NR = panels.shape
+    PU = _panel_units(gates)
+    panels_ih = pack(w_ih, gates)
+    bounds = [B * i // n for i in range(n + 1)]
+    parts = []
+    for i in range(n):
+        r0, r1 = bounds[i], bounds[i + 1]
+        hs_t = np.ascontiguousarray(hs[:, r0:r1])
+        cs_t = np.ascontiguousarray(cs[:, r0:r1]) if gates == 4 else hs_t
+        parts.append((x, panels_ih, panels, cell, bias, b_hn,
+                      np.ascontiguousarray(lengths[r0:r1]), reverse, hs_t, cs_t,
+                      np.empty((T, r1 - r0, H), np.float32),
+                      aligned_empty((r1 - r0, gates * H + PU)),
+                      aligned_empty((r1 - r0, NR * U)), r0, r1))
+    pool, cpu, unused = _executor(), _current_cpu(), flags(1)
+    futures = [pool.submit(_off_cpu, cpu, unused, rows_thread, *part) for part in parts[1:]]
+    try:
+        rows_thread(*parts[0])
+    finally:
+        for f in futures:
+            f.result()
+    for part in parts:
+        r0, r1 = part[-2], part[-1]
+        out[:, r0:r1] = part[10]
+        hs[:, r0:r1] = part[8]
+        if gates == 4:
+            cs[:, r0:r1] = part[9]
+
+
 def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, hs, cs, out,
         gates, hns):
     """The forward of ``cell`` (``LSTM``, ``GRU``, ``RNN_TANH``, ``RNN_RELU``) on
@@ -697,5 +807,13 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
     for its BLAS loops (states, output and, in training, the gate cache it returns): the
     packed loop is the other time loop those forwards choose between, with the same
     arguments but ``W_hh`` packed here (see :func:`cell_thread` for the unused ones)."""
-    _run(nthreads, x, w_ih, pack(w_hh, abs(cell)), cell, bias, b_hn, lengths, reverse,
-         training, hs, cs, out, gates, hns)
+    panels = pack(w_hh, abs(cell))
+    n = _rows_for(x, abs(cell), w_hh.shape[1], training) if nthreads == 1 else 0
+    if n and _pool_loop.acquire(blocking=False):
+        try:
+            return _run_rows(n, x, w_ih, panels, cell, bias, b_hn, lengths, reverse, hs, cs,
+                             out)
+        finally:
+            _pool_loop.release()
+    _run(nthreads, x, w_ih, panels, cell, bias, b_hn, lengths, reverse, training, hs, cs,
+         out, gates, hns)
