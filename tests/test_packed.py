@@ -30,7 +30,7 @@ def threads(request, monkeypatch):
     one thread, its input projection computed ahead by another (a ring of two slots where
     the chunks are short: ``chunk``); "rows": inference split by batch rows over up to
     three threads, one row each at least. Returns the thread count asked of ``_run`` and
-    the counts it (or, for "rows", ``_run_rows``) was called with."""
+    the (thread count, by rows) ``_run`` was called with."""
     nthreads = request.param if isinstance(request.param, int) else 1
     monkeypatch.setattr(pk, "threads", nthreads)
     monkeypatch.setattr(pk, "ahead", request.param == "ahead")
@@ -41,14 +41,13 @@ def threads(request, monkeypatch):
     if request.param == "rows":
         monkeypatch.setattr(pk, "blas_get_threads", lambda: 3)
     counts = []
-    for name in ("_run", "_run_rows"):
-        real = getattr(pk, name)
+    real = pk._run
 
-        def spy(n, *args, real=real, name=name):
-            counts.append((name, n))
-            return real(n, *args)
+    def spy(n, *args, by_rows=False):
+        counts.append((n, by_rows))
+        return real(n, *args, by_rows=by_rows)
 
-        monkeypatch.setattr(pk, name, spy)
+    monkeypatch.setattr(pk, "_run", spy)
     return request.param, counts
 
 
@@ -150,11 +149,12 @@ def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, rever
         monkeypatch.setattr(pk, "CHUNK_FLOATS", chunk * B * G)
     got = _forward(kind, nb, x32, states32, w32, lengths, reverse, training)
     want = _forward(kind, ref, x, states, w, lengths, reverse, training)
-    if mode == "rows" and not training and B > 1:
-        assert counts == [("_run_rows", min(3, B))], counts
+    tiles = -(-B // pk.MR_BY_GATES.get(GATES[kind], pk.MR_LSTM))
+    if mode == "rows" and min(3, B, tiles) > 1:
+        assert counts == [(min(3, B, tiles), True)], counts
     else:
         nthreads = mode if isinstance(mode, int) else 1
-        assert counts == [("_run", min(nthreads, _panels(kind, H)))], counts
+        assert counts == [(min(nthreads, _panels(kind, H)), False)], counts
     for g, e in zip(got[:-1], want[:-1]):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5)
@@ -361,7 +361,7 @@ def test_the_pointwise_passes_use_the_widest_vectors():
     asm = {}
     for name, fn in (("marked", py), ("unmarked", unmarked)):
         f = numba.njit(fastmath=FASTMATH)(fn)
-        f(a, H, xw, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H)
+        f(a, H, xw, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H, 0, B)
         asm[name] = f.inspect_asm(f.signatures[0])
     if "zmm" in asm["unmarked"]:
         pytest.skip("this CPU's LLVM tuning already chooses 512-bit vectors")
@@ -469,43 +469,40 @@ def test_loops_that_need_the_pool_at_once_take_turns(monkeypatch):
 
 
 def test_the_rows_split_only_where_it_pays(monkeypatch):
-    """Inference of a gated cell with ROWS_MIN rows a thread for two threads, small packed
-    weights and no other running thread splits the rows; training, the RNN, fewer rows,
-    big weights, a one-thread BLAS or a running thread do not; ``rows`` forces it."""
+    """A gated cell with ROWS_MIN rows a thread for two threads, small packed weights and
+    no other running thread splits the rows; the RNN, fewer rows, big weights, a
+    one-thread BLAS or a running thread do not; ``rows`` forces it."""
     import time
     monkeypatch.setattr(pk, "rows", None)             # auto (the default is off)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
     x = np.zeros((5, 2 * pk.ROWS_MIN, 128), np.float32)
     _wait_until_no_other_thread_runs()
-    assert pk._rows_for(x, 4, 128, False) == 2
-    assert pk._rows_for(x, 3, 128, False) == 2
-    assert pk._rows_for(x, 4, 128, True) == 0                    # training
-    assert pk._rows_for(x, 1, 128, False) == 0                   # the RNN
-    assert pk._rows_for(x[:, :2 * pk.ROWS_MIN - 1], 4, 128, False) == 0
-    assert pk._rows_for(np.zeros((5, 16, 512), np.float32), 4, 512, False) == 0  # 8 MB
+    assert pk._rows_for(x, 4, 128) == 2
+    assert pk._rows_for(x, 3, 128) == 2
+    assert pk._rows_for(x, 1, 128) == 0                   # the RNN
+    assert pk._rows_for(x[:, :2 * pk.ROWS_MIN - 1], 4, 128) == 0
+    assert pk._rows_for(np.zeros((5, 16, 512), np.float32), 4, 512) == 0  # 8 MB
     stop = _spinning_thread()
     try:
         deadline = time.monotonic() + 5
         while not pk._other_threads_running():
             assert time.monotonic() < deadline, "the spinning thread never showed as running"
             time.sleep(0.01)
-        assert pk._rows_for(x, 4, 128, False) == 0
+        assert pk._rows_for(x, 4, 128) == 0
         monkeypatch.setattr(pk, "rows", True)
-        assert pk._rows_for(x, 1, 128, False) == 2
+        assert pk._rows_for(x, 1, 128) == 2
     finally:
         stop()
     monkeypatch.setattr(pk, "rows", None)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 1)
-    assert pk._rows_for(x, 4, 128, False) == 0
+    assert pk._rows_for(x, 4, 128) == 0
 
 
 def test_threads_do_not_change_the_bits(monkeypatch):
-    """The hidden-unit split (2 and 3 threads) and projecting ahead give the one-thread
-    loop's results bitwise, so that a call's bits do not depend on the threads it got
-    (README: the same call twice is bitwise identical). The rows split does not (its
-    projection runs through the micro-kernel), which is why it is off by default."""
+    """The hidden-unit split (2 and 3 threads), projecting ahead and the rows split give
+    the one-thread loop's results bitwise, so that a call's bits do not depend on the
+    threads it got (README: the same call twice is bitwise identical)."""
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
-    assert pk.rows is False
     rng = np.random.default_rng(11)
     T, B, I, H = 7, 16, 40, 3 * pk.VW
     x = rng.standard_normal((T, B, I)).astype(np.float32)
@@ -524,4 +521,4 @@ def test_threads_do_not_change_the_bits(monkeypatch):
         for got, want in zip(outs[name], outs["one"]):
             np.testing.assert_array_equal(got, want)
     for got, want in zip(outs["rows"], outs["one"]):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got, want)

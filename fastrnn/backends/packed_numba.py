@@ -25,11 +25,12 @@ then the gates:
   those units, :func:`_rows_by_thread`), a chunk of steps at a time, just before those
   steps. :func:`threads_for` decides the thread count, and
   runs the BLAS loops instead while another thread of the process is running.
-* below the split threshold one thread runs the loop. Two opt-in modes use the other
-  core there: inference split by batch rows (:func:`rows_thread`: each thread runs every
-  step for its rows, projecting ``x[t]`` through the micro-kernel too, and never waits
-  for another; ``rows``), and the input projection computed ahead on the other core
-  (:func:`project_ahead`, into a ring while the loop runs the steps; ``ahead``).
+* below the split threshold, the LSTM and GRU split the batch rows instead where each
+  thread gets 8 rows and the packed weights fit its L2 (:func:`_rows_for`): each thread
+  runs every step for its rows and meets the others only twice per chunk of steps, to
+  project the chunk (a share of its steps each). Otherwise one thread runs the loop, and
+  can leave the other core to the input projection (:func:`project_ahead`, into a ring
+  while the loop runs the steps; opt-in, ``ahead``).
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
@@ -149,8 +150,7 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, shift):
     panels outgrow the L1 cache (W_hh of the LSTM at H = 64 is 64 KB, L1 is 32-48 KB),
     each step then starts with the panels the last one ended with, still in L1, instead of
     the ones it evicted first: the product at B = 1, H = 64 took 430 ns a step instead of
-    555 (a scratch probe). Any (T, B, K) array and W of the same layout will do: the rows
-    split (:func:`rows_thread`) projects ``x[t]`` with ``W_ih``'s panels through it."""
+    555 (a scratch probe)."""
     _, B, K = hs.shape
     h0 = prev * B * K
     U, _, NR = panels.shape
@@ -207,8 +207,8 @@ def _carry(hs, prev, new, out, t, b, n0, n1):
 
 
 @_jit
-def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1):
-    """Units [n0, n1) of every row, one fused pass from the pre-activations (``a``, gate
+def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1, r0, r1):
+    """Units [n0, n1) of the rows [r0, r1), one fused pass from the pre-activations (``a``, gate
     stride Hp, plus ``xw[tx]`` in the thread's layout, :func:`_xw_offsets`, and the bias):
     reads cs[prev], hs[prev]; writes cs[new], hs[new], out[t]; inactive rows carry their
     state."""
@@ -217,7 +217,7 @@ def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
     H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
     X0, W = _xw_offsets(4, n0, n1)
     X1, X2, X3 = X0 + W, X0 + W + W, X0 + W + W + W
-    for b in range(a.shape[0]):
+    for b in range(r0, r1):
         if t < lengths[b]:
             for j in range(np.uint64(n0), np.uint64(n1)):
                 i = sigmoid(a[b, j] + xw[tx, b, X0 + j] + bias[j])
@@ -252,25 +252,25 @@ def _store_gate(a, Hp, xw, tx, bias, gates, t, b, g, H, n0, n1, use_tanh):
 
 
 @_jit
-def _lstm_gates(a, Hp, xw, tx, bias, t, lengths, n0, n1, gates):
+def _lstm_gates(a, Hp, xw, tx, bias, t, lengths, n0, n1, r0, r1, gates):
     """Training: the gates i, f, g, o of the active rows into ``gates[t]``, a pass per
     gate, from the same expressions as _lstm_block."""
     H = gates.shape[2] // 4
-    for b in range(a.shape[0]):
+    for b in range(r0, r1):
         if t < lengths[b]:
             for g in range(4):
                 _store_gate(a, Hp, xw, tx, bias, gates, t, b, g, H, n0, n1, g == 2)
 
 
 @_jit
-def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1):
+def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1, r0, r1):
     """reset_after, units [n0, n1) of every row: one fused pass (see _lstm_block)."""
     wide_vectors()
     H1, P1 = np.uint64(hs.shape[2]), np.uint64(Hp)
     H2, P2 = H1 + H1, P1 + P1
     X0, W = _xw_offsets(3, n0, n1)
     X1, X2 = X0 + W, X0 + W + W
-    for b in range(a.shape[0]):
+    for b in range(r0, r1):
         if t < lengths[b]:
             for j in range(np.uint64(n0), np.uint64(n1)):
                 r = sigmoid(a[b, j] + xw[tx, b, X0 + j] + bias[j])
@@ -284,7 +284,7 @@ def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1
 
 
 @_jit
-def _gru_gates(a, Hp, xw, tx, bias, b_hn, t, lengths, n0, n1, gates, hns):
+def _gru_gates(a, Hp, xw, tx, bias, b_hn, t, lengths, n0, n1, r0, r1, gates, hns):
     """Training: r, z, n into ``gates[t]`` and hn = W_hn h + b_hn into ``hns[t]`` for the
     active rows, a pass per gate, from the same expressions as _gru_block."""
     wide_vectors()
@@ -292,7 +292,7 @@ def _gru_gates(a, Hp, xw, tx, bias, b_hn, t, lengths, n0, n1, gates, hns):
     H2, P2 = np.uint64(2 * H), np.uint64(2 * Hp)
     X0, W = _xw_offsets(3, n0, n1)
     X2 = X0 + W + W
-    for b in range(a.shape[0]):
+    for b in range(r0, r1):
         if t < lengths[b]:
             _store_gate(a, Hp, xw, tx, bias, gates, t, b, 0, H, n0, n1, False)
             _store_gate(a, Hp, xw, tx, bias, gates, t, b, 1, H, n0, n1, False)
@@ -412,11 +412,11 @@ CHUNK_FLOATS = 1 << 20
 
 
 @_jit
-def _rnn_block(a, xw, tx, bias, hs, prev, new, out, t, lengths, n0, n1, relu):
+def _rnn_block(a, xw, tx, bias, hs, prev, new, out, t, lengths, n0, n1, r0, r1, relu):
     """The RNN, units [n0, n1) of every row, one pass (see _lstm_block); ``a`` holds the
     units in order. ReLU keeps NaN (``not v <= 0``), as numba_cpu's loop does."""
     wide_vectors()
-    for b in range(a.shape[0]):
+    for b in range(r0, r1):
         if t < lengths[b]:
             for j in range(np.uint64(n0), np.uint64(n1)):
                 v = a[b, j] + xw[tx, b, j] + bias[j]
@@ -482,7 +482,7 @@ def project_ahead(gemm, x2, w_ih, xw, T, reverse, flags):
 
 @_jit
 def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, training, hs, cs,
-                out, gates_out, hns, xw, a, flags, tid, nthreads, ahead):
+                out, gates_out, hns, xw, a, flags, tid, nthreads, ahead, by_rows):
     """The time loop of ``cell``: an LSTM (``LSTM``; ``cs`` its cells, ``b_hn`` and ``hns``
     unused), a reset-after GRU (``GRU``; ``b_hn`` the n gate's recurrent bias, ``hns`` its
     cache of W_hn h + b_hn, ``cs`` unused) or an RNN (``RNN_TANH``, ``RNN_RELU``; ``hs``
@@ -490,6 +490,11 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     nthreads, U (tid + 1) / nthreads)`` of every step, and their
     columns of the input projection, a chunk of ``xw.shape[1]`` steps at a time (each
     thread projects and reads only its own units, so chunks need no barrier). With
+    ``by_rows``, a share of the batch rows instead (whole tiles of the micro-kernel's rows,
+    which a one-thread loop makes too: a tile of fewer rows sums in another order),
+    every unit of them, and no barrier per step (rows never meet): each thread projects
+    its share of the chunk's steps, all rows (so that the results are those of one
+    thread, bitwise), with a barrier before (the chunk's buffer is free) and after. With
     ``ahead`` (one thread), :func:`project_ahead` computes the chunks on another core
     into the ring ``xw`` instead, and ``flags`` counts the chunks it and this loop have
     done (one thread only: the counters sit where the split's barrier keeps thread 1's
@@ -497,7 +502,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     are the state buffers of :func:`.numba_cpu._state_buffers` ((2, B, H) ping-pong in
     inference, (T + 1, B, H) in training); ``gates_out`` (and ``hns``) the cache in
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
-    W_ih with its rows in the threads' order (:func:`_rows_by_thread`)."""
+    W_ih with its rows in the threads' order (:func:`_rows_by_thread`; W_ih by rows)."""
     T, B, H = out.shape
     U = panels.shape[0]
     gates = abs(cell)
@@ -505,73 +510,56 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     S, Tc = xw.shape[0], xw.shape[1]
     Hp = U * PU
     cv = Hp if gates > 1 else VW          # columns between a panel's vectors in ``a``
-    u0, u1, n0, n1 = _thread_units(U, PU, H, tid, nthreads)
+    if by_rows:     # whole tiles of rows, as one thread tiles them: the same sums, bitwise
+        u0, u1, n0, n1 = 0, U, 0, H
+        MR = MR_LSTM if panels.shape[2] == 4 * VW else MR_GRU
+        tiles = -(-B // MR)
+        r0 = min(B, MR * (tiles * tid // nthreads))
+        r1 = min(B, MR * (tiles * (tid + 1) // nthreads))
+    else:
+        u0, u1, n0, n1 = _thread_units(U, PU, H, tid, nthreads)
+        r0, r1 = 0, B
     r = 1 if reverse else 0
     c = 0
     for c0 in range(0, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0        # the chunk's steps cover times [t0, t0 + c1 - c0)
+        xc = xw[c % S]
         if ahead:
             wait_for(flags, 0, c + 1)
-            xc = xw[c % S]
+        elif by_rows:
+            n = c1 - c0
+            s0, s1 = n * tid // nthreads, n * (tid + 1) // nthreads
+            spin_barrier(flags, tid, nthreads, 2 * c + 1)     # the last chunk is read
+            _mm(gemm, x2[(t0 + s0) * B:(t0 + s1) * B], False, w_proj, True,
+                xc.reshape(Tc * B, xw.shape[3])[s0 * B:s1 * B], 0.0)
+            spin_barrier(flags, tid, nthreads, 2 * c + 2)     # the chunk is projected
         else:
-            xc = xw[0]
             _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
                      xc.reshape(Tc * B, xw.shape[3])[:(c1 - c0) * B], gates, n0, n1)
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = _slots(t, k, r, training)
-            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1, 0, B, 0)
+            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1, r0, r1, 0)
             if gates == 1:
-                _rnn_block(a, xc, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1,
-                           cell == RNN_RELU)
+                _rnn_block(a, xc, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1, r0,
+                           r1, cell == RNN_RELU)
             elif gates == 4:
-                _lstm_block(a, Hp, xc, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1)
+                _lstm_block(a, Hp, xc, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1,
+                            r0, r1)
                 if training:
-                    _lstm_gates(a, Hp, xc, t - t0, bias, t, lengths, n0, n1, gates_out)
+                    _lstm_gates(a, Hp, xc, t - t0, bias, t, lengths, n0, n1, r0, r1, gates_out)
             else:
                 _gru_block(a, Hp, xc, t - t0, bias, b_hn, hs, prev, new, out, t, lengths, n0,
-                           n1)
+                           n1, r0, r1)
                 if training:
-                    _gru_gates(a, Hp, xc, t - t0, bias, b_hn, t, lengths, n0, n1, gates_out,
-                               hns)
-            if nthreads > 1:
+                    _gru_gates(a, Hp, xc, t - t0, bias, b_hn, t, lengths, n0, n1, r0, r1,
+                               gates_out, hns)
+            if nthreads > 1 and not by_rows:
                 spin_barrier(flags, tid, nthreads, k + 1)
         if ahead:
             store_release(flags, FLAG_STRIDE, c + 1)
         c += 1
-
-
-@_jit
-def rows_thread(x, panels_ih, panels, cell, bias, b_hn, lengths, reverse, hs, cs, out, xa, a,
-                r0, r1):
-    """Inference over the batch rows [r0, r1) alone: the rows split, which needs no
-    barrier (rows never meet). Per step, x[t] W_ih^T through the micro-kernel from
-    ``W_ih``'s panels into ``xa`` (gate stride H, and ``PU`` columns of room after the
-    last gate: a partial last panel writes past its gate, and panel 0 of the next gate,
-    written after it, puts those columns right), then h W_hh^T into ``a``, then the
-    pointwise pass. ``hs``, ``cs`` (2, r1 - r0, H), ``out`` (T, r1 - r0, H), ``lengths``
-    (r1 - r0,), ``xa`` and ``a`` are this thread's own, contiguous; ``x`` is the whole
-    input."""
-    T, Bt, H = out.shape
-    U = panels.shape[0]
-    gates = abs(cell)
-    PU = _panel_units(gates)
-    Hp = U * PU
-    cv = Hp if gates > 1 else VW
-    xv = H if gates > 1 else VW           # xa's columns between a panel's vectors
-    xw = xa.reshape(1, Bt, xa.shape[1])
-    for k in range(T):
-        t = T - 1 - k if reverse else k
-        prev, new = k & 1, (k + 1) & 1
-        _recurrent(panels_ih, x, t, xa, PU, xv, 0, U, True, r0, r1, r0)
-        _recurrent(panels, hs, prev, a, PU, cv, 0, U, k % 2 == 1, 0, Bt, 0)
-        if gates == 1:
-            _rnn_block(a, xw, 0, bias, hs, prev, new, out, t, lengths, 0, H, cell == RNN_RELU)
-        elif gates == 4:
-            _lstm_block(a, Hp, xw, 0, bias, cs, hs, prev, new, out, t, lengths, 0, H)
-        else:
-            _gru_block(a, Hp, xw, 0, bias, b_hn, hs, prev, new, out, t, lengths, 0, H)
 
 
 #: Chunks of a one-thread loop whose projection runs ahead on another core
@@ -662,18 +650,22 @@ def _ahead_chunk(T, B, G):
     return min(per_chunk, max(-(-AHEAD_MIN_ROWS // B), -(-T // AHEAD_CHUNKS)))
 
 
-def _run(nthreads, x, w_ih, panels, *args):
+def _run(nthreads, x, w_ih, panels, *args, by_rows=False):
     """``cell_thread(gemm, x2, w_proj, panels, *args, xw, a, flags, tid, nthreads,
-    ahead)`` on ``nthreads`` threads, with the chunk and scratch buffers. With one thread
-    the projection runs ahead on another core, or on the BLAS's threads, or on one
-    (:func:`_projection`); with more, each thread projects its own units with a
-    single-threaded BLAS (an idle BLAS pool would spin on the cores the loop needs). A
-    loop that would use the pool while another thread's loop has it runs alone
-    (``_pool_loop``). A thread that fails releases the others (``RELEASE``) and its
-    error is raised here."""
+    ahead, by_rows)`` on ``nthreads`` threads, with the chunk and scratch buffers. With
+    one thread the projection runs ahead on another core, or on the BLAS's threads, or
+    on one (:func:`_projection`); with more, split by hidden units or (``by_rows``) by
+    batch rows, each thread projects its share with a single-threaded BLAS (an idle BLAS
+    pool would spin on the cores the loop needs). A loop that would use the pool while
+    another thread's loop has it runs alone (``_pool_loop``). A thread that fails
+    releases the others (``RELEASE``) and its error is raised here."""
     T, B, I = x.shape
-    mode = _projection(T, B, I, w_ih.shape[0], abs(args[0]), args[5]) if nthreads == 1 \
-        else "split"
+    if by_rows:
+        mode = "rows"
+    elif nthreads == 1:
+        mode = _projection(T, B, I, w_ih.shape[0], abs(args[0]), args[5])
+    else:
+        mode = "split"
     if mode in ("blas", "alone"):
         return _loop(1, mode, x, w_ih, panels, *args)
     if not _pool_loop.acquire(blocking=False):
@@ -685,7 +677,8 @@ def _run(nthreads, x, w_ih, panels, *args):
 
 
 def _loop(nthreads, mode, x, w_ih, panels, *args):
-    """:func:`_run`'s loop, in the ``mode`` it chose ("blas", "alone", "ahead", "split")."""
+    """:func:`_run`'s loop, in the ``mode`` it chose ("blas", "alone", "ahead", "split",
+    "rows")."""
     T, B, I = x.shape
     U, _, NR = panels.shape
     G = w_ih.shape[0]
@@ -696,7 +689,8 @@ def _loop(nthreads, mode, x, w_ih, panels, *args):
         slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
     else:
         Tc, slots = max(1, min(T, CHUNK_FLOATS // (B * G))), 1
-    w_proj = _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads)
+    w_proj = w_ih if mode == "rows" else _rows_by_thread(w_ih, gates, U, _panel_units(gates),
+                                                         nthreads)
     xw = np.empty((slots, Tc, B, G), dtype=np.float32)
     a = aligned_empty((B, NR * U))
     fl = flags(max(nthreads, 2))
@@ -704,21 +698,21 @@ def _loop(nthreads, mode, x, w_ih, panels, *args):
     x2 = x.reshape(T * B, I)
     call = (gemm, x2, w_proj, panels) + args + (xw, a, fl)
     if mode == "blas":
-        cell_thread(*call, 0, 1, False)
+        cell_thread(*call, 0, 1, False, False)
         return
     with _single_threaded_blas():
         if mode == "alone":
-            cell_thread(*call, 0, 1, False)
+            cell_thread(*call, 0, 1, False, False)
             return
         pool, cpu = _executor(), _current_cpu()
         if mode == "ahead":
             futures = [pool.submit(_off_cpu, cpu, fl, project_ahead, gemm, x2, w_ih, xw, T,
                                    reverse, fl)]
         else:
-            futures = [pool.submit(_off_cpu, cpu, fl, cell_thread, *call, tid, nthreads, False)
-                       for tid in range(1, nthreads)]
+            futures = [pool.submit(_off_cpu, cpu, fl, cell_thread, *call, tid, nthreads, False,
+                                   mode == "rows") for tid in range(1, nthreads)]
         try:
-            cell_thread(*call, 0, nthreads, mode == "ahead")
+            cell_thread(*call, 0, nthreads, mode == "ahead", mode == "rows")
         except BaseException:
             fl[:] = RELEASE
             raise
@@ -727,19 +721,16 @@ def _loop(nthreads, mode, x, w_ih, panels, *args):
                 f.result()
 
 
-#: Whether inference splits the batch rows over threads (:func:`rows_thread`): False
-#: (the default), never; None, where :func:`_rows_for` finds that it pays; True,
-#: wherever :func:`threads_for` runs one thread and there are two threads of
-#: ``ROWS_MIN`` rows (tests, A/B timings). Off by default because its results differ
-#: from the one-thread loop's in the last bits (its projection runs through the
-#: micro-kernel, whose sums go in another order than OpenBLAS's), and whether it runs
-#: depends on what other threads do: the same call twice would not always give the same
-#: bits (the README promises it does). The hidden-unit split and projecting ahead give
-#: the one-thread results bitwise (``tests/test_packed.py``).
-rows = False
-#: Rows a thread of the rows split has at least: with 4 (LSTM 1000x8x32x32) the two
-#: threads' per-step overheads made it 0.81x of one thread; with 8 (50x16x128x128)
-#: 1.09-1.19x (LSTM, GRU; docs/numba.md).
+#: Whether one-thread loops split the batch rows over threads (:func:`cell_thread` with
+#: ``by_rows``): None (the default), where :func:`_rows_for` finds that it pays; False,
+#: never; True, wherever :func:`threads_for` runs one thread and there are two threads of
+#: ``ROWS_MIN`` rows and two tiles of rows (tests, A/B timings). Its results are the
+#: one-thread loop's, bitwise (``tests/test_packed.py``).
+rows = None
+#: Rows a thread of the rows split has at least. ``fastrnn bench``, two runs each, auto
+#: against off: LSTM 100x32x128x128 4.45/4.89 against 5.90/6.41 ms, GRU 3.31/4.45 against
+#: 4.41/4.66; at 50x16x128x128, where the LSTM's tiles of 6 rows split 6 | 10, even
+#: (1.65-1.74 against 1.63-1.79 ms; GRU 1.26-1.31 against 1.30-1.67).
 ROWS_MIN = 8
 #: Bytes of packed weights (W_ih and W_hh) up to which the rows split is used: each
 #: thread reads all of them at every step, which must stay in its L2 (half of its 2 MB
@@ -747,15 +738,17 @@ ROWS_MIN = 8
 ROWS_MAX_WEIGHT_BYTES = 1 << 20
 
 
-def _rows_for(x, gates, H, training):
-    """Threads of the rows split for this forward, or 0 (no rows split): inference of a
-    gated cell, ``ROWS_MIN`` rows a thread for two threads or more, the packed weights
-    within ``ROWS_MAX_WEIGHT_BYTES``, and (as for the hidden-unit split) no other thread
-    of the process running. Not the RNN: its steps are too light for two threads to pay
-    their fixed costs (0.5-0.9x at 50x16x128x128, docs/numba.md)."""
+def _rows_for(x, gates, H):
+    """Threads of the rows split for this forward, or 0 (no rows split): a gated cell,
+    ``ROWS_MIN`` rows and a tile of rows a thread for two threads or more, the packed
+    weights within ``ROWS_MAX_WEIGHT_BYTES``, and (as for the hidden-unit split) no other
+    thread of the process running. Not the RNN: its steps are light, and the first
+    version of this split ran it at 0.5-0.9x (docs/numba.md)."""
     T, B, I = x.shape
-    n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN, POOL_WORKERS + 1)
-    if rows is False or training or n < 2:
+    MR = MR_BY_GATES.get(gates, MR_LSTM)
+    n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN, -(-B // MR),
+            POOL_WORKERS + 1)
+    if rows is False or n < 2:
         return 0
     if rows:
         return n
@@ -765,41 +758,6 @@ def _rows_for(x, gates, H, training):
     return n
 
 
-def _run_rows(n, x, w_ih, panels, cell, bias, b_hn, lengths, reverse, hs, cs, out):
-    """Inference with the batch rows split over ``n`` threads (:func:`rows_thread`), each
-    on buffers of its own, copied into ``hs``, ``cs`` (both slots) and ``out`` after."""
-    T, B, _ = x.shape
-    H = out.shape[2]
-    gates = abs(cell)
-    U, _, NR = panels.shape
-    PU = _panel_units(gates)
-    panels_ih = pack(w_ih, gates)
-    bounds = [B * i // n for i in range(n + 1)]
-    parts = []
-    for i in range(n):
-        r0, r1 = bounds[i], bounds[i + 1]
-        hs_t = np.ascontiguousarray(hs[:, r0:r1])
-        cs_t = np.ascontiguousarray(cs[:, r0:r1]) if gates == 4 else hs_t
-        parts.append((x, panels_ih, panels, cell, bias, b_hn,
-                      np.ascontiguousarray(lengths[r0:r1]), reverse, hs_t, cs_t,
-                      np.empty((T, r1 - r0, H), np.float32),
-                      aligned_empty((r1 - r0, gates * H + PU)),
-                      aligned_empty((r1 - r0, NR * U)), r0, r1))
-    pool, cpu, unused = _executor(), _current_cpu(), flags(1)
-    futures = [pool.submit(_off_cpu, cpu, unused, rows_thread, *part) for part in parts[1:]]
-    try:
-        rows_thread(*parts[0])
-    finally:
-        for f in futures:
-            f.result()
-    for part in parts:
-        r0, r1 = part[-2], part[-1]
-        out[:, r0:r1] = part[10]
-        hs[:, r0:r1] = part[8]
-        if gates == 4:
-            cs[:, r0:r1] = part[9]
-
-
 def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, hs, cs, out,
         gates, hns):
     """The forward of ``cell`` (``LSTM``, ``GRU``, ``RNN_TANH``, ``RNN_RELU``) on
@@ -807,13 +765,6 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
     for its BLAS loops (states, output and, in training, the gate cache it returns): the
     packed loop is the other time loop those forwards choose between, with the same
     arguments but ``W_hh`` packed here (see :func:`cell_thread` for the unused ones)."""
-    panels = pack(w_hh, abs(cell))
-    n = _rows_for(x, abs(cell), w_hh.shape[1], training) if nthreads == 1 else 0
-    if n and _pool_loop.acquire(blocking=False):
-        try:
-            return _run_rows(n, x, w_ih, panels, cell, bias, b_hn, lengths, reverse, hs, cs,
-                             out)
-        finally:
-            _pool_loop.release()
-    _run(nthreads, x, w_ih, panels, cell, bias, b_hn, lengths, reverse, training, hs, cs,
-         out, gates, hns)
+    rows_threads = _rows_for(x, abs(cell), w_hh.shape[1]) if nthreads == 1 else 0
+    _run(rows_threads or nthreads, x, w_ih, pack(w_hh, abs(cell)), cell, bias, b_hn, lengths,
+         reverse, training, hs, cs, out, gates, hns, by_rows=rows_threads > 0)
