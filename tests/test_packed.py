@@ -149,7 +149,7 @@ def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, rever
         monkeypatch.setattr(pk, "CHUNK_FLOATS", chunk * B * G)
     got = _forward(kind, nb, x32, states32, w32, lengths, reverse, training)
     want = _forward(kind, ref, x, states, w, lengths, reverse, training)
-    tiles = -(-B // pk.MR_BY_GATES.get(GATES[kind], pk.MR_LSTM))
+    tiles = -(-B // pk._tile_rows(GATES[kind]))
     if mode == "rows" and min(3, B, tiles) > 1:
         assert counts == [(min(3, B, tiles), True)], counts
     else:
@@ -192,8 +192,10 @@ def test_only_float32_forwards_of_two_steps_take_the_packed_loop(monkeypatch):
 
 def _spinning_thread():
     """A thread that spins (nogil) until the returned ``stop()`` is called: what an idle
-    BLAS pool looks like from /proc after a parallel call."""
+    BLAS pool looks like from /proc after a parallel call; returns once /proc shows it
+    running."""
     import threading
+    import time
 
     import numba
 
@@ -212,6 +214,13 @@ def _spinning_thread():
     spin(np.ones(1, np.int64))                    # compiled before the thread starts
     t = threading.Thread(target=spin, args=(flag,))
     t.start()
+    deadline = time.monotonic() + 5
+    while not pk._other_threads_running():        # until /proc shows it running
+        if time.monotonic() > deadline:
+            release(flag)
+            t.join()
+            raise AssertionError("the spinning thread never showed as running")
+        time.sleep(0.01)
 
     def stop():
         release(flag)
@@ -232,7 +241,6 @@ def test_the_split_yields_to_a_running_thread(monkeypatch):
     """Where another thread of the process runs (a spinning BLAS pool), a forward big
     enough to split runs the BLAS loops instead (0); alone, it splits; below the split
     threshold one packed thread runs either way; a forced thread count is kept."""
-    import time
     monkeypatch.setattr(pk, "threads", None)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 1000)
@@ -242,10 +250,6 @@ def test_the_split_yields_to_a_running_thread(monkeypatch):
     assert pk.threads_for(x, 4, H) == 2
     stop = _spinning_thread()
     try:
-        deadline = time.monotonic() + 5
-        while not pk._other_threads_running():     # the spinner has started
-            assert time.monotonic() < deadline, "the spinning thread never showed as running"
-            time.sleep(0.01)
         assert pk.threads_for(x, 4, H) == 0
         assert pk.threads_for(x[:, :1], 4, 8) == 1              # 1 x 32 x 8 < 1000
         monkeypatch.setattr(pk, "threads", 2)
@@ -263,7 +267,6 @@ def test_the_projection_runs_ahead_only_on_an_idle_core(monkeypatch):
     the projection is big enough and no other thread runs; next to a running thread, a
     training forward projects on the BLAS's threads and an inference on one; an RNN,
     a small projection or a one-thread BLAS never project ahead."""
-    import time
     monkeypatch.setattr(pk, "ahead", None)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
     big = dict(T=100, B=16, I=128, G=512, gates=4)
@@ -275,10 +278,6 @@ def test_the_projection_runs_ahead_only_on_an_idle_core(monkeypatch):
     assert pk._projection(**{**big, "T": 10}, training=False) == "blas"
     stop = _spinning_thread()
     try:
-        deadline = time.monotonic() + 5
-        while not pk._other_threads_running():
-            assert time.monotonic() < deadline, "the spinning thread never showed as running"
-            time.sleep(0.01)
         assert pk._projection(**big, training=True) == "blas"
         assert pk._projection(**big, training=False) == "alone"
         monkeypatch.setattr(pk, "ahead", True)
@@ -472,8 +471,7 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
     """A gated cell with ROWS_MIN rows a thread for two threads, small packed weights and
     no other running thread splits the rows; the RNN, fewer rows, big weights, a
     one-thread BLAS or a running thread do not; ``rows`` forces it."""
-    import time
-    monkeypatch.setattr(pk, "rows", None)             # auto (the default is off)
+    monkeypatch.setattr(pk, "rows", None)             # auto, the default
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
     x = np.zeros((5, 2 * pk.ROWS_MIN, 128), np.float32)
     _wait_until_no_other_thread_runs()
@@ -484,10 +482,6 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
     assert pk._rows_for(np.zeros((5, 16, 512), np.float32), 4, 512) == 0  # 8 MB
     stop = _spinning_thread()
     try:
-        deadline = time.monotonic() + 5
-        while not pk._other_threads_running():
-            assert time.monotonic() < deadline, "the spinning thread never showed as running"
-            time.sleep(0.01)
         assert pk._rows_for(x, 4, 128) == 0
         monkeypatch.setattr(pk, "rows", True)
         assert pk._rows_for(x, 1, 128) == 2

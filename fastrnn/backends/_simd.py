@@ -241,11 +241,11 @@ def wide_vectors(typingctx):
     """Mark the calling function ``"prefer-vector-width"="512"``: LLVM's tuning for the
     AVX-512 Xeons (Skylake-SP to Sapphire Rapids) prefers 256-bit vectors in
     auto-vectorized loops, so the pointwise passes ran on 8-lane vectors there. With the
-    mark they use 16 lanes: 2.75 -> 2.13 ns per unit at B = 64, H = 512 (LSTM), 3.35 ->
-    2.67 at B = 8, H = 32 (scratch probes, ``docs/numba.md``). A CPU without AVX-512 keeps its widest
-    (256-bit) vectors. The explicit ``<16 x float>`` of :func:`microkernel` need no mark:
-    without a ``min-legal-vector-width`` attribute, which Numba does not set, 512-bit
-    types stay legal. llvmlite validates only the attributes it knows, so this string
+    mark they use 16 lanes: 2.86 -> 2.14 ns per unit at B = 64, H = 512 (LSTM), 3.49 ->
+    2.85 at B = 8, H = 32 (``python bench/packed_parts.py --parts pointwise``). A CPU
+    without AVX-512 keeps its widest (256-bit) vectors. The explicit ``<16 x float>`` of
+    :func:`microkernel` need no mark: without a ``min-legal-vector-width`` attribute,
+    which Numba does not set, 512-bit types stay legal. llvmlite validates only the attributes it knows, so this string
     attribute goes into the set directly (``tests/test_packed.py`` checks the result)."""
     sig = types.void()
 

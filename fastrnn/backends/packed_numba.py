@@ -80,6 +80,12 @@ _MK_GRU = microkernel(MR_GRU, 3, VW)
 
 
 @_jit
+def _tile_rows(gates):
+    """Rows per tile of the micro-kernel: the GRU's, or the LSTM's (which the RNN runs)."""
+    return MR_GRU if gates == 3 else MR_LSTM
+
+
+@_jit
 def _panel_units(gates):
     """Hidden units per panel: VW for the gated cells, RNN_NV VW for the RNN."""
     return VW if gates > 1 else RNN_NV * VW
@@ -141,22 +147,22 @@ KC = 128
 
 
 @_jit
-def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, shift):
+def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1):
     """The product hs[prev] W_hh^T for the units of panels [u0, u1) and the rows [r0, r1)
-    into the scratch ``a`` (row ``b`` into row ``b - shift``): panel ``u``'s vector ``v``
+    into the scratch ``a``: panel ``u``'s vector ``v``
     at columns ``u PU + v cv`` (gated cells: PU = VW units per panel, gate stride cv = Hp;
     the RNN: PU = RNN_NV VW, cv = VW). ``backwards``: the
     panels from the last down, which the loops do at every other step. Where the
     panels outgrow the L1 cache (W_hh of the LSTM at H = 64 is 64 KB, L1 is 32-48 KB),
     each step then starts with the panels the last one ended with, still in L1, instead of
-    the ones it evicted first: the product at B = 1, H = 64 took 430 ns a step instead of
-    555 (a scratch probe)."""
+    the ones it evicted first: the product at B = 1, H = 64 took 388 ns a step instead of
+    564 (``python bench/packed_parts.py --parts product``)."""
     _, B, K = hs.shape
     h0 = prev * B * K
     U, _, NR = panels.shape
     ldc = a.shape[1]
     lstm = NR == 4 * VW               # the LSTM's and the RNN's panels: 4 vectors
-    MR = MR_LSTM if lstm else MR_GRU
+    MR = _tile_rows(4 if lstm else 3)
     for i in range(u0, u1):
         u = u0 + u1 - 1 - i if backwards else i
         for k0 in range(0, K, KC):
@@ -165,10 +171,10 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, shift):
                 mr = min(MR, r1 - b0)
                 if lstm:
                     _MK_LSTM(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                             (b0 - shift) * ldc + u * PU, ldc, cv, k0 > 0)
+                             b0 * ldc + u * PU, ldc, cv, k0 > 0)
                 else:
                     _MK_GRU(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                            (b0 - shift) * ldc + u * PU, ldc, cv, k0 > 0)
+                            b0 * ldc + u * PU, ldc, cv, k0 > 0)
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the
@@ -512,7 +518,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     cv = Hp if gates > 1 else VW          # columns between a panel's vectors in ``a``
     if by_rows:     # whole tiles of rows, as one thread tiles them: the same sums, bitwise
         u0, u1, n0, n1 = 0, U, 0, H
-        MR = MR_LSTM if panels.shape[2] == 4 * VW else MR_GRU
+        MR = _tile_rows(gates)
         tiles = -(-B // MR)
         r0 = min(B, MR * (tiles * tid // nthreads))
         r1 = min(B, MR * (tiles * (tid + 1) // nthreads))
@@ -540,7 +546,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = _slots(t, k, r, training)
-            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1, r0, r1, 0)
+            _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1, r0, r1)
             if gates == 1:
                 _rnn_block(a, xc, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1, r0,
                            r1, cell == RNN_RELU)
@@ -587,10 +593,10 @@ def _projection(T, B, I, G, gates, training):
     steps on the BLAS's threads; ``"alone"``, the same on one BLAS thread. With ``ahead``
     None: ahead for a gated cell (the RNN's light steps did not keep ahead of a
     single-threaded projection: 0.86x at 50x16x128x128 with it forced on) whose projection
-    has
-    ``AHEAD_MIN_WORK`` multiply-adds or more in two chunks or more, where the BLAS has two
-    threads or more (the cores are there) and no other thread of the process is running: a BLAS pool spinning after its
-    last call would share the projector's core (:func:`_other_threads_running`). Next to
+    has ``AHEAD_MIN_WORK`` multiply-adds or more in two chunks or more, where the BLAS has
+    two threads or more (the cores are there) and no other thread of the process is
+    running: a BLAS pool spinning after its last call would share the projector's core
+    (:func:`_other_threads_running`). Next to
     such a pool, a training forward projects on it ("blas": its backward wakes it anyway),
     an inference does not ("alone"), so that the pool falls asleep and the next call can
     project ahead again."""
@@ -643,11 +649,16 @@ def _off_cpu(cpu, counters, fn, *args):
             os.sched_setaffinity(0, allowed)
 
 
+def _chunk_steps(T, B, G):
+    """Steps per chunk of input projection: ``CHUNK_FLOATS`` floats (at least one step,
+    at most T)."""
+    return max(1, min(T, CHUNK_FLOATS // (B * G)))
+
+
 def _ahead_chunk(T, B, G):
     """Steps per chunk of a loop that projects ahead: about ``T / AHEAD_CHUNKS``, at least
-    ``AHEAD_MIN_ROWS`` rows, at most ``CHUNK_FLOATS`` floats (and T)."""
-    per_chunk = max(1, min(T, CHUNK_FLOATS // (B * G)))
-    return min(per_chunk, max(-(-AHEAD_MIN_ROWS // B), -(-T // AHEAD_CHUNKS)))
+    ``AHEAD_MIN_ROWS`` rows, at most :func:`_chunk_steps`."""
+    return min(_chunk_steps(T, B, G), max(-(-AHEAD_MIN_ROWS // B), -(-T // AHEAD_CHUNKS)))
 
 
 def _run(nthreads, x, w_ih, panels, *args, by_rows=False):
@@ -688,7 +699,7 @@ def _loop(nthreads, mode, x, w_ih, panels, *args):
         Tc = _ahead_chunk(T, B, G)
         slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
     else:
-        Tc, slots = max(1, min(T, CHUNK_FLOATS // (B * G))), 1
+        Tc, slots = _chunk_steps(T, B, G), 1
     w_proj = w_ih if mode == "rows" else _rows_by_thread(w_ih, gates, U, _panel_units(gates),
                                                          nthreads)
     xw = np.empty((slots, Tc, B, G), dtype=np.float32)
@@ -745,9 +756,8 @@ def _rows_for(x, gates, H):
     thread of the process running. Not the RNN: its steps are light, and the first
     version of this split ran it at 0.5-0.9x (docs/numba.md)."""
     T, B, I = x.shape
-    MR = MR_BY_GATES.get(gates, MR_LSTM)
-    n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN, -(-B // MR),
-            POOL_WORKERS + 1)
+    n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN,
+            -(-B // _tile_rows(gates)), POOL_WORKERS + 1)
     if rows is False or n < 2:
         return 0
     if rows:

@@ -1,0 +1,149 @@
+"""Parts of the packed loops (fastrnn/backends/packed_numba.py) timed alone, the probes
+behind session 7's choices:
+
+* ``pointwise``: ns per (row, unit) of the LSTM's and GRU's fused pointwise pass, as
+  shipped (``_simd.wide_vectors()``: 512-bit vectors where the CPU has them) and compiled
+  without that mark (LLVM's own choice, 256-bit on AVX-512 Xeons);
+* ``product``: ns per step of the LSTM's recurrent product at B = 1, H = 64, the panels
+  in serpentine order (as shipped) and always first to last;
+* ``gc``: the median and the slowest of 3000 GRU 200x1x64x64 inference calls, and the
+  full collections among them, with Python's collector as it is and after
+  ``gc.freeze()``, each in a fresh process.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
+        [--parts pointwise product gc]
+
+Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
+``bench/results/2026-12-04-packed-parts-session7.txt``.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+import types
+
+import numba
+import numpy as np
+
+from fastrnn.backends import packed_numba as pk
+from fastrnn.backends._numba_math import FASTMATH
+
+
+def _median_s(fn, repeats=30):
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
+def _pass_loop(block, gru):
+    """A compiled loop of ``block`` over ``n`` steps (the LSTM's or the GRU's pass)."""
+    if gru:
+        def loop(a, Hp, xw, bias, cs, hs, out, lengths, n):
+            for k in range(n):
+                block(a, Hp, xw, k, bias, bias, hs, k & 1, 1 - (k & 1), out, k, lengths, 0,
+                      hs.shape[2], 0, a.shape[0])
+    else:
+        def loop(a, Hp, xw, bias, cs, hs, out, lengths, n):
+            for k in range(n):
+                block(a, Hp, xw, k, bias, cs, hs, k & 1, 1 - (k & 1), out, k, lengths, 0,
+                      hs.shape[2], 0, a.shape[0])
+    return numba.njit(fastmath=FASTMATH)(loop)
+
+
+def _unmarked(dispatcher):
+    """``dispatcher``'s function compiled with ``wide_vectors`` a no-op (and ``_carry``,
+    which it calls, likewise)."""
+    plain = {**dispatcher.py_func.__globals__, "wide_vectors": numba.njit(lambda: None)}
+    plain["_carry"] = numba.njit(types.FunctionType(pk._carry.py_func.__code__, plain))
+    return numba.njit(fastmath=FASTMATH, error_model="numpy")(
+        types.FunctionType(dispatcher.py_func.__code__, plain))
+
+
+def pointwise():
+    rng = np.random.default_rng(0)
+    for cell, gates, block in (("lstm", 4, pk._lstm_block), ("gru", 3, pk._gru_block)):
+        for B, H, T in ((1, 64, 2000), (8, 32, 2000), (16, 128, 200), (64, 512, 10)):
+            Hp = -(-H // pk.VW) * pk.VW
+            a = pk.aligned_empty((B, gates * Hp))
+            a[:] = rng.standard_normal(a.shape)
+            xw = rng.standard_normal((T, B, gates * H)).astype(np.float32)
+            bias = np.zeros(gates * H, np.float32)
+            cs = rng.standard_normal((2, B, H)).astype(np.float32)
+            hs = cs.copy()
+            out = np.zeros((T, B, H), np.float32)
+            lengths = np.full(B, T, np.int64)
+            ns = {}
+            for name, fn in (("512-bit", block), ("LLVM's choice", _unmarked(block))):
+                loop = _pass_loop(fn, gates == 3)
+                s = _median_s(lambda: loop(a, Hp, xw, bias, cs, hs, out, lengths, T))
+                ns[name] = s / (T * B * H) * 1e9
+            print(f"pointwise {cell} B={B:<3} H={H:<4} ns per unit: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in ns.items()), flush=True)
+
+
+def product():
+    H, B, T = 64, 1, 2000
+    rng = np.random.default_rng(0)
+    panels = pk.pack((0.1 * rng.standard_normal((4 * H, H))).astype(np.float32), 4)
+    U = panels.shape[0]
+    hs = rng.standard_normal((2, B, H)).astype(np.float32)
+    a = pk.aligned_empty((B, panels.shape[2] * U))
+
+    @numba.njit(fastmath=FASTMATH)
+    def steps(panels, hs, a, n, serpentine):
+        for k in range(n):
+            pk._recurrent(panels, hs, k & 1, a, pk.VW, U * pk.VW, 0, U,
+                          serpentine and k % 2 == 1, 0, B)
+
+    for name, serpentine in (("serpentine", True), ("first to last", False)):
+        s = _median_s(lambda: steps(panels, hs, a, T, serpentine))
+        print(f"product lstm B=1 H=64 ns per step, {name}: {s / T * 1e9:.0f}", flush=True)
+
+
+_GC_CHILD = r"""
+import gc, sys, time
+import numpy as np
+import fastrnn
+m = fastrnn.GRU(64, 64, backend="numba").eval()
+x = np.random.default_rng(0).standard_normal((200, 1, 64)).astype(np.float32)
+for _ in range(50):
+    m(x)
+if sys.argv[1] == "gc.freeze()":
+    gc.freeze()
+full = gc.get_stats()[2]["collections"]
+samples = []
+for _ in range(3000):
+    t0 = time.perf_counter()
+    m(x)
+    samples.append(time.perf_counter() - t0)
+print(f"gc GRU 200x1x64x64 x3000, collector {sys.argv[1]}: median "
+      f"{np.median(samples) * 1e3:.3f} ms, slowest {max(samples) * 1e3:.2f} ms, "
+      f"full collections {gc.get_stats()[2]['collections'] - full}")
+"""
+
+
+def collector():
+    """Each variant in a fresh process (what a process has loaded decides how long a full
+    collection takes)."""
+    for name in ("as is", "gc.freeze()"):
+        print(subprocess.run([sys.executable, "-c", _GC_CHILD, name], check=True,
+                             capture_output=True, text=True).stdout.strip(), flush=True)
+
+
+PARTS = {"pointwise": pointwise, "product": product, "gc": collector}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    for part in p.parse_args().parts:
+        PARTS[part]()
+
+
+if __name__ == "__main__":
+    main()
