@@ -4,7 +4,8 @@ the other's idle thread pools (OpenBLAS's spin after a call, and the packed loop
 threads too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
-        [--compare blas|threads|ahead|REV] [--mode inference|training] [--cells lstm gru]
+        [--compare blas|threads|ahead|rows|affinity|REV] [--pause S]
+        [--mode inference|training] [--cells lstm gru]
         [--sizes 100x64x512x512,...]
 
 ``--compare blas`` (default): the BLAS loops (numba_cpu, ``packed_numba.enabled =
@@ -12,7 +13,11 @@ False``) against the packed loops. ``--compare threads``: the packed loops on on
 against two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
 ``MIN_SPLIT_STEP_WORK`` was set from. ``--compare ahead``: one-thread loops (forced) with
 the projection on the BLAS's threads before each chunk against projected ahead on
-another core (``packed_numba.ahead``). ``--compare REV`` (a git revision): the whole
+another core (``packed_numba.ahead``). ``--compare rows``: the shipped rules against the
+batch rows split wherever it can run (``packed_numba.rows = True``, no hidden-unit
+split). ``--compare affinity``: the pool threads left on any CPU (``_current_cpu``
+answers None) against kept off their caller's (``_off_cpu``), best seen with ``--pause
+0.2``. ``--compare REV`` (a git revision): the whole
 package at REV (checked out into a temporary git worktree) against the working tree,
 each as shipped: how session 6's kernel changes were judged.
 
@@ -36,6 +41,7 @@ from fastrnn.bench import FULL_GRID
 CHILD = r"""
 import json, sys, time
 cell, T, B, I, H, variant, mode = sys.argv[1], *map(int, sys.argv[2:6]), *sys.argv[6:8]
+pause = float(sys.argv[8])
 if variant.startswith("tree:"):           # a checkout to import fastrnn from, not the install
     sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__]
     sys.path.insert(0, variant[5:])
@@ -47,6 +53,13 @@ if variant == "blas":
 elif variant.startswith("ahead "):             # "ahead off" / "ahead on", one thread
     packed_numba.ahead = variant == "ahead on"
     packed_numba.threads = 1
+elif variant.startswith("fused "):              # "fused off" / "fused on"
+    packed_numba.fused = variant == "fused on"
+elif variant == "rows on":                  # the rows split wherever it can run
+    packed_numba.rows = True
+    packed_numba.MIN_SPLIT_STEP_WORK = 1 << 62
+elif variant == "affinity off":             # pool threads left where the OS puts them
+    packed_numba._current_cpu = lambda: None
 elif variant.endswith((" thread", " threads")):    # "1 thread" / "2 threads": split forced
     packed_numba.threads = int(variant.split()[0])
     packed_numba.MIN_SPLIT_STEP_WORK = 0
@@ -65,6 +78,7 @@ def step():
 step()
 times = []
 for _ in range(9):
+    time.sleep(pause)
     t0 = time.perf_counter()
     step()
     times.append(time.perf_counter() - t0)
@@ -76,7 +90,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compare", default="blas",
-                   help="blas, threads, ahead or a git revision")
+                   help="blas, threads, ahead, rows, affinity or a git revision")
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds of sleep before each timed call (fastrnn bench pauses 0.2 s "
+                        "between rounds: --compare affinity shows only with a pause)")
     p.add_argument("--mode", choices=["inference", "training"], default="inference")
     p.add_argument("--cells", nargs="+", default=["lstm", "gru"])
     p.add_argument("--sizes", default=None, help="TxBxIxH,... (default: fastrnn bench's grid)")
@@ -91,6 +108,12 @@ def main():
         first, second = "1 thread", "2 threads"
     elif args.compare == "ahead":
         first, second = "ahead off", "ahead on"
+    elif args.compare == "fused":
+        first, second = "fused off", "fused on"
+    elif args.compare == "rows":
+        first, second = "shipped", "rows on"
+    elif args.compare == "affinity":
+        first, second = "affinity off", "shipped"
     else:
         worktree = tempfile.mkdtemp(prefix="packed_ab_")
         subprocess.run(["git", "worktree", "add", "--detach", worktree, args.compare],
@@ -114,7 +137,7 @@ def _compare(args, sizes, first, second, names):
             for r in range(args.rounds):
                 for variant in ((first, second) if r % 2 == 0 else (second, first)):
                     out = subprocess.run([sys.executable, "-c", CHILD, cell, str(T), str(B),
-                                          str(I), str(H), variant, args.mode],
+                                          str(I), str(H), variant, args.mode, str(args.pause)],
                                          capture_output=True,
                                          text=True, check=True, env=env).stdout
                     times[variant].append(json.loads(out.strip().splitlines()[-1]))

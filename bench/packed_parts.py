@@ -45,12 +45,12 @@ def _pass_loop(block, gru):
     if gru:
         def loop(a, Hp, xw, bias, cs, hs, out, lengths, n):
             for k in range(n):
-                block(a, Hp, xw, k, bias, bias, hs, k & 1, 1 - (k & 1), out, k, lengths, 0,
+                block(a, Hp, xw, k, 0, bias, bias, hs, k & 1, 1 - (k & 1), out, k, lengths, 0,
                       hs.shape[2], 0, a.shape[0])
     else:
         def loop(a, Hp, xw, bias, cs, hs, out, lengths, n):
             for k in range(n):
-                block(a, Hp, xw, k, bias, cs, hs, k & 1, 1 - (k & 1), out, k, lengths, 0,
+                block(a, Hp, xw, k, 0, bias, cs, hs, k & 1, 1 - (k & 1), out, k, lengths, 0,
                       hs.shape[2], 0, a.shape[0])
     return numba.njit(fastmath=FASTMATH)(loop)
 

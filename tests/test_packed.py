@@ -23,18 +23,22 @@ def _panels(kind, H):
     return -(-H // (pk.VW if GATES[kind] > 1 else pk.RNN_NV * pk.VW))
 
 
-@pytest.fixture(params=[1, 2, 3, "ahead", "rows"],
+@pytest.fixture(params=[1, 2, 3, "ahead", "fused", "rows"],
                 ids=lambda p: p if isinstance(p, str) else f"{p}threads")
 def threads(request, monkeypatch):
-    """Force the split over ``threads`` (hidden-unit panels), whatever the size; "ahead":
-    one thread, its input projection computed ahead by another (a ring of two slots where
-    the chunks are short: ``chunk``); "rows": inference split by batch rows over up to
-    three threads, one row each at least. Returns the thread count asked of ``_run`` and
-    the (thread count, by rows) ``_run`` was called with."""
-    nthreads = request.param if isinstance(request.param, int) else 1
+    """Force the split over ``threads`` (hidden-unit panels), whatever the size, the
+    projection by chunks of steps; "ahead": one thread, its input projection computed
+    ahead by another (a ring of two slots where the chunks are short: ``chunk``);
+    "fused": the inputs projected step by step by the micro-kernel, split over three
+    threads by hidden units; "rows": fused and split by batch rows over up to three
+    threads, one row each at least. Returns the mode and the (thread count, by rows,
+    fused) ``_run`` was called with."""
+    nthreads = {"fused": 3}.get(request.param, request.param)
+    nthreads = nthreads if isinstance(nthreads, int) else 1
     monkeypatch.setattr(pk, "threads", nthreads)
     monkeypatch.setattr(pk, "ahead", request.param == "ahead")
     monkeypatch.setattr(pk, "rows", request.param == "rows")
+    monkeypatch.setattr(pk, "fused", request.param in ("fused", "rows"))
     monkeypatch.setattr(pk, "ROWS_MIN", 1)
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
     monkeypatch.setattr(pk, "RNN_MIN_H", 1)
@@ -43,9 +47,9 @@ def threads(request, monkeypatch):
     counts = []
     real = pk._run
 
-    def spy(n, *args, by_rows=False):
-        counts.append((n, by_rows))
-        return real(n, *args, by_rows=by_rows)
+    def spy(n, *args, by_rows=False, panels_ih=None):
+        counts.append((n, by_rows, panels_ih is not None))
+        return real(n, *args, by_rows=by_rows, panels_ih=panels_ih)
 
     monkeypatch.setattr(pk, "_run", spy)
     return request.param, counts
@@ -54,22 +58,23 @@ def threads(request, monkeypatch):
 @pytest.mark.parametrize("VW", sorted({pk.VW, 8}))
 @pytest.mark.parametrize("NV", [3, 4])
 def test_microkernel_matches_matmul_for_every_row_count(VW, NV):
+    """Every row count, with the k loop in halves (small tiles of a small batch) or not."""
     import numba
     MR = {(16, 4): 6, (16, 3): 8, (8, 4): 2, (8, 3): 3}[VW, NV]
     mk = pk.microkernel(MR, NV, VW)
 
     @numba.njit
-    def call(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc=False):
-        mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc)
+    def call(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves):
+        mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves)
 
     rng = np.random.default_rng(VW * NV)
     K, NR = 13, NV * VW
     a = rng.standard_normal((MR + 2, K)).astype(np.float32)
     panel = rng.standard_normal((2, K, NR)).astype(np.float32)
-    for mr in range(1, MR + 1):
+    for mr, halves in [(mr, h) for mr in range(1, MR + 1) for h in (False, True)]:
         cv = VW + 3                                  # vectors land cv apart
         c = np.full((MR + 1, 2 + NV * cv), np.nan, np.float32)
-        call(mr, a, 1 * K, K, panel, 1 * K * NR, K, c, 2, c.shape[1], cv)
+        call(mr, a, 1 * K, K, panel, 1 * K * NR, K, c, 2, c.shape[1], cv, False, halves)
         want = a[1:1 + mr] @ panel[1]
         for v in range(NV):
             got = c[:mr, 2 + v * cv:2 + v * cv + VW]
@@ -77,7 +82,8 @@ def test_microkernel_matches_matmul_for_every_row_count(VW, NV):
         assert np.isnan(c[mr:]).all(), "rows past mr were written"
         # accumulate: a second block of k adds onto what c holds
         before = c.copy()
-        call(mr, a, 1 * K + 3, K, panel, (1 * K + 3) * NR, K - 3, c, 2, c.shape[1], cv, True)
+        call(mr, a, 1 * K + 3, K, panel, (1 * K + 3) * NR, K - 3, c, 2, c.shape[1], cv, True,
+             halves)
         extra = a[1:1 + mr, 3:] @ panel[1, 3:]
         for v in range(NV):
             sl = np.s_[:mr, 2 + v * cv:2 + v * cv + VW]
@@ -149,12 +155,12 @@ def test_packed_forward_matches_the_float64_reference(threads, kind, B, H, rever
         monkeypatch.setattr(pk, "CHUNK_FLOATS", chunk * B * G)
     got = _forward(kind, nb, x32, states32, w32, lengths, reverse, training)
     want = _forward(kind, ref, x, states, w, lengths, reverse, training)
-    tiles = -(-B // pk._tile_rows(GATES[kind]))
-    if mode == "rows" and min(3, B, tiles) > 1:
-        assert counts == [(min(3, B, tiles), True)], counts
+    if mode == "rows":
+        assert counts == [(min(3, B), B > 1, True)], counts
     else:
-        nthreads = mode if isinstance(mode, int) else 1
-        assert counts == [(min(nthreads, _panels(kind, H)), False)], counts
+        nthreads = {"fused": 3}.get(mode, mode)
+        nthreads = nthreads if isinstance(nthreads, int) else 1
+        assert counts == [(min(nthreads, _panels(kind, H)), False, mode == "fused")], counts
     for g, e in zip(got[:-1], want[:-1]):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5)
@@ -360,7 +366,7 @@ def test_the_pointwise_passes_use_the_widest_vectors():
     asm = {}
     for name, fn in (("marked", py), ("unmarked", unmarked)):
         f = numba.njit(fastmath=FASTMATH)(fn)
-        f(a, H, xw, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H, 0, B)
+        f(a, H, xw, 0, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H, 0, B)
         asm[name] = f.inspect_asm(f.signatures[0])
     if "zmm" in asm["unmarked"]:
         pytest.skip("this CPU's LLVM tuning already chooses 512-bit vectors")
@@ -468,51 +474,93 @@ def test_loops_that_need_the_pool_at_once_take_turns(monkeypatch):
 
 
 def test_the_rows_split_only_where_it_pays(monkeypatch):
-    """A gated cell with ROWS_MIN rows a thread for two threads, small packed weights and
-    no other running thread splits the rows; the RNN, fewer rows, big weights, a
-    one-thread BLAS or a running thread do not; ``rows`` forces it."""
+    """A fused loop with ROWS_MIN rows and ROWS_MIN_WORK multiply-adds a step a thread for
+    two threads, packed weights within its share of L2 and no other running thread
+    splits the rows; a loop that is not fused, fewer rows, a lighter step, bigger weights,
+    a one-thread BLAS or a running thread do not; ``rows`` forces it (rows alone)."""
     monkeypatch.setattr(pk, "rows", None)             # auto, the default
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
+    monkeypatch.setattr(pk, "l2_bytes", lambda: 2 << 20)
     x = np.zeros((5, 2 * pk.ROWS_MIN, 128), np.float32)
     _wait_until_no_other_thread_runs()
-    assert pk._rows_for(x, 4, 128) == 2
-    assert pk._rows_for(x, 3, 128) == 2
-    assert pk._rows_for(x, 1, 128) == 0                   # the RNN
-    assert pk._rows_for(x[:, :2 * pk.ROWS_MIN - 1], 4, 128) == 0
-    assert pk._rows_for(np.zeros((5, 16, 512), np.float32), 4, 512) == 0  # 8 MB
+    assert pk._rows_for(x, 4, 128, True) == 2
+    assert pk._rows_for(x, 3, 128, True) == 2
+    assert pk._rows_for(x, 4, 128, False) == 0              # not fused
+    assert pk._rows_for(x[:, :2 * pk.ROWS_MIN - 1], 4, 128, True) == 0
+    assert pk._rows_for(x, 1, 128, True) == 0        # RNN: 8 x 128 x 256 < ROWS_MIN_WORK
+    assert pk._rows_for(np.zeros((5, 32, 128), np.float32), 1, 128, True) == 2
+    assert pk._rows_for(np.zeros((5, 16, 256), np.float32), 3, 256, True) == 2  # 1.5 MB
+    assert pk._rows_for(np.zeros((5, 16, 256), np.float32), 4, 256, True) == 0  # 2 MB
+    monkeypatch.setattr(pk, "l2_bytes", lambda: 1 << 20)
+    assert pk._rows_for(np.zeros((5, 16, 256), np.float32), 3, 256, True) == 0
     stop = _spinning_thread()
     try:
-        assert pk._rows_for(x, 4, 128) == 0
+        assert pk._rows_for(x, 4, 128, True) == 0
         monkeypatch.setattr(pk, "rows", True)
-        assert pk._rows_for(x, 1, 128) == 2
+        assert pk._rows_for(x, 1, 128, True) == 2
+        assert pk._rows_for(x, 1, 128, False) == 0
     finally:
         stop()
     monkeypatch.setattr(pk, "rows", None)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 1)
-    assert pk._rows_for(x, 4, 128) == 0
+    assert pk._rows_for(x, 4, 128, True) == 0
 
 
-def test_threads_do_not_change_the_bits(monkeypatch):
-    """The hidden-unit split (2 and 3 threads), projecting ahead and the rows split give
-    the one-thread loop's results bitwise, so that a call's bits do not depend on the
-    threads it got (README: the same call twice is bitwise identical)."""
+def test_the_loop_is_fused_by_the_shapes_alone(monkeypatch):
+    """Fused from FUSED_MIN_ROWS rows and FUSED_MIN_STEP_WORK multiply-adds a step,
+    whatever the threads; never with ``ahead`` forced; ``fused`` forces either way."""
+    monkeypatch.setattr(pk, "fused", None)
+    monkeypatch.setattr(pk, "ahead", False)
+    x = np.zeros((5, pk.FUSED_MIN_ROWS, 128), np.float32)
+    assert pk._fused_for(x, 4, 128)
+    assert not pk._fused_for(x[:, :-1], 4, 128)
+    assert not pk._fused_for(x, 1, 128)           # 16 x 128 x 256 < FUSED_MIN_STEP_WORK
+    assert pk._fused_for(np.zeros((5, 32, 128), np.float32), 1, 128)
+    for n in (1, 3):
+        monkeypatch.setattr(pk, "threads", n)
+        assert pk._fused_for(x, 4, 128)
+    monkeypatch.setattr(pk, "ahead", True)
+    assert not pk._fused_for(x, 4, 128)
+    monkeypatch.setattr(pk, "fused", True)
+    assert pk._fused_for(x[:, :1], 1, 8)
+    monkeypatch.setattr(pk, "fused", False)
+    assert not pk._fused_for(x, 4, 128)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("B", [16, 13])
+def test_threads_do_not_change_the_bits(monkeypatch, kind, B):
+    """The hidden-unit split (2 and 3 threads), projecting ahead, the fused loop (one and
+    three threads) and its rows split (two and three threads, whose rows start inside
+    the micro-kernel's tiles) give the one-thread loop's results bitwise, so that a
+    call's bits do not depend on the threads it got (README: the same call twice is
+    bitwise identical)."""
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
+    monkeypatch.setattr(pk, "ROWS_MIN", 1)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 3)
     rng = np.random.default_rng(11)
-    T, B, I, H = 7, 16, 40, 3 * pk.VW
+    T, I, H = 7, 40, 3 * pk.VW
+    G = GATES[kind] * H
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     h0 = (0.5 * rng.standard_normal((B, H))).astype(np.float32)
-    w = [(0.3 * rng.standard_normal(s)).astype(np.float32)
-         for s in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,))]
+    w = [(0.3 * rng.standard_normal(s)).astype(np.float32) for s in ((G, I), (G, H), (G,), (G,))]
+    states = [h0, h0] if kind == "lstm" else [h0]
     outs = {}
-    for name, threads, ahead, rows in (("one", 1, False, False), ("two", 2, False, False),
-                                       ("three", 3, False, False), ("ahead", 1, True, False),
-                                       ("rows", 1, False, True)):
+    for name, threads, ahead, fused, rows in (
+            ("one", 1, False, False, False), ("two", 2, False, False, False),
+            ("three", 3, False, False, False), ("ahead", 1, True, False, False),
+            ("fused", 1, False, True, False), ("fused3", 3, False, True, False),
+            ("rows", 1, False, True, True), ("rows2", 1, False, True, True)):
         monkeypatch.setattr(pk, "threads", threads)
         monkeypatch.setattr(pk, "ahead", ahead)
+        monkeypatch.setattr(pk, "fused", fused)
         monkeypatch.setattr(pk, "rows", rows)
-        outs[name] = nb.lstm_forward(x, h0, h0, *w, training=False)[:3]
+        if name == "rows2":
+            monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
+        outs[name] = _forward(kind, nb, x, states, w, None, False, False)[:-1]
     for name in ("two", "three", "ahead"):
         for got, want in zip(outs[name], outs["one"]):
             np.testing.assert_array_equal(got, want)
-    for got, want in zip(outs["rows"], outs["one"]):
-        np.testing.assert_array_equal(got, want)
+    for name in ("fused3", "rows", "rows2"):
+        for got, want in zip(outs[name], outs["fused"]):
+            np.testing.assert_array_equal(got, want)

@@ -51,14 +51,16 @@ def _i64(value):
     return ir.Constant(ir.IntType(64), value)
 
 
-def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv, acc):
+def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv, acc, S):
     """The m-row kernel: accumulators in allocas (promoted to registers by LLVM's
     mem2reg), per k NV vector loads of the panel and m broadcasts of A.
 
-    With few rows (m NV < 12 chains of dependent FMAs, fewer than the FMA units'
-    latency times their count keep busy) the k loop is split in two interleaved
-    halves with their own accumulators, summed at the end: at B = 1 the one-row
-    kernel would otherwise wait on the FMA latency at every k."""
+    ``S = 2``: the k loop split in two interleaved halves with their own accumulators,
+    summed at the end, for few rows (m NV < 12 chains of dependent FMAs, fewer than the
+    FMA units' latency times their count keep busy): at B = 1 the one-row kernel would
+    otherwise wait on the FMA latency at every k. The halves sum in another order, so
+    the caller chooses them by its batch (``halves``), never by the tile: then the rows
+    can be split between threads anywhere and give the same bits."""
     vec = ir.VectorType(ir.FloatType(), VW)
     i32 = ir.IntType(32)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
@@ -66,7 +68,6 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
     zero = ir.Constant(vec, [0.0] * VW)
     undef = ir.Constant(vec, ir.Undefined)
     splat = ir.Constant(ir.VectorType(i32, VW), [0] * VW)
-    S = 2 if m * NV < 12 else 1
     accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(m)]
             for _ in range(S)]
     cptrs = [[builder.bitcast(builder.gep(cp, [builder.add(builder.mul(ldc, _i64(r)),
@@ -112,24 +113,26 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
 
 @functools.lru_cache(maxsize=None)
 def microkernel(MR, NV, VW):
-    """An intrinsic ``mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc)``
+    """An intrinsic ``mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves)``
     (float32 arrays, C-contiguous, of any rank; offsets and strides in elements):
 
     ``c[c_off + r ldc + v cv + j] (+)= sum_k a[a_off + r lda + k] p[p_off + k NV VW + v VW + j]``
     for rows ``r < mr <= MR``, vectors ``v < NV`` and lanes ``j < VW``: vector ``v``
     of the panel lands ``cv`` apart in ``c`` (a gate's stride in a gate-major row); with
     ``acc`` true the sums are added to what ``c`` holds (a later block of ``k``). One specialized loop per ``mr``
-    (a switch), so a remainder block of rows computes only its rows.
+    (a switch), so a remainder block of rows computes only its rows. ``halves`` true:
+    tiles of fewer than ``12 / NV`` rows run the k loop in two halves (:func:`_emit_kernel`;
+    :func:`split_k` says when).
     """
 
     @intrinsic
-    def mk(typingctx, mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc):
+    def mk(typingctx, mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves):
         if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in (a, p, c)):
             return None
-        sig = types.void(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc)
+        sig = types.void(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves)
 
         def codegen(context, builder, signature, args):
-            mr_, a_, a_off_, lda_, p_, p_off_, K_, c_, c_off_, ldc_, cv_, acc_ = args
+            mr_, a_, a_off_, lda_, p_, p_off_, K_, c_, c_off_, ldc_, cv_, acc_, halves_ = args
             tys = signature.args
             ap = context.make_array(tys[1])(context, builder, a_).data
             bpp = context.make_array(tys[4])(context, builder, p_).data
@@ -140,14 +143,23 @@ def microkernel(MR, NV, VW):
             m64, a_off64, lda64, p_off64, K64, c_off64, ldc64, cv64 = ints
             cp = builder.gep(cp, [c_off64])
             accb = context.cast(builder, acc_, tys[11], types.boolean)
+            halvesb = context.cast(builder, halves_, tys[12], types.boolean)
             done = builder.append_basic_block("mk.done")
             switch = builder.switch(m64, done)
             for m in range(1, MR + 1):
                 block = builder.append_basic_block(f"mk.rows{m}")
                 switch.add_case(_i64(m), block)
                 builder.position_at_end(block)
-                _emit_kernel(builder, m, NV, VW, ap, a_off64, lda64, bpp, p_off64, K64, cp, ldc64,
-                             cv64, accb)
+                kernel = functools.partial(_emit_kernel, builder, m, NV, VW, ap, a_off64, lda64,
+                                           bpp, p_off64, K64, cp, ldc64, cv64, accb)
+                if m * NV < 12:
+                    with builder.if_else(halvesb) as (two, one):
+                        with two:
+                            kernel(2)
+                        with one:
+                            kernel(1)
+                else:
+                    kernel(1)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()
@@ -155,6 +167,15 @@ def microkernel(MR, NV, VW):
         return sig, codegen
 
     return mk
+
+
+@numba.njit(cache=True)
+def split_k(B, NV):
+    """Whether a product over ``B`` batch rows runs its small tiles' k loops in halves
+    (``halves`` of :func:`microkernel`): where the whole batch makes fewer than 12
+    accumulator chains (B NV < 12), so that a tile's sums never depend on where its
+    rows start (a thread's share of them)."""
+    return B * NV < 12
 
 
 # ------------------------------------------------------------------ atomics

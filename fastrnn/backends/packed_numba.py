@@ -25,12 +25,14 @@ then the gates:
   those units, :func:`_rows_by_thread`), a chunk of steps at a time, just before those
   steps. :func:`threads_for` decides the thread count, and
   runs the BLAS loops instead while another thread of the process is running.
-* below the split threshold, the LSTM and GRU split the batch rows instead where each
-  thread gets 8 rows and the packed weights fit its L2 (:func:`_rows_for`): each thread
-  runs every step for its rows and meets the others only twice per chunk of steps, to
-  project the chunk (a share of its steps each). Otherwise one thread runs the loop, and
-  can leave the other core to the input projection (:func:`project_ahead`, into a ring
-  while the loop runs the steps; opt-in, ``ahead``).
+* from 16 batch rows and a big enough step the loop is fused (:func:`_fused_for`): the
+  micro-kernel projects each step's inputs too, from W_ih packed as W_hh is, just
+  before the step's recurrent product, so there is no GEMM and no chunk buffer; and
+  where the packed weights fit a share of a core's L2, the threads split the batch rows
+  rather than the units (:func:`_rows_for`): each runs every step for its rows, and they
+  never meet. Otherwise one thread runs the loop, and can leave the other core to the
+  input projection (:func:`project_ahead`, into a ring while the loop runs the steps;
+  opt-in, ``ahead``).
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
@@ -52,8 +54,8 @@ import numpy as np
 
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
-from ._simd import (FLAG_STRIDE, microkernel, spin_barrier, store_release, vector_width,
-                    wait_for, wide_vectors)
+from ._simd import (FLAG_STRIDE, microkernel, spin_barrier, split_k, store_release,
+                    vector_width, wait_for, wide_vectors)
 from .numba_cpu import _mm, _single_threaded_blas, _slots
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
@@ -163,6 +165,7 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1):
     ldc = a.shape[1]
     lstm = NR == 4 * VW               # the LSTM's and the RNN's panels: 4 vectors
     MR = _tile_rows(4 if lstm else 3)
+    halves = split_k(B, NR // VW)     # by the batch, not the tile: see _simd.split_k
     for i in range(u0, u1):
         u = u0 + u1 - 1 - i if backwards else i
         for k0 in range(0, K, KC):
@@ -171,10 +174,10 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1):
                 mr = min(MR, r1 - b0)
                 if lstm:
                     _MK_LSTM(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                             b0 * ldc + u * PU, ldc, cv, k0 > 0)
+                             b0 * ldc + u * PU, ldc, cv, k0 > 0, halves)
                 else:
                     _MK_GRU(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                            b0 * ldc + u * PU, ldc, cv, k0 > 0)
+                            b0 * ldc + u * PU, ldc, cv, k0 > 0, halves)
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the
@@ -194,11 +197,15 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1):
 # step at B = 1. Inactive rows' gate rows are not written (backward never reads them).
 
 @_jit
-def _xw_offsets(gates, n0, n1):
+def _xw_offsets(gates, n0, n1, xs):
     """Where a thread's projected inputs lie in the chunk: the thread with units [n0, n1)
     owns columns [gates n0, gates n1), gate by gate (:func:`_project`), so gate ``g`` of
     unit ``j`` is column ``X0 + g W + j`` with ``X0 = (gates - 1) n0``, ``W = n1 - n0``.
-    With one thread (n0 = 0, n1 = H) that is the plain layout, column g H + j."""
+    With one thread (n0 = 0, n1 = H) that is the plain layout, column g H + j. ``xs``
+    nonzero: the step's projection of a fused loop, in the layout of the scratch ``a``
+    (gate stride ``xs = Hp``): X0 = 0, W = xs."""
+    if xs:
+        return np.uint64(0), np.uint64(xs)
     return np.uint64((gates - 1) * n0), np.uint64(n1 - n0)
 
 
@@ -213,7 +220,7 @@ def _carry(hs, prev, new, out, t, b, n0, n1):
 
 
 @_jit
-def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1, r0, r1):
+def _lstm_block(a, Hp, xw, tx, xs, bias, cs, hs, prev, new, out, t, lengths, n0, n1, r0, r1):
     """Units [n0, n1) of the rows [r0, r1), one fused pass from the pre-activations (``a``, gate
     stride Hp, plus ``xw[tx]`` in the thread's layout, :func:`_xw_offsets`, and the bias):
     reads cs[prev], hs[prev]; writes cs[new], hs[new], out[t]; inactive rows carry their
@@ -221,7 +228,7 @@ def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1,
     wide_vectors()
     H1, P1 = np.uint64(cs.shape[2]), np.uint64(Hp)
     H2, H3, P2, P3 = H1 + H1, H1 + H1 + H1, P1 + P1, P1 + P1 + P1
-    X0, W = _xw_offsets(4, n0, n1)
+    X0, W = _xw_offsets(4, n0, n1, xs)
     X1, X2, X3 = X0 + W, X0 + W + W, X0 + W + W + W
     for b in range(r0, r1):
         if t < lengths[b]:
@@ -241,13 +248,13 @@ def _lstm_block(a, Hp, xw, tx, bias, cs, hs, prev, new, out, t, lengths, n0, n1,
 
 
 @_jit
-def _store_gate(a, Hp, xw, tx, bias, gates, t, b, g, H, n0, n1, use_tanh):
+def _store_gate(a, Hp, xw, tx, xs, bias, gates, t, b, g, H, n0, n1, use_tanh):
     """gates[t, b, g H + j] = act(a[b, g Hp + j] + xw[tx, b, g W + X0 + j] + bias[g H + j])
     for the units j of [n0, n1) (:func:`_xw_offsets`): one gate of one row, the sigmoid or
     tanh."""
     wide_vectors()
     G1, P1 = np.uint64(g) * np.uint64(H), np.uint64(g) * np.uint64(Hp)
-    X0, W = _xw_offsets(gates.shape[2] // H, n0, n1)
+    X0, W = _xw_offsets(gates.shape[2] // H, n0, n1, xs)
     XG = X0 + np.uint64(g) * W
     if use_tanh:
         for j in range(np.uint64(n0), np.uint64(n1)):
@@ -258,23 +265,23 @@ def _store_gate(a, Hp, xw, tx, bias, gates, t, b, g, H, n0, n1, use_tanh):
 
 
 @_jit
-def _lstm_gates(a, Hp, xw, tx, bias, t, lengths, n0, n1, r0, r1, gates):
+def _lstm_gates(a, Hp, xw, tx, xs, bias, t, lengths, n0, n1, r0, r1, gates):
     """Training: the gates i, f, g, o of the active rows into ``gates[t]``, a pass per
     gate, from the same expressions as _lstm_block."""
     H = gates.shape[2] // 4
     for b in range(r0, r1):
         if t < lengths[b]:
             for g in range(4):
-                _store_gate(a, Hp, xw, tx, bias, gates, t, b, g, H, n0, n1, g == 2)
+                _store_gate(a, Hp, xw, tx, xs, bias, gates, t, b, g, H, n0, n1, g == 2)
 
 
 @_jit
-def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1, r0, r1):
+def _gru_block(a, Hp, xw, tx, xs, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1, r0, r1):
     """reset_after, units [n0, n1) of every row: one fused pass (see _lstm_block)."""
     wide_vectors()
     H1, P1 = np.uint64(hs.shape[2]), np.uint64(Hp)
     H2, P2 = H1 + H1, P1 + P1
-    X0, W = _xw_offsets(3, n0, n1)
+    X0, W = _xw_offsets(3, n0, n1, xs)
     X1, X2 = X0 + W, X0 + W + W
     for b in range(r0, r1):
         if t < lengths[b]:
@@ -290,18 +297,18 @@ def _gru_block(a, Hp, xw, tx, bias, b_hn, hs, prev, new, out, t, lengths, n0, n1
 
 
 @_jit
-def _gru_gates(a, Hp, xw, tx, bias, b_hn, t, lengths, n0, n1, r0, r1, gates, hns):
+def _gru_gates(a, Hp, xw, tx, xs, bias, b_hn, t, lengths, n0, n1, r0, r1, gates, hns):
     """Training: r, z, n into ``gates[t]`` and hn = W_hn h + b_hn into ``hns[t]`` for the
     active rows, a pass per gate, from the same expressions as _gru_block."""
     wide_vectors()
     H = hns.shape[2]
     H2, P2 = np.uint64(2 * H), np.uint64(2 * Hp)
-    X0, W = _xw_offsets(3, n0, n1)
+    X0, W = _xw_offsets(3, n0, n1, xs)
     X2 = X0 + W + W
     for b in range(r0, r1):
         if t < lengths[b]:
-            _store_gate(a, Hp, xw, tx, bias, gates, t, b, 0, H, n0, n1, False)
-            _store_gate(a, Hp, xw, tx, bias, gates, t, b, 1, H, n0, n1, False)
+            _store_gate(a, Hp, xw, tx, xs, bias, gates, t, b, 0, H, n0, n1, False)
+            _store_gate(a, Hp, xw, tx, xs, bias, gates, t, b, 1, H, n0, n1, False)
             for j in range(np.uint64(n0), np.uint64(n1)):
                 r = sigmoid(a[b, j] + xw[tx, b, X0 + j] + bias[j])
                 hn = a[b, P2 + j] + b_hn[j]
@@ -357,8 +364,9 @@ def describe():
     return (f"{state} for float32 LSTM/GRU/RNN forwards; {VW}-lane vectors ({isa}), tiles of "
             f"{MR_LSTM} (LSTM) / {MR_GRU} (GRU) rows; split over threads by hidden units from "
             f"{MIN_SPLIT_STEP_WORK} multiply-adds per step while no other thread runs; "
-            f"projection ahead on another core {how[ahead]} (packed_numba.ahead); batch rows "
-            f"split {how[rows]} (packed_numba.rows)")
+            f"projection ahead on another core {how[ahead]} (packed_numba.ahead); fused "
+            f"projection {how[fused]} (packed_numba.fused); batch rows split {how[rows]} "
+            f"(packed_numba.rows)")
 
 
 def _other_threads_running():
@@ -488,7 +496,7 @@ def project_ahead(gemm, x2, w_ih, xw, T, reverse, flags):
 
 @_jit
 def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, training, hs, cs,
-                out, gates_out, hns, xw, a, flags, tid, nthreads, ahead, by_rows):
+                out, gates_out, hns, xw, a, flags, tid, nthreads, ahead, by_rows, panels_ih):
     """The time loop of ``cell``: an LSTM (``LSTM``; ``cs`` its cells, ``b_hn`` and ``hns``
     unused), a reset-after GRU (``GRU``; ``b_hn`` the n gate's recurrent bias, ``hns`` its
     cache of W_hn h + b_hn, ``cs`` unused) or an RNN (``RNN_TANH``, ``RNN_RELU``; ``hs``
@@ -496,19 +504,22 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     nthreads, U (tid + 1) / nthreads)`` of every step, and their
     columns of the input projection, a chunk of ``xw.shape[1]`` steps at a time (each
     thread projects and reads only its own units, so chunks need no barrier). With
-    ``by_rows``, a share of the batch rows instead (whole tiles of the micro-kernel's rows,
-    which a one-thread loop makes too: a tile of fewer rows sums in another order),
-    every unit of them, and no barrier per step (rows never meet): each thread projects
-    its share of the chunk's steps, all rows (so that the results are those of one
-    thread, bitwise), with a barrier before (the chunk's buffer is free) and after. With
-    ``ahead`` (one thread), :func:`project_ahead` computes the chunks on another core
+    ``panels_ih`` non-empty (W_ih packed as ``panels``), a fused loop: each step's inputs
+    are projected by the micro-kernel, for the thread's units and rows, into ``xw`` = one
+    (1, 1, B, gates Hp) slot in the layout of ``a``, just before the step's recurrent
+    product (no GEMM, no chunks). With ``by_rows`` (fused only), the rows
+    ``[B tid / nthreads, B (tid + 1) / nthreads)`` instead, every unit of them, and no
+    barrier at all: rows never meet (the micro-kernel's sums do not depend on where a
+    thread's rows start, :func:`._simd.split_k`, so the bits are the one-thread loop's).
+    With ``ahead`` (one thread), :func:`project_ahead` computes the chunks on another core
     into the ring ``xw`` instead, and ``flags`` counts the chunks it and this loop have
     done (one thread only: the counters sit where the split's barrier keeps thread 1's
     step). ``hs``/``cs``
     are the state buffers of :func:`.numba_cpu._state_buffers` ((2, B, H) ping-pong in
     inference, (T + 1, B, H) in training); ``gates_out`` (and ``hns``) the cache in
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
-    W_ih with its rows in the threads' order (:func:`_rows_by_thread`; W_ih by rows)."""
+    W_ih with its rows in the threads' order (:func:`_rows_by_thread`; W_ih itself where
+    fused)."""
     T, B, H = out.shape
     U = panels.shape[0]
     gates = abs(cell)
@@ -516,12 +527,12 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     S, Tc = xw.shape[0], xw.shape[1]
     Hp = U * PU
     cv = Hp if gates > 1 else VW          # columns between a panel's vectors in ``a``
-    if by_rows:     # whole tiles of rows, as one thread tiles them: the same sums, bitwise
+    fused = panels_ih.shape[1] > 0
+    xs = Hp if fused and gates > 1 else 0
+    x3 = x2.reshape(T, B, x2.shape[1])
+    if by_rows:
         u0, u1, n0, n1 = 0, U, 0, H
-        MR = _tile_rows(gates)
-        tiles = -(-B // MR)
-        r0 = min(B, MR * (tiles * tid // nthreads))
-        r1 = min(B, MR * (tiles * (tid + 1) // nthreads))
+        r0, r1 = B * tid // nthreads, B * (tid + 1) // nthreads
     else:
         u0, u1, n0, n1 = _thread_units(U, PU, H, tid, nthreads)
         r0, r1 = 0, B
@@ -531,35 +542,32 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0        # the chunk's steps cover times [t0, t0 + c1 - c0)
         xc = xw[c % S]
-        if ahead:
+        if fused:
+            pass                                  # one step a chunk, projected below
+        elif ahead:
             wait_for(flags, 0, c + 1)
-        elif by_rows:
-            n = c1 - c0
-            s0, s1 = n * tid // nthreads, n * (tid + 1) // nthreads
-            spin_barrier(flags, tid, nthreads, 2 * c + 1)     # the last chunk is read
-            _mm(gemm, x2[(t0 + s0) * B:(t0 + s1) * B], False, w_proj, True,
-                xc.reshape(Tc * B, xw.shape[3])[s0 * B:s1 * B], 0.0)
-            spin_barrier(flags, tid, nthreads, 2 * c + 2)     # the chunk is projected
         else:
             _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
                      xc.reshape(Tc * B, xw.shape[3])[:(c1 - c0) * B], gates, n0, n1)
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = _slots(t, k, r, training)
+            if fused:
+                _recurrent(panels_ih, x3, t, xc[0], PU, cv, u0, u1, k % 2 == 1, r0, r1)
             _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1, r0, r1)
             if gates == 1:
                 _rnn_block(a, xc, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1, r0,
                            r1, cell == RNN_RELU)
             elif gates == 4:
-                _lstm_block(a, Hp, xc, t - t0, bias, cs, hs, prev, new, out, t, lengths, n0, n1,
+                _lstm_block(a, Hp, xc, t - t0, xs, bias, cs, hs, prev, new, out, t, lengths, n0, n1,
                             r0, r1)
                 if training:
-                    _lstm_gates(a, Hp, xc, t - t0, bias, t, lengths, n0, n1, r0, r1, gates_out)
+                    _lstm_gates(a, Hp, xc, t - t0, xs, bias, t, lengths, n0, n1, r0, r1, gates_out)
             else:
-                _gru_block(a, Hp, xc, t - t0, bias, b_hn, hs, prev, new, out, t, lengths, n0,
+                _gru_block(a, Hp, xc, t - t0, xs, bias, b_hn, hs, prev, new, out, t, lengths, n0,
                            n1, r0, r1)
                 if training:
-                    _gru_gates(a, Hp, xc, t - t0, bias, b_hn, t, lengths, n0, n1, r0, r1,
+                    _gru_gates(a, Hp, xc, t - t0, xs, bias, b_hn, t, lengths, n0, n1, r0, r1,
                                gates_out, hns)
             if nthreads > 1 and not by_rows:
                 spin_barrier(flags, tid, nthreads, k + 1)
@@ -661,12 +669,14 @@ def _ahead_chunk(T, B, G):
     return min(_chunk_steps(T, B, G), max(-(-AHEAD_MIN_ROWS // B), -(-T // AHEAD_CHUNKS)))
 
 
-def _run(nthreads, x, w_ih, panels, *args, by_rows=False):
+def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
     """``cell_thread(gemm, x2, w_proj, panels, *args, xw, a, flags, tid, nthreads,
-    ahead, by_rows)`` on ``nthreads`` threads, with the chunk and scratch buffers. With
+    ahead, by_rows, panels_ih)`` on ``nthreads`` threads, with the chunk and scratch
+    buffers. Fused (``panels_ih`` given), the micro-kernel projects each step, split by
+    hidden units or (``by_rows``) by batch rows. Otherwise, with
     one thread the projection runs ahead on another core, or on the BLAS's threads, or
-    on one (:func:`_projection`); with more, split by hidden units or (``by_rows``) by
-    batch rows, each thread projects its share with a single-threaded BLAS (an idle BLAS
+    on one (:func:`_projection`); with more, split by hidden units,
+    each thread projects its share with a single-threaded BLAS (an idle BLAS
     pool would spin on the cores the loop needs). A loop that would use the pool while
     another thread's loop has it runs alone (``_pool_loop``). A thread that fails
     releases the others (``RELEASE``) and its error is raised here."""
@@ -674,46 +684,51 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False):
     if by_rows:
         mode = "rows"
     elif nthreads == 1:
-        mode = _projection(T, B, I, w_ih.shape[0], abs(args[0]), args[5])
+        mode = "fused" if panels_ih is not None else \
+            _projection(T, B, I, w_ih.shape[0], abs(args[0]), args[5])
     else:
         mode = "split"
-    if mode in ("blas", "alone"):
-        return _loop(1, mode, x, w_ih, panels, *args)
+    if mode in ("blas", "alone", "fused"):
+        return _loop(1, mode, x, w_ih, panels, panels_ih, *args)
     if not _pool_loop.acquire(blocking=False):
-        return _loop(1, "alone", x, w_ih, panels, *args)
+        return _loop(1, "fused" if panels_ih is not None else "alone", x, w_ih, panels,
+                     panels_ih, *args)
     try:
-        return _loop(nthreads, mode, x, w_ih, panels, *args)
+        return _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args)
     finally:
         _pool_loop.release()
 
 
-def _loop(nthreads, mode, x, w_ih, panels, *args):
-    """:func:`_run`'s loop, in the ``mode`` it chose ("blas", "alone", "ahead", "split",
-    "rows")."""
+def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
+    """:func:`_run`'s loop, in the ``mode`` it chose ("blas", "alone", "ahead", "fused",
+    "split", "rows"; the last two fused where ``panels_ih`` is given)."""
     T, B, I = x.shape
     U, _, NR = panels.shape
     G = w_ih.shape[0]
     cell, _, _, _, reverse, _ = args[:6]
     gates = abs(cell)
-    if mode == "ahead":
-        Tc = _ahead_chunk(T, B, G)
-        slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
+    if panels_ih is not None:              # one step's projection, in the layout of ``a``
+        xw, w_proj = aligned_empty((1, 1, B, NR * U)), w_ih
     else:
-        Tc, slots = _chunk_steps(T, B, G), 1
-    w_proj = w_ih if mode == "rows" else _rows_by_thread(w_ih, gates, U, _panel_units(gates),
-                                                         nthreads)
-    xw = np.empty((slots, Tc, B, G), dtype=np.float32)
+        if mode == "ahead":
+            Tc = _ahead_chunk(T, B, G)
+            slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
+        else:
+            Tc, slots = _chunk_steps(T, B, G), 1
+        xw = np.empty((slots, Tc, B, G), dtype=np.float32)
+        w_proj = _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads)
+        panels_ih = np.empty((1, 0, NR), dtype=np.float32)
     a = aligned_empty((B, NR * U))
     fl = flags(max(nthreads, 2))
     gemm = gemm_for(x.dtype)
     x2 = x.reshape(T * B, I)
     call = (gemm, x2, w_proj, panels) + args + (xw, a, fl)
-    if mode == "blas":
-        cell_thread(*call, 0, 1, False, False)
+    if mode in ("blas", "fused"):
+        cell_thread(*call, 0, 1, False, False, panels_ih)
         return
     with _single_threaded_blas():
         if mode == "alone":
-            cell_thread(*call, 0, 1, False, False)
+            cell_thread(*call, 0, 1, False, False, panels_ih)
             return
         pool, cpu = _executor(), _current_cpu()
         if mode == "ahead":
@@ -721,9 +736,9 @@ def _loop(nthreads, mode, x, w_ih, panels, *args):
                                    reverse, fl)]
         else:
             futures = [pool.submit(_off_cpu, cpu, fl, cell_thread, *call, tid, nthreads, False,
-                                   mode == "rows") for tid in range(1, nthreads)]
+                                   mode == "rows", panels_ih) for tid in range(1, nthreads)]
         try:
-            cell_thread(*call, 0, nthreads, mode == "ahead", mode == "rows")
+            cell_thread(*call, 0, nthreads, mode == "ahead", mode == "rows", panels_ih)
         except BaseException:
             fl[:] = RELEASE
             raise
@@ -732,38 +747,60 @@ def _loop(nthreads, mode, x, w_ih, panels, *args):
                 f.result()
 
 
-#: Whether one-thread loops split the batch rows over threads (:func:`cell_thread` with
-#: ``by_rows``): None (the default), where :func:`_rows_for` finds that it pays; False,
-#: never; True, wherever :func:`threads_for` runs one thread and there are two threads of
-#: ``ROWS_MIN`` rows and two tiles of rows (tests, A/B timings). Its results are the
-#: one-thread loop's, bitwise (``tests/test_packed.py``).
+#: Whether fused loops split the batch rows over threads (:func:`cell_thread` with
+#: ``by_rows``) rather than the hidden units: None (the default), where :func:`_rows_for`
+#: finds that it pays; False, never; True, wherever a fused loop has two threads of
+#: ``ROWS_MIN`` rows (tests, A/B timings). Its results are the one-thread loop's, bitwise
+#: (``tests/test_packed.py``).
 rows = None
-#: Rows a thread of the rows split has at least. ``fastrnn bench``, two runs each, auto
-#: against off: LSTM 100x32x128x128 4.45/4.89 against 5.90/6.41 ms, GRU 3.31/4.45 against
-#: 4.41/4.66; at 50x16x128x128, where the LSTM's tiles of 6 rows split 6 | 10, even
-#: (1.65-1.74 against 1.63-1.79 ms; GRU 1.26-1.31 against 1.30-1.67).
+#: Rows a thread of the rows split has at least.
 ROWS_MIN = 8
-#: Bytes of packed weights (W_ih and W_hh) up to which the rows split is used: each
-#: thread reads all of them at every step, which must stay in its L2 (half of its 2 MB
-#: here); the hidden-unit split reads half each.
-ROWS_MAX_WEIGHT_BYTES = 1 << 20
+#: Multiply-adds a thread of the rows split has at least per step (its rows times
+#: ``G (I + H)``): with 8 rows each, the RNN at 50x16x128x128 (262K a thread) ran 0.87x
+#: of one thread projecting on the BLAS's two, at 100x32x128x128 (524K) 1.28x.
+ROWS_MIN_WORK = 3 << 17
+#: Share of a core's L2 cache that the packed weights (W_ih and W_hh) may fill for the
+#: rows split: each thread reads all of them at every step (the hidden-unit split reads
+#: its share of them), and they must stay in its L2 with the step's rows.
+ROWS_L2_SHARE = 0.75
 
 
-def _rows_for(x, gates, H):
-    """Threads of the rows split for this forward, or 0 (no rows split): a gated cell,
-    ``ROWS_MIN`` rows and a tile of rows a thread for two threads or more, the packed
-    weights within ``ROWS_MAX_WEIGHT_BYTES``, and (as for the hidden-unit split) no other
-    thread of the process running. Not the RNN: its steps are light, and the first
-    version of this split ran it at 0.5-0.9x (docs/numba.md)."""
+@functools.lru_cache(maxsize=None)
+def l2_bytes():
+    """The L2 cache of a core, from Linux's sysfs (1 MB where it cannot be read)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            with open(f"{base}/{index}/level") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(f"{base}/{index}/size") as f:
+                size = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+            return int(size.rstrip("KMB")) * scale
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
+def _rows_for(x, gates, H, fused):
+    """Threads of the rows split for this forward, or 0 (no rows split): a fused loop,
+    ``ROWS_MIN`` rows and ``ROWS_MIN_WORK`` multiply-adds a step a thread for two threads
+    or more (``rows`` True: the rows alone), the packed weights within
+    ``ROWS_L2_SHARE`` of a core's L2, and (as for the hidden-unit split) no other thread
+    of the process running."""
     T, B, I = x.shape
     n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN,
-            -(-B // _tile_rows(gates)), POOL_WORKERS + 1)
-    if rows is False or n < 2:
+            _step_work(x, gates, H) // ROWS_MIN_WORK, POOL_WORKERS + 1)
+    if rows is True:
+        n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN,
+                POOL_WORKERS + 1)
+    if rows is False or not fused or n < 2:
         return 0
     if rows:
         return n
     G = gates * -(-H // _panel_units(gates)) * _panel_units(gates)
-    if gates == 1 or 4 * G * (I + H) > ROWS_MAX_WEIGHT_BYTES or _other_threads_running():
+    if 4 * G * (I + H) > ROWS_L2_SHARE * l2_bytes() or _other_threads_running():
         return 0
     return n
 
@@ -771,10 +808,46 @@ def _rows_for(x, gates, H):
 def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, hs, cs, out,
         gates, hns):
     """The forward of ``cell`` (``LSTM``, ``GRU``, ``RNN_TANH``, ``RNN_RELU``) on
-    ``nthreads`` threads (:func:`threads_for`), into the buffers numba_cpu's forward made
-    for its BLAS loops (states, output and, in training, the gate cache it returns): the
-    packed loop is the other time loop those forwards choose between, with the same
-    arguments but ``W_hh`` packed here (see :func:`cell_thread` for the unused ones)."""
-    rows_threads = _rows_for(x, abs(cell), w_hh.shape[1]) if nthreads == 1 else 0
-    _run(rows_threads or nthreads, x, w_ih, pack(w_hh, abs(cell)), cell, bias, b_hn, lengths,
-         reverse, training, hs, cs, out, gates, hns, by_rows=rows_threads > 0)
+    ``nthreads`` threads (:func:`threads_for`), or split by rows (:func:`_rows_for`,
+    unless ``threads`` forces a split by units), into the buffers numba_cpu's forward
+    made for its BLAS loops (states, output and, in training, the gate cache it returns):
+    the packed loop is the other time loop those forwards choose between, with the same
+    arguments but ``W_hh`` (and, fused, ``W_ih``) packed here (see :func:`cell_thread`
+    for the unused ones)."""
+    n = abs(cell)
+    panels_ih = pack(w_ih, n) if _fused_for(x, n, w_hh.shape[1]) else None
+    by_rows = _rows_for(x, n, w_hh.shape[1], panels_ih is not None) \
+        if nthreads == 1 or threads is None else 0
+    _run(by_rows or nthreads, x, w_ih, pack(w_hh, n), cell, bias, b_hn, lengths, reverse,
+         training, hs, cs, out, gates, hns, by_rows=by_rows > 0, panels_ih=panels_ih)
+
+
+#: Whether the loops project each step's inputs with the micro-kernel, from W_ih packed
+#: as W_hh is, just before the step's recurrent product (:func:`cell_thread` with
+#: ``panels_ih``), instead of a BLAS GEMM per chunk of steps: None (the default), from
+#: ``FUSED_MIN_ROWS`` batch rows on, unless ``ahead`` is True; True, always; False,
+#: never. The choice depends on the shapes alone, never on the threads a call gets, so
+#: that the bits do not either.
+fused = None
+#: Batch rows from which the loops are fused: the micro-kernel's tiles are full there.
+FUSED_MIN_ROWS = 16
+#: Multiply-adds per step (``B G (I + H)``) from which the loops are fused: a fused loop
+#: projects on its own threads, so it needs a step big enough to split over the cores;
+#: below, one thread projecting on the BLAS's threads was faster (the RNN at
+#: 50x16x128x128: 0.87x fused, split by rows; 0.92x fused on one thread).
+FUSED_MIN_STEP_WORK = 2 * ROWS_MIN_WORK
+
+
+def _step_work(x, gates, H):
+    """Multiply-adds of one step of this forward: B G (I + H)."""
+    T, B, I = x.shape
+    return B * gates * H * (I + H)
+
+
+def _fused_for(x, gates, H):
+    """Whether this forward's loop is fused (:data:`fused`): ``FUSED_MIN_ROWS`` rows
+    and ``FUSED_MIN_STEP_WORK`` multiply-adds a step, unless ``ahead`` is True."""
+    if fused is not None:
+        return fused
+    return (ahead is not True and x.shape[1] >= FUSED_MIN_ROWS
+            and _step_work(x, gates, H) >= FUSED_MIN_STEP_WORK)
