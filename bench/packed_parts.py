@@ -8,10 +8,18 @@ behind session 7's choices:
   in serpentine order (as shipped) and always first to last;
 * ``gc``: the median and the slowest of 3000 GRU 200x1x64x64 inference calls, and the
   full collections among them, with Python's collector as it is and after
-  ``gc.freeze()``, each in a fresh process.
+  ``gc.freeze()``, each in a fresh process;
+* ``split``: where the time of a fused loop split over two threads by hidden units goes
+  (LSTM and GRU, 100x64x256x256 and 100x64x512x512): the loop as shipped; the same with
+  its barrier released in advance (counters at ``RELEASE``: both threads run their steps
+  without waiting, over states the other has or has not written yet, which costs the
+  same); each thread's loop alone on the caller's core; and the products alone (the
+  micro-kernel over thread 0's panels of W_ih and W_hh, every step), with their
+  GFLOP/s. The differences: pointwise = alone - products; running beside the other
+  thread = no barrier - the slower alone; the barrier = shipped - no barrier.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
-        [--parts pointwise product gc]
+        [--parts pointwise product gc split]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -135,7 +143,61 @@ def collector():
                              capture_output=True, text=True).stdout.strip(), flush=True)
 
 
-PARTS = {"pointwise": pointwise, "product": product, "gc": collector}
+def split():
+    from fastrnn.backends._cblas import gemm_for
+    rng = np.random.default_rng(0)
+    for cell, code, T, B, I, H in (("lstm", pk.LSTM, 100, 64, 256, 256),
+                                   ("gru", pk.GRU, 100, 64, 256, 256),
+                                   ("lstm", pk.LSTM, 100, 64, 512, 512),
+                                   ("gru", pk.GRU, 100, 64, 512, 512)):
+        gates = abs(code)
+        G = gates * H
+        x = rng.standard_normal((T, B, I)).astype(np.float32)
+        w_ih = (0.1 * rng.standard_normal((G, I))).astype(np.float32)
+        w_hh = (0.1 * rng.standard_normal((G, H))).astype(np.float32)
+        bias = np.zeros(G, np.float32)
+        lengths = np.full(B, T, np.int64)
+        hs = rng.standard_normal((2, B, H)).astype(np.float32)
+        cs = hs.copy()
+        out = np.empty((T, B, H), np.float32)
+        none = np.empty((0, 0, 0), np.float32)
+        panels, panels_ih = pk.pack(w_hh, gates), pk.pack(w_ih, gates)
+        U, _, NR = panels.shape
+        args = (code, bias, bias, lengths, False, False, hs, cs, out, none, none)
+        whole = _median_s(lambda: pk._loop(2, "split", x, w_ih, panels, panels_ih, *args), 7)
+        real_flags = pk.flags
+        pk.flags = lambda n: np.full(max(n, 1) * pk.FLAG_STRIDE, pk.RELEASE, np.int64)
+        try:
+            free = _median_s(lambda: pk._loop(2, "split", x, w_ih, panels, panels_ih, *args), 7)
+        finally:
+            pk.flags = real_flags
+        xw = pk.aligned_empty((2, 1, B, NR * U))
+        a = pk.aligned_empty((B, NR * U))
+        released = np.full(2 * pk.FLAG_STRIDE, pk.RELEASE, np.int64)
+        call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (xw, a, released)
+        alone = [_median_s(lambda: pk.cell_thread(*call, tid, 2, False, False, panels_ih), 7)
+                 for tid in (0, 1)]
+        PU, Hp = pk._panel_units(gates), U * pk._panel_units(gates)
+        u1 = U // 2
+
+        @numba.njit(fastmath=FASTMATH)
+        def products(panels, panels_ih, x, hs, a, ax, T):
+            for k in range(T):
+                pk._recurrent(panels_ih, x, k, ax, PU, Hp, 0, u1, k % 2 == 0, 0, B)
+                pk._recurrent(panels, hs, k % 2, a, PU, Hp, 0, u1, k % 2 == 1, 0, B)
+
+        prod = _median_s(lambda: products(panels, panels_ih, x, hs, a, xw[0, 0], T), 7)
+        flop = 2 * T * B * gates * (u1 * PU) * (I + H)
+        print(f"split {cell} {T}x{B}x{I}x{H}, 2 threads by units, ms: shipped {whole * 1e3:.2f}, "
+              f"no barrier {free * 1e3:.2f}, thread 0 alone {alone[0] * 1e3:.2f}, thread 1 "
+              f"alone {alone[1] * 1e3:.2f}, thread 0's products {prod * 1e3:.2f} "
+              f"({flop / prod / 1e9:.0f} GFLOP/s a core); pointwise "
+              f"{(alone[0] - prod) * 1e3:.2f}, beside the other thread "
+              f"{(free - max(alone)) * 1e3:.2f}, barrier {(whole - free) * 1e3:.2f}",
+              flush=True)
+
+
+PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split}
 
 
 def main():

@@ -537,13 +537,17 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         u0, u1, n0, n1 = _thread_units(U, PU, H, tid, nthreads)
         r0, r1 = 0, B
     r = 1 if reverse else 0
+    split = nthreads > 1 and not by_rows          # a barrier per step
+    if fused:                                     # the first step's projection
+        _recurrent(panels_ih, x3, T - 1 if reverse else 0, xw[0, 0], PU, cv, u0, u1, False,
+                   r0, r1)
     c = 0
     for c0 in range(0, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0        # the chunk's steps cover times [t0, t0 + c1 - c0)
         xc = xw[c % S]
         if fused:
-            pass                                  # one step a chunk, projected below
+            pass                       # one step a chunk, projected during the last step
         elif ahead:
             wait_for(flags, 0, c + 1)
         else:
@@ -552,8 +556,6 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         for k in range(c0, c1):
             t = T - 1 - k if reverse else k
             prev, new = _slots(t, k, r, training)
-            if fused:
-                _recurrent(panels_ih, x3, t, xc[0], PU, cv, u0, u1, k % 2 == 1, r0, r1)
             _recurrent(panels, hs, prev, a, PU, cv, u0, u1, k % 2 == 1, r0, r1)
             if gates == 1:
                 _rnn_block(a, xc, t - t0, bias, hs, prev, new, out, t, lengths, n0, n1, r0,
@@ -569,8 +571,14 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
                 if training:
                     _gru_gates(a, Hp, xc, t - t0, xs, bias, b_hn, t, lengths, n0, n1, r0, r1,
                                gates_out, hns)
-            if nthreads > 1 and not by_rows:
-                spin_barrier(flags, tid, nthreads, k + 1)
+            if split:                   # this thread's h_t is out: arrive at the barrier
+                store_release(flags, tid * FLAG_STRIDE, k + 1)
+            if fused and k + 1 < T:     # the next step's projection, while the others finish
+                _recurrent(panels_ih, x3, T - 2 - k if reverse else k + 1, xw[(k + 1) % S, 0],
+                           PU, cv, u0, u1, k % 2 == 0, r0, r1)
+            if split:                   # then wait for every thread's
+                for q in range(nthreads):
+                    wait_for(flags, q * FLAG_STRIDE, k + 1)
         if ahead:
             store_release(flags, FLAG_STRIDE, c + 1)
         c += 1
@@ -707,8 +715,8 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
     G = w_ih.shape[0]
     cell, _, _, _, reverse, _ = args[:6]
     gates = abs(cell)
-    if panels_ih is not None:              # one step's projection, in the layout of ``a``
-        xw, w_proj = aligned_empty((1, 1, B, NR * U)), w_ih
+    if panels_ih is not None:         # two steps' projections, in the layout of ``a``
+        xw, w_proj = aligned_empty((2, 1, B, NR * U)), w_ih
     else:
         if mode == "ahead":
             Tc = _ahead_chunk(T, B, G)
