@@ -506,12 +506,14 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
     assert pk._rows_for(x, 4, 128, True) == 0
 
 
-def test_the_loop_is_fused_by_the_shapes_alone(monkeypatch):
+def test_the_loop_is_fused_by_the_shapes_and_idle_cores(monkeypatch):
     """Fused from FUSED_MIN_ROWS rows and FUSED_MIN_STEP_WORK multiply-adds a step,
-    whatever the threads; never with ``ahead`` forced; ``fused`` forces either way."""
+    whatever the threads, while no other thread of the process runs; never with
+    ``ahead`` forced; ``fused`` forces either way."""
     monkeypatch.setattr(pk, "fused", None)
     monkeypatch.setattr(pk, "ahead", False)
     x = np.zeros((5, pk.FUSED_MIN_ROWS, 128), np.float32)
+    _wait_until_no_other_thread_runs()
     assert pk._fused_for(x, 4, 128)
     assert not pk._fused_for(x[:, :-1], 4, 128)
     assert not pk._fused_for(x, 1, 128)           # 16 x 128 x 256 < FUSED_MIN_STEP_WORK
@@ -519,6 +521,14 @@ def test_the_loop_is_fused_by_the_shapes_alone(monkeypatch):
     for n in (1, 3):
         monkeypatch.setattr(pk, "threads", n)
         assert pk._fused_for(x, 4, 128)
+    stop = _spinning_thread()
+    try:
+        assert not pk._fused_for(x, 4, 128)       # a training loop's spinning BLAS pool
+        monkeypatch.setattr(pk, "fused", True)
+        assert pk._fused_for(x, 4, 128)
+    finally:
+        stop()
+    monkeypatch.setattr(pk, "fused", None)
     monkeypatch.setattr(pk, "ahead", True)
     assert not pk._fused_for(x, 4, 128)
     monkeypatch.setattr(pk, "fused", True)

@@ -13,7 +13,7 @@ CPU, so the same source gets zmm registers on one machine and ymm on another.
 * :func:`wide_vectors`: lets LLVM's loop vectorizer use the host's widest vectors in
   the function that calls it.
 * :func:`load_acquire` / :func:`store_release`: atomic int64 accesses, and
-  :func:`spin_barrier` built on them: the per-step barrier of the threads that
+  :func:`arrive` / :func:`wait_all` built on them: the per-step barrier of the threads that
   share one time loop.
 """
 
@@ -245,11 +245,16 @@ def wait_for(flags, i, value):
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def spin_barrier(flags, tid, nthreads, step):
-    """Thread ``tid`` of ``nthreads`` has finished ``step``: publish it, then wait
-    until every other thread has too. Everything a thread wrote before its call
-    is visible to every thread after theirs (release/acquire)."""
+def arrive(flags, tid, step):
+    """Thread ``tid`` has finished ``step`` of a barrier: it publishes it (release), and
+    can do work of its own before :func:`wait_all`."""
     store_release(flags, tid * FLAG_STRIDE, step)
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def wait_all(flags, nthreads, step):
+    """Wait until every one of ``nthreads`` threads has arrived at ``step``. Everything a
+    thread wrote before its :func:`arrive` is visible to every thread after this."""
     for q in range(nthreads):
         wait_for(flags, q * FLAG_STRIDE, step)
 
