@@ -507,34 +507,35 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
 
 
 def test_the_loop_is_fused_by_the_shapes_and_idle_cores(monkeypatch):
-    """Fused from FUSED_MIN_ROWS rows and FUSED_MIN_STEP_WORK multiply-adds a step,
-    whatever the threads, while no other thread of the process runs; never with
-    ``ahead`` forced; ``fused`` forces either way."""
+    """Inference is fused from FUSED_MIN_ROWS rows and FUSED_MIN_STEP_WORK multiply-adds
+    a step, whatever the threads, while no other thread of the process runs; training
+    and ``ahead`` forced never are; ``fused`` forces either way."""
     monkeypatch.setattr(pk, "fused", None)
     monkeypatch.setattr(pk, "ahead", False)
     x = np.zeros((5, pk.FUSED_MIN_ROWS, 128), np.float32)
     _wait_until_no_other_thread_runs()
-    assert pk._fused_for(x, 4, 128)
-    assert not pk._fused_for(x[:, :-1], 4, 128)
-    assert not pk._fused_for(x, 1, 128)           # 16 x 128 x 256 < FUSED_MIN_STEP_WORK
-    assert pk._fused_for(np.zeros((5, 32, 128), np.float32), 1, 128)
+    assert pk._fused_for(x, 4, 128, False)
+    assert not pk._fused_for(x[:, :-1], 4, 128, False)
+    assert not pk._fused_for(x, 1, 128, False)           # 16 x 128 x 256 < FUSED_MIN_STEP_WORK
+    assert pk._fused_for(np.zeros((5, 32, 128), np.float32), 1, 128, False)
     for n in (1, 3):
         monkeypatch.setattr(pk, "threads", n)
-        assert pk._fused_for(x, 4, 128)
+        assert pk._fused_for(x, 4, 128, False)
+    assert not pk._fused_for(x, 4, 128, True)           # training
     stop = _spinning_thread()
     try:
-        assert not pk._fused_for(x, 4, 128)       # a training loop's spinning BLAS pool
+        assert not pk._fused_for(x, 4, 128, False)       # a training loop's spinning BLAS pool
         monkeypatch.setattr(pk, "fused", True)
-        assert pk._fused_for(x, 4, 128)
+        assert pk._fused_for(x, 4, 128, False)
     finally:
         stop()
     monkeypatch.setattr(pk, "fused", None)
     monkeypatch.setattr(pk, "ahead", True)
-    assert not pk._fused_for(x, 4, 128)
+    assert not pk._fused_for(x, 4, 128, False)
     monkeypatch.setattr(pk, "fused", True)
-    assert pk._fused_for(x[:, :1], 1, 8)
+    assert pk._fused_for(x[:, :1], 1, 8, True)
     monkeypatch.setattr(pk, "fused", False)
-    assert not pk._fused_for(x, 4, 128)
+    assert not pk._fused_for(x, 4, 128, False)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
@@ -574,3 +575,23 @@ def test_threads_do_not_change_the_bits(monkeypatch, kind, B):
     for name in ("fused3", "rows", "rows2"):
         for got, want in zip(outs[name], outs["fused"]):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_fused_inference_equals_the_training_forward_bitwise(monkeypatch, kind):
+    """Inference is fused from 16 rows, training is not (``_fused_for``): the micro-kernel
+    and OpenBLAS's GEMM both sum each projection in the order of k, so the eval and train
+    forwards still agree bitwise (README: determinism)."""
+    rng = np.random.default_rng(5)
+    T, B, I, H = 9, 16, 70, 2 * pk.VW + 3
+    G = GATES[kind] * H
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = (0.5 * rng.standard_normal((B, H))).astype(np.float32)
+    w = [(0.3 * rng.standard_normal(s)).astype(np.float32) for s in ((G, I), (G, H), (G,), (G,))]
+    states = [h0, h0] if kind == "lstm" else [h0]
+    monkeypatch.setattr(pk, "fused", True)
+    eval_out = _forward(kind, nb, x, states, w, None, False, False)
+    monkeypatch.setattr(pk, "fused", False)
+    train_out = _forward(kind, nb, x, states, w, None, False, True)
+    for got, want in zip(eval_out[:-1], train_out[:-1]):
+        np.testing.assert_array_equal(got, want)

@@ -822,7 +822,7 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
     arguments but ``W_hh`` (and, fused, ``W_ih``) packed here (see :func:`cell_thread`
     for the unused ones)."""
     n = abs(cell)
-    panels_ih = pack(w_ih, n) if _fused_for(x, n, w_hh.shape[1]) else None
+    panels_ih = pack(w_ih, n) if _fused_for(x, n, w_hh.shape[1], training) else None
     by_rows = _rows_for(x, n, w_hh.shape[1], panels_ih is not None) \
         if panels_ih is not None and (nthreads == 1 or threads is None) else 0
     _run(by_rows or nthreads, x, w_ih, pack(w_hh, n), cell, bias, b_hn, lengths, reverse,
@@ -832,10 +832,10 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
 #: Whether the loops project each step's inputs with the micro-kernel, from W_ih packed
 #: as W_hh is, just before the step's recurrent product (:func:`cell_thread` with
 #: ``panels_ih``), instead of a BLAS GEMM per chunk of steps: None (the default), from
-#: ``FUSED_MIN_ROWS`` batch rows and ``FUSED_MIN_STEP_WORK`` multiply-adds a step, unless
-#: ``ahead`` is True or another thread of the process is running; True, always; False,
-#: never. Apart from that last condition the choice depends on the shapes alone, never
-#: on the threads a call gets, so that the bits do not either.
+#: ``FUSED_MIN_ROWS`` batch rows and ``FUSED_MIN_STEP_WORK`` multiply-adds a step in
+#: inference, unless ``ahead`` is True or another thread of the process is running; True,
+#: always; False, never. Apart from that last condition the choice depends on the shapes
+#: and the mode alone, never on the threads a call gets, so that the bits do not either.
 fused = None
 #: Batch rows from which the loops are fused: the micro-kernel's tiles are full there.
 FUSED_MIN_ROWS = 16
@@ -852,16 +852,20 @@ def _step_work(x, gates, H):
     return B * gates * H * (I + H)
 
 
-def _fused_for(x, gates, H):
-    """Whether this forward's loop is fused (:data:`fused`): ``FUSED_MIN_ROWS`` rows
-    and ``FUSED_MIN_STEP_WORK`` multiply-adds a step, unless ``ahead`` is True or
-    another thread of the process is running. A fused loop projects on its own threads:
-    next to a running thread (a training loop's backward leaves OpenBLAS's pool spinning
-    into the next forward) it would project on one core, and the LSTM and GRU training
-    steps at 50x16x128x128 took 0.77x/0.79x of one thread projecting on the BLAS's
-    threads (which the backward has woken anyway)."""
+def _fused_for(x, gates, H, training):
+    """Whether this forward's loop is fused (:data:`fused`): an inference with
+    ``FUSED_MIN_ROWS`` rows and ``FUSED_MIN_STEP_WORK`` multiply-adds a step, unless
+    ``ahead`` is True or another thread of the process is running. A fused loop projects
+    on its own threads: next to a running thread it would project on one core, where
+    one thread projecting on the BLAS's threads was faster. A training loop has one at
+    every forward (its backward leaves OpenBLAS's pool spinning), and a training forward
+    fused when none ran (the first) made the steps after it slower: LSTM and GRU
+    50x16x128x128 0.82x (``python bench/packed_ab.py --mode training``). Its large blocks
+    came and went in another order, which left glibc's malloc threshold for mapping
+    fresh pages lower, and the step's buffers then came from fresh pages at every call
+    (with ``MALLOC_MMAP_THRESHOLD_`` fixed, both ran alike). So training is not fused."""
     if fused is not None:
         return fused
-    return (ahead is not True and x.shape[1] >= FUSED_MIN_ROWS
+    return (not training and ahead is not True and x.shape[1] >= FUSED_MIN_ROWS
             and _step_work(x, gates, H) >= FUSED_MIN_STEP_WORK
             and not _other_threads_running())
