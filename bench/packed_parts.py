@@ -16,10 +16,16 @@ behind session 7's choices:
   same); each thread's loop alone on the caller's core; and the products alone (the
   micro-kernel over thread 0's panels of W_ih and W_hh, every step), with their
   GFLOP/s. The differences: pointwise = alone - products; running beside the other
-  thread = no barrier - the slower alone; the barrier = shipped - no barrier.
+  thread = no barrier - the slower alone; the barrier = shipped - no barrier;
+* ``overhead``: where a B = 1 call's fixed cost goes (LSTM and GRU 200x1x64x64
+  inference), each level timed alone, interleaved call by call (3000 rounds, medians):
+  the layer; its backend kernel through the contract's checks; the raw kernel; the
+  packed loop's entry (``packed_numba.run``); the same with ``W_hh`` packed already
+  (``_run``); the loop with its buffers (``_loop``); the compiled loop alone
+  (``cell_thread``, buffers made once). Each difference is one level's cost.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
-        [--parts pointwise product gc split]
+        [--parts pointwise product gc split overhead]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -197,7 +203,68 @@ def split():
               flush=True)
 
 
-PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split}
+def overhead():
+    import gc
+
+    import fastrnn
+    from fastrnn.backends import numba_cpu as nb
+    from fastrnn.backends._cblas import gemm_for
+    gc.freeze()                      # a full collection (~24 ms) would land in some level
+    T, B, I, H = 200, 1, 64, 64
+    for cell, code in (("lstm", pk.LSTM), ("gru", pk.GRU)):
+        gates = abs(code)
+        m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0).eval()
+        x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+        fwd, _ = m._kernels()
+        w_ih, w_hh, b_ih, b_hh = m._weights_of("_l0")
+        h0 = np.zeros((B, H), np.float32)
+        states = (h0, h0) if cell == "lstm" else (h0,)
+        raw = getattr(nb, f"{cell}_forward")
+        bias = (b_ih + b_hh) if cell == "lstm" else np.concatenate([b_ih[:2 * H] + b_hh[:2 * H],
+                                                                    b_ih[2 * H:]])
+        b_hn = b_hh[2 * H:] if cell == "gru" else bias
+        lengths = np.full(B, T, np.int64)
+        hs, cs = np.zeros((2, B, H), np.float32), np.zeros((2, B, H), np.float32)
+        out, none = np.empty((T, B, H), np.float32), np.empty((0, 0, 0), np.float32)
+        args = (code, bias, b_hn, lengths, False, False, hs, cs, out, none, none)
+        panels = pk.pack(w_hh, gates)
+        U, _, NR = panels.shape
+        G = w_ih.shape[0]
+        xw = np.empty((1, pk._chunk_steps(T, B, G), B, G), np.float32)
+        call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (
+            xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, False, False,
+            np.empty((1, 0, NR), np.float32))
+        levels = {
+            "layer": lambda: m(x),
+            "kernel with the contract's checks": lambda: fwd(x, *states, w_ih, w_hh, b_ih,
+                                                             b_hh, lengths=None,
+                                                             reverse=False, training=False),
+            "raw kernel": lambda: raw(x, *states, w_ih, w_hh, b_ih, b_hh, lengths=None,
+                                      reverse=False, training=False),
+            "packed_numba.run": lambda: pk.run(1, code, x, w_ih, w_hh, *args[1:]),
+            "_run (W_hh packed)": lambda: pk._run(1, x, w_ih, panels, *args),
+            "_loop": lambda: pk._loop(1, "blas", x, w_ih, panels, None, *args),
+            "cell_thread": lambda: pk.cell_thread(*call),
+        }
+        samples = {k: [] for k in levels}
+        for f in levels.values():
+            for _ in range(30):
+                f()
+        for _ in range(3000):
+            for k, f in levels.items():
+                t0 = time.perf_counter()
+                f()
+                samples[k].append(time.perf_counter() - t0)
+        med = {k: float(np.median(v)) * 1e6 for k, v in samples.items()}
+        names = list(med)
+        steps = ", ".join(f"{a} - {b} {med[a] - med[b]:.1f}" for a, b in zip(names, names[1:]))
+        print(f"overhead {cell} {T}x{B}x{I}x{H} inference, us: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f"; differences: {steps}",
+              flush=True)
+
+
+PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
+         "overhead": overhead}
 
 
 def main():
