@@ -4,7 +4,7 @@ the other's idle thread pools (OpenBLAS's spin after a call, and the packed loop
 threads too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
-        [--compare blas|threads|ahead|rows|affinity|REV] [--pause S]
+        [--compare blas|threads|ahead|fused|rows|affinity|REV] [--pause S]
         [--mode inference|training] [--cells lstm gru]
         [--sizes 100x64x512x512,...]
 
@@ -13,7 +13,8 @@ False``) against the packed loops. ``--compare threads``: the packed loops on on
 against two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
 ``MIN_SPLIT_STEP_WORK`` was set from. ``--compare ahead``: one-thread loops (forced) with
 the projection on the BLAS's threads before each chunk against projected ahead on
-another core (``packed_numba.ahead``). ``--compare rows``: the shipped rules against the
+another core (``packed_numba.ahead``). ``--compare fused``: the loops never fused against
+always fused (``packed_numba.fused``). ``--compare rows``: the shipped rules against the
 batch rows split wherever it can run (``packed_numba.rows = True``, no hidden-unit
 split). ``--compare affinity``: the pool threads left on any CPU (``_current_cpu``
 answers None) against kept off their caller's (``_off_cpu``), best seen with ``--pause
@@ -86,11 +87,17 @@ print(json.dumps(float(np.median(times))))
 """
 
 
+#: ``--compare`` name: the two variants of CHILD it times, in the table's order.
+PAIRS = {"blas": ("blas", "packed"), "threads": ("1 thread", "2 threads"),
+         "ahead": ("ahead off", "ahead on"), "fused": ("fused off", "fused on"),
+         "rows": ("shipped", "rows on"), "affinity": ("affinity off", "shipped")}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compare", default="blas",
-                   help="blas, threads, ahead, rows, affinity or a git revision")
+                   help=f"{', '.join(PAIRS)} or a git revision")
     p.add_argument("--pause", type=float, default=0.0,
                    help="seconds of sleep before each timed call (fastrnn bench pauses 0.2 s "
                         "between rounds: --compare affinity shows only with a pause)")
@@ -102,18 +109,8 @@ def main():
         [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     names = {"blas": "BLAS loops", "packed": "packed"}
     worktree = None
-    if args.compare == "blas":
-        first, second = "blas", "packed"
-    elif args.compare == "threads":
-        first, second = "1 thread", "2 threads"
-    elif args.compare == "ahead":
-        first, second = "ahead off", "ahead on"
-    elif args.compare == "fused":
-        first, second = "fused off", "fused on"
-    elif args.compare == "rows":
-        first, second = "shipped", "rows on"
-    elif args.compare == "affinity":
-        first, second = "affinity off", "shipped"
+    if args.compare in PAIRS:
+        first, second = PAIRS[args.compare]
     else:
         worktree = tempfile.mkdtemp(prefix="packed_ab_")
         subprocess.run(["git", "worktree", "add", "--detach", worktree, args.compare],
