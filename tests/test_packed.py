@@ -506,36 +506,68 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
     assert pk._rows_for(x, 4, 128, True) == 0
 
 
-def test_the_loop_is_fused_by_the_shapes_and_idle_cores(monkeypatch):
-    """Inference is fused from FUSED_MIN_ROWS rows and FUSED_MIN_STEP_WORK multiply-adds
-    a step, whatever the threads, while no other thread of the process runs; training
-    and ``ahead`` forced never are; ``fused`` forces either way."""
+def test_the_loop_is_fused_by_the_shapes_alone(monkeypatch):
+    """Inference of FUSED_MIN_ROWS rows is fused where its shapes split it (by units:
+    MIN_SPLIT_STEP_WORK; by rows: _rows_fit) or the BLAS has one thread, whatever the
+    threads running; training and ``ahead`` forced never are; ``fused`` forces either way."""
     monkeypatch.setattr(pk, "fused", None)
     monkeypatch.setattr(pk, "ahead", False)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
+    monkeypatch.setattr(pk, "l2_bytes", lambda: 2 << 20)
     x = np.zeros((5, pk.FUSED_MIN_ROWS, 128), np.float32)
-    _wait_until_no_other_thread_runs()
-    assert pk._fused_for(x, 4, 128, False)
-    assert not pk._fused_for(x[:, :-1], 4, 128, False)
-    assert not pk._fused_for(x, 1, 128, False)           # 16 x 128 x 256 < FUSED_MIN_STEP_WORK
+    assert pk._fused_for(x, 4, 128, False)                  # split by rows
+    assert not pk._fused_for(x[:, :-1], 4, 128, False)      # 15 rows
+    assert not pk._fused_for(x, 1, 128, False)      # RNN: 16 x 128 x 256 < 2 ROWS_MIN_WORK
     assert pk._fused_for(np.zeros((5, 32, 128), np.float32), 1, 128, False)
-    for n in (1, 3):
-        monkeypatch.setattr(pk, "threads", n)
-        assert pk._fused_for(x, 4, 128, False)
-    assert not pk._fused_for(x, 4, 128, True)           # training
+    wide = np.zeros((5, 16, 2048), np.float32)      # 2.1 MB of weights, 262K a step's product
+    assert not pk._fused_for(wide, 4, 64, False)            # no split: projects on the BLAS
+    assert pk._fused_for(np.zeros((5, 16, 8), np.float32), 4, 512, False)    # split by units
+    assert not pk._fused_for(x, 4, 128, True)               # training
     stop = _spinning_thread()
     try:
-        assert not pk._fused_for(x, 4, 128, False)       # a training loop's spinning BLAS pool
-        monkeypatch.setattr(pk, "fused", True)
-        assert pk._fused_for(x, 4, 128, False)
+        assert pk._fused_for(x, 4, 128, False)              # running threads change nothing
     finally:
         stop()
-    monkeypatch.setattr(pk, "fused", None)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 1)
+    assert pk._fused_for(wide, 4, 64, False)
     monkeypatch.setattr(pk, "ahead", True)
     assert not pk._fused_for(x, 4, 128, False)
     monkeypatch.setattr(pk, "fused", True)
     assert pk._fused_for(x[:, :1], 1, 8, True)
     monkeypatch.setattr(pk, "fused", False)
     assert not pk._fused_for(x, 4, 128, False)
+
+
+def test_a_fused_inference_splits_the_rows_before_the_units(monkeypatch):
+    """Where both splits apply, ``run`` splits the rows (no barrier); where the packed
+    weights do not fit, the units."""
+    monkeypatch.setattr(pk, "fused", None)
+    monkeypatch.setattr(pk, "rows", None)
+    monkeypatch.setattr(pk, "threads", None)
+    monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
+    monkeypatch.setattr(pk, "l2_bytes", lambda: 2 << 20)
+    calls = []
+    real = pk._run
+
+    def spy(n, *args, by_rows=False, panels_ih=None):
+        calls.append((n, by_rows, panels_ih is not None))
+        return real(n, *args, by_rows=by_rows, panels_ih=panels_ih)
+
+    monkeypatch.setattr(pk, "_run", spy)
+    rng = np.random.default_rng(2)
+    for H, want in ((64, (2, True, True)), (320, (2, False, True))):   # 320 KB, 2.9 MB
+        G = 4 * H
+        x = rng.standard_normal((3, 16, 256)).astype(np.float32)
+        h0 = np.zeros((16, H), np.float32)
+        w = [(0.1 * rng.standard_normal(s)).astype(np.float32)
+             for s in ((G, 256), (G, H), (G,), (G,))]
+        _wait_until_no_other_thread_runs()
+        calls.clear()
+        got = nb.lstm_forward(x, h0, h0, *w, training=False)[0]
+        assert calls == [want], (H, calls)
+        want_out = ref.lstm_forward(x.astype(np.float64), h0, h0, *w, training=False)[0]
+        np.testing.assert_allclose(got, want_out, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
@@ -572,8 +604,8 @@ def test_threads_do_not_change_the_bits(monkeypatch, kind, B):
     for name in ("two", "three", "ahead"):
         for got, want in zip(outs[name], outs["one"]):
             np.testing.assert_array_equal(got, want)
-    for name in ("fused3", "rows", "rows2"):
-        for got, want in zip(outs[name], outs["fused"]):
+    for name in ("fused", "fused3", "rows", "rows2"):     # fused: the same sums, I < 512
+        for got, want in zip(outs[name], outs["one"]):
             np.testing.assert_array_equal(got, want)
 
 
@@ -581,9 +613,11 @@ def test_threads_do_not_change_the_bits(monkeypatch, kind, B):
 def test_fused_inference_equals_the_training_forward_bitwise(monkeypatch, kind):
     """Inference is fused from 16 rows, training is not (``_fused_for``): the micro-kernel
     and OpenBLAS's GEMM both sum each projection in the order of k, so the eval and train
-    forwards still agree bitwise (README: determinism)."""
+    forwards agree bitwise (README: determinism), with fewer than 512 inputs: from there
+    OpenBLAS (SkylakeX kernels) sums k in blocks and the last bits differ
+    (docs/hardening.md). The fused forward against the float64 reference too."""
     rng = np.random.default_rng(5)
-    T, B, I, H = 9, 16, 70, 2 * pk.VW + 3
+    T, B, I, H = 9, 16, 300, 2 * pk.VW + 3      # I > KC: the projection in blocks of k
     G = GATES[kind] * H
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     h0 = (0.5 * rng.standard_normal((B, H))).astype(np.float32)
@@ -595,3 +629,8 @@ def test_fused_inference_equals_the_training_forward_bitwise(monkeypatch, kind):
     train_out = _forward(kind, nb, x, states, w, None, False, True)
     for got, want in zip(eval_out[:-1], train_out[:-1]):
         np.testing.assert_array_equal(got, want)
+    f64 = [x.astype(np.float64)] + [a.astype(np.float64) for a in states + w]
+    ref_out = _forward(kind, ref, f64[0], f64[1:1 + len(states)], f64[1 + len(states):], None,
+                       False, False)
+    for got, want in zip(eval_out[:-1], ref_out[:-1]):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

@@ -170,12 +170,14 @@ def microkernel(MR, NV, VW):
 
 
 @numba.njit(cache=True)
-def split_k(B, NV):
-    """Whether a product over ``B`` batch rows runs its small tiles' k loops in halves
-    (``halves`` of :func:`microkernel`): where the whole batch makes fewer than 12
-    accumulator chains (B NV < 12), so that a tile's sums never depend on where its
-    rows start (a thread's share of them)."""
-    return B * NV < 12
+def split_k(B, NV, MR):
+    """Whether a product over ``B`` batch rows, in tiles of up to ``MR`` rows, runs its
+    small tiles' k loops in halves (``halves`` of :func:`microkernel`): where the batch's
+    fullest tile makes fewer than 12 accumulator chains (min(B, MR) NV < 12: B <= 2 for
+    the LSTM and B <= 3 for the GRU with AVX-512, every batch with AVX2's tiles of 2 and 3
+    rows). One choice per product, so that a tile's sums never depend on where its rows
+    start (a thread's share of them)."""
+    return min(B, MR) * NV < 12
 
 
 # ------------------------------------------------------------------ atomics

@@ -165,7 +165,7 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1):
     ldc = a.shape[1]
     lstm = NR == 4 * VW               # the LSTM's and the RNN's panels: 4 vectors
     MR = _tile_rows(4 if lstm else 3)
-    halves = split_k(B, NR // VW)     # by the batch, not the tile: see _simd.split_k
+    halves = split_k(B, NR // VW, MR)     # by the batch, not the tile: see _simd.split_k
     for i in range(u0, u1):
         u = u0 + u1 - 1 - i if backwards else i
         for k0 in range(0, K, KC):
@@ -322,8 +322,10 @@ def _gru_gates(a, Hp, xw, tx, xs, bias, b_hn, t, lengths, n0, n1, r0, r1, gates,
 #: split over threads (`python bench/packed_ab.py --compare threads`): below, one step
 #: is too short for the barrier and the second thread's start to pay.
 MIN_SPLIT_STEP_WORK = 3 << 20
-#: Threads the packed loops use; None: the BLAS's thread count where the work per step
-#: and idle cores allow (:func:`threads_for`).
+#: Threads the packed loops split the hidden units over; None: the BLAS's thread count
+#: where the work per step and idle cores allow (:func:`threads_for`). Set (tests, A/B
+#: timings), it forces that split, or none with 1; a fused loop can then still split the
+#: rows (:func:`run`; ``rows = False`` keeps one thread).
 threads = None
 
 
@@ -506,8 +508,10 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     thread projects and reads only its own units, so chunks need no barrier). With
     ``panels_ih`` non-empty (W_ih packed as ``panels``), a fused loop: each step's inputs
     are projected by the micro-kernel, for the thread's units and rows, into ``xw`` = one
-    (1, 1, B, gates Hp) slot in the layout of ``a``, just before the step's recurrent
-    product (no GEMM, no chunks). With ``by_rows`` (fused only), the rows
+    (1, 1, B, NR U) slot in the layout of ``a`` (no GEMM, no chunks): the first step's
+    before the loop, each next step's at the end of the step before, after the thread
+    has arrived at the step's barrier and before it waits there (only this thread reads
+    and writes its units' or rows' part of the slot). With ``by_rows`` (fused only), the rows
     ``[B tid / nthreads, B (tid + 1) / nthreads)`` instead, every unit of them, and no
     barrier at all: rows never meet (the micro-kernel's sums do not depend on where a
     thread's rows start, :func:`._simd.split_k`, so the bits are the one-thread loop's).
@@ -546,11 +550,9 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0        # the chunk's steps cover times [t0, t0 + c1 - c0)
         xc = xw[c % S]
-        if fused:
-            pass                       # one step a chunk, projected during the last step
-        elif ahead:
+        if ahead:
             wait_for(flags, 0, c + 1)
-        else:
+        elif not fused:                # (fused: one step a chunk, projected the step before)
             _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
                      xc.reshape(Tc * B, xw.shape[3])[:(c1 - c0) * B], gates, n0, n1)
         for k in range(c0, c1):
@@ -574,8 +576,9 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
             if split:                   # this thread's h_t is out: arrive at the barrier
                 arrive(flags, tid, k + 1)
             if fused and k + 1 < T:     # the next step's projection, while the others finish
-                _recurrent(panels_ih, x3, T - 2 - k if reverse else k + 1, xw[(k + 1) % S, 0],
-                           PU, cv, u0, u1, k % 2 == 0, r0, r1)
+                # (into the one slot: this thread alone reads and writes its units or rows)
+                _recurrent(panels_ih, x3, T - 2 - k if reverse else k + 1, xw[0, 0], PU, cv,
+                           u0, u1, k % 2 == 0, r0, r1)
             if split:                   # then wait for every thread's
                 wait_all(flags, nthreads, k + 1)
         if ahead:
@@ -714,8 +717,8 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
     G = w_ih.shape[0]
     cell, _, _, _, reverse, _ = args[:6]
     gates = abs(cell)
-    if panels_ih is not None:         # two steps' projections, in the layout of ``a``
-        xw, w_proj = aligned_empty((2, 1, B, NR * U)), w_ih
+    if panels_ih is not None:         # one step's projection, in the layout of ``a``
+        xw, w_proj = aligned_empty((1, 1, B, NR * U)), w_ih
     else:
         if mode == "ahead":
             Tc = _ahead_chunk(T, B, G)
@@ -790,26 +793,30 @@ def l2_bytes():
     return 1 << 20
 
 
-def _rows_for(x, gates, H, fused):
-    """Threads of the rows split for this forward, or 0 (no rows split): a fused loop,
-    ``ROWS_MIN`` rows and ``ROWS_MIN_WORK`` multiply-adds a step a thread for two threads
-    or more (``rows`` True: the rows alone), the packed weights within
-    ``ROWS_L2_SHARE`` of a core's L2, and (as for the hidden-unit split) no other thread
-    of the process running."""
+def _rows_fit(x, gates, H):
+    """Threads the rows split would have by the shapes alone, or 0: ``ROWS_MIN`` rows and
+    ``ROWS_MIN_WORK`` multiply-adds a step a thread for two threads or more, and the
+    packed weights within ``ROWS_L2_SHARE`` of a core's L2."""
     T, B, I = x.shape
     n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN,
             _step_work(x, gates, H) // ROWS_MIN_WORK, POOL_WORKERS + 1)
-    if rows is True:
-        n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN,
-                POOL_WORKERS + 1)
-    if rows is False or not fused or n < 2:
+    G = gates * -(-H // _panel_units(gates)) * _panel_units(gates)
+    return n if n >= 2 and 4 * G * (I + H) <= ROWS_L2_SHARE * l2_bytes() else 0
+
+
+def _rows_for(x, gates, H, fused):
+    """Threads of the rows split for this forward, or 0 (no rows split): a fused loop
+    whose shapes fit (:func:`_rows_fit`) while (as for the hidden-unit split) no other
+    thread of the process runs; ``rows`` True: a fused loop with ``ROWS_MIN`` rows a
+    thread for two threads or more, whatever else."""
+    if rows is False or not fused:
         return 0
     if rows:
-        return n
-    G = gates * -(-H // _panel_units(gates)) * _panel_units(gates)
-    if 4 * G * (I + H) > ROWS_L2_SHARE * l2_bytes() or _other_threads_running():
-        return 0
-    return n
+        n = min(blas_get_threads() if blas_get_threads else 1, x.shape[1] // ROWS_MIN,
+                POOL_WORKERS + 1)
+        return n if n >= 2 else 0
+    n = _rows_fit(x, gates, H)
+    return n if n and not _other_threads_running() else 0
 
 
 def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, hs, cs, out,
@@ -830,20 +837,15 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
 
 
 #: Whether the loops project each step's inputs with the micro-kernel, from W_ih packed
-#: as W_hh is, just before the step's recurrent product (:func:`cell_thread` with
-#: ``panels_ih``), instead of a BLAS GEMM per chunk of steps: None (the default), from
-#: ``FUSED_MIN_ROWS`` batch rows and ``FUSED_MIN_STEP_WORK`` multiply-adds a step in
-#: inference, unless ``ahead`` is True or another thread of the process is running; True,
-#: always; False, never. Apart from that last condition the choice depends on the shapes
-#: and the mode alone, never on the threads a call gets, so that the bits do not either.
+#: as W_hh is (:func:`cell_thread` with ``panels_ih``), instead of a BLAS GEMM per chunk
+#: of steps: None (the default), an inference of ``FUSED_MIN_ROWS`` batch rows whose
+#: shapes make it split (:func:`_fused_for`), unless ``ahead`` is True; True, always;
+#: False, never. The choice depends on the shapes, the mode and the BLAS's thread count
+#: alone, never on the threads a call gets or on other running threads, so that the bits
+#: do not either.
 fused = None
 #: Batch rows from which the loops are fused: the micro-kernel's tiles are full there.
 FUSED_MIN_ROWS = 16
-#: Multiply-adds per step (``B G (I + H)``) from which the loops are fused: a fused loop
-#: projects on its own threads, so it needs a step big enough to split over the cores;
-#: below, one thread projecting on the BLAS's threads was faster (the RNN at
-#: 50x16x128x128: 0.87x fused, split by rows; 0.92x fused on one thread).
-FUSED_MIN_STEP_WORK = 2 * ROWS_MIN_WORK
 
 
 def _step_work(x, gates, H):
@@ -854,18 +856,22 @@ def _step_work(x, gates, H):
 
 def _fused_for(x, gates, H, training):
     """Whether this forward's loop is fused (:data:`fused`): an inference with
-    ``FUSED_MIN_ROWS`` rows and ``FUSED_MIN_STEP_WORK`` multiply-adds a step, unless
-    ``ahead`` is True or another thread of the process is running. A fused loop projects
-    on its own threads: next to a running thread it would project on one core, where
-    one thread projecting on the BLAS's threads was faster. A training loop has one at
-    every forward (its backward leaves OpenBLAS's pool spinning), and a training forward
-    fused when none ran (the first) made the steps after it slower: LSTM and GRU
+    ``FUSED_MIN_ROWS`` rows whose shapes split it, by hidden units (``MIN_SPLIT_STEP_WORK``)
+    or by rows (:func:`_rows_fit`), or with a one-thread BLAS, unless ``ahead`` is True.
+    A fused loop projects on its own threads: on one thread where the BLAS has two, one
+    thread projecting on the BLAS's threads was faster (the RNN at 50x16x128x128, where
+    neither split applies: 0.92x fused). Next to another running thread the splits give
+    way (:func:`threads_for`, :func:`_rows_for`) and a fused loop projects on one core,
+    as an unfused inference does there (``"alone"``, :func:`_projection`). A training loop
+    has a running thread at every forward (its backward leaves OpenBLAS's pool spinning),
+    and a training forward fused when none ran (the first) made the steps after it slower: LSTM and GRU
     50x16x128x128 0.82x (``python bench/packed_ab.py --mode training``). Its large blocks
     came and went in another order, which left glibc's malloc threshold for mapping
     fresh pages lower, and the step's buffers then came from fresh pages at every call
     (with ``MALLOC_MMAP_THRESHOLD_`` fixed, both ran alike). So training is not fused."""
     if fused is not None:
         return fused
-    return (not training and ahead is not True and x.shape[1] >= FUSED_MIN_ROWS
-            and _step_work(x, gates, H) >= FUSED_MIN_STEP_WORK
-            and not _other_threads_running())
+    if training or ahead is True or x.shape[1] < FUSED_MIN_ROWS:
+        return False
+    return (x.shape[1] * gates * H * H >= MIN_SPLIT_STEP_WORK or _rows_fit(x, gates, H) > 0
+            or (blas_get_threads() if blas_get_threads else 1) <= 1)
