@@ -44,15 +44,20 @@ def threads(request, monkeypatch):
     monkeypatch.setattr(pk, "RNN_MIN_H", 1)
     if request.param == "rows":
         monkeypatch.setattr(pk, "blas_get_threads", lambda: 3)
-    counts = []
+    return request.param, _spy_run(monkeypatch)
+
+
+def _spy_run(monkeypatch):
+    """The (thread count, by rows, fused) of every ``_run`` call from now on."""
+    calls = []
     real = pk._run
 
     def spy(n, *args, by_rows=False, panels_ih=None):
-        counts.append((n, by_rows, panels_ih is not None))
+        calls.append((n, by_rows, panels_ih is not None))
         return real(n, *args, by_rows=by_rows, panels_ih=panels_ih)
 
     monkeypatch.setattr(pk, "_run", spy)
-    return request.param, counts
+    return calls
 
 
 @pytest.mark.parametrize("VW", sorted({pk.VW, 8}))
@@ -547,14 +552,7 @@ def test_a_fused_inference_splits_the_rows_before_the_units(monkeypatch):
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
     monkeypatch.setattr(pk, "l2_bytes", lambda: 2 << 20)
-    calls = []
-    real = pk._run
-
-    def spy(n, *args, by_rows=False, panels_ih=None):
-        calls.append((n, by_rows, panels_ih is not None))
-        return real(n, *args, by_rows=by_rows, panels_ih=panels_ih)
-
-    monkeypatch.setattr(pk, "_run", spy)
+    calls = _spy_run(monkeypatch)
     rng = np.random.default_rng(2)
     for H, want in ((64, (2, True, True)), (320, (2, False, True))):   # 320 KB, 2.9 MB
         G = 4 * H
