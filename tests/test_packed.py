@@ -569,18 +569,19 @@ def test_a_fused_inference_splits_the_rows_before_the_units(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
-@pytest.mark.parametrize("B", [16, 13])
-def test_threads_do_not_change_the_bits(monkeypatch, kind, B):
+@pytest.mark.parametrize("B,I", [(16, 40), (13, 40), (40, 300)])
+def test_threads_do_not_change_the_bits(monkeypatch, kind, B, I):
     """The hidden-unit split (2 and 3 threads), projecting ahead, the fused loop (one and
     three threads) and its rows split (two and three threads, whose rows start inside
     the micro-kernel's tiles) give the one-thread loop's results bitwise, so that a
     call's bits do not depend on the threads it got (README: the same call twice is
-    bitwise identical)."""
+    bitwise identical). At 40 rows and 300 inputs one thread's products run in blocks of
+    KC_WIDE inputs, a rows split's (fewer than KC_WIDE_ROWS rows each) in blocks of KC."""
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
     monkeypatch.setattr(pk, "ROWS_MIN", 1)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 3)
     rng = np.random.default_rng(11)
-    T, I, H = 7, 40, 3 * pk.VW
+    T, H = 7, 3 * pk.VW
     G = GATES[kind] * H
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     h0 = (0.5 * rng.standard_normal((B, H))).astype(np.float32)

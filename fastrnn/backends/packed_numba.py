@@ -146,6 +146,10 @@ RELEASE = 1 << 62
 #: Inputs (k) per block of the recurrent product: a panel's block (KC x NV VW floats,
 #: 32 KB for the LSTM on AVX-512) stays in L1 while every row block uses it.
 KC = 128
+#: Inputs per block where a product has ``KC_WIDE_ROWS`` rows or more: the block then
+#: comes from L2 (128 KB at K = 512), but for enough tiles that the fewer loads and
+#: stores of the output tiles between blocks pay.
+KC_WIDE, KC_WIDE_ROWS = 512, 32
 
 
 @_jit
@@ -166,10 +170,12 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1):
     lstm = NR == 4 * VW               # the LSTM's and the RNN's panels: 4 vectors
     MR = _tile_rows(4 if lstm else 3)
     halves = split_k(B, NR // VW, MR)     # by the batch, not the tile: see _simd.split_k
+    kb = KC_WIDE if r1 - r0 >= KC_WIDE_ROWS else KC      # (the sums are the same either way:
+    #                                    a block adds onto the tile it stored, exactly)
     for i in range(u0, u1):
         u = u0 + u1 - 1 - i if backwards else i
-        for k0 in range(0, K, KC):
-            kc = min(KC, K - k0)
+        for k0 in range(0, K, kb):
+            kc = min(kb, K - k0)
             for b0 in range(r0, r1, MR):
                 mr = min(MR, r1 - b0)
                 if lstm:
