@@ -16,7 +16,6 @@
 """
 
 import math
-import time
 
 import numba
 import numpy as np
@@ -24,18 +23,13 @@ from numba import prange
 
 from fastrnn.backends import numba_cpu as nb
 from fastrnn.backends._numba_math import FASTMATH, sigmoid, tanh
+from fastrnn.bench.worker import time_runs
 
 jit = numba.njit(fastmath=FASTMATH, error_model="numpy")
 
 
 def best(f, n=50):
-    f()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(time_runs(f, n, None, warmup=1))
 
 
 @jit

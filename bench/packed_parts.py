@@ -22,10 +22,16 @@ behind session 7's choices:
   the layer; its backend kernel through the contract's checks; the raw kernel; the
   packed loop's entry (``packed_numba.run``); the same with ``W_hh`` packed already
   (``_run``); the loop with its buffers (``_loop``); the compiled loop alone
-  (``cell_thread``, buffers made once). Each difference is one level's cost.
+  (``cell_thread``, buffers made once). Each difference is one level's cost. Also the
+  check for other running threads (``_other_threads_running``) that split-size and fused
+  calls make;
+* ``malloc``: an LSTM training step at 50x16x128x128 (forward time), in fresh processes,
+  after a first call fused or not (``packed_numba.fused`` for that call only), with glibc's
+  mmap threshold left dynamic and fixed (``MALLOC_MMAP_THRESHOLD_``): why training
+  forwards are not fused.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
-        [--parts pointwise product gc split overhead]
+        [--parts pointwise product gc split overhead malloc]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -42,16 +48,11 @@ import numpy as np
 
 from fastrnn.backends import packed_numba as pk
 from fastrnn.backends._numba_math import FASTMATH
+from fastrnn.bench.worker import time_runs
 
 
 def _median_s(fn, repeats=30):
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples))
+    return float(np.median(time_runs(fn, repeats, None, warmup=1)))
 
 
 def _pass_loop(block, gru):
@@ -220,9 +221,8 @@ def overhead():
         h0 = np.zeros((B, H), np.float32)
         states = (h0, h0) if cell == "lstm" else (h0,)
         raw = getattr(nb, f"{cell}_forward")
-        bias = (b_ih + b_hh) if cell == "lstm" else np.concatenate([b_ih[:2 * H] + b_hh[:2 * H],
-                                                                    b_ih[2 * H:]])
-        b_hn = b_hh[2 * H:] if cell == "gru" else bias
+        bias, b_hn = nb._gru_biases(b_ih, b_hh, H, x.dtype) if cell == "gru" else \
+            (nb._bias(b_ih, b_hh, 4 * H, x.dtype),) * 2
         lengths = np.full(B, T, np.int64)
         hs, cs = np.zeros((2, B, H), np.float32), np.zeros((2, B, H), np.float32)
         out, none = np.empty((T, B, H), np.float32), np.empty((0, 0, 0), np.float32)
@@ -258,13 +258,53 @@ def overhead():
         med = {k: float(np.median(v)) * 1e6 for k, v in samples.items()}
         names = list(med)
         steps = ", ".join(f"{a} - {b} {med[a] - med[b]:.1f}" for a, b in zip(names, names[1:]))
+        probe = float(np.median(time_runs(pk._other_threads_running, 3000, None))) * 1e6
         print(f"overhead {cell} {T}x{B}x{I}x{H} inference, us: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f"; differences: {steps}",
+              + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f"; differences: {steps}; "
+              f"(split sizes and fused calls also look for running threads: {probe:.1f})",
+              flush=True)
+
+
+_MALLOC_CHILD = r"""
+import sys, time
+import numpy as np
+import fastrnn
+from fastrnn.backends import packed_numba as pk
+m = fastrnn.make_layer("lstm", 128, 128, backend="numba", seed=0).train()
+x = np.random.default_rng(0).standard_normal((50, 16, 128)).astype(np.float32)
+d_out = np.random.default_rng(1).standard_normal((50, 16, 128)).astype(np.float32)
+pk.fused = sys.argv[1] == "fused"
+m(x)
+m.backward(d_out)
+pk.fused = None
+forwards = []
+for _ in range(15):
+    t0 = time.perf_counter()
+    m(x)
+    forwards.append(time.perf_counter() - t0)
+    m.backward(d_out)
+print(f"{np.median(forwards) * 1e3:.3f}")
+"""
+
+
+def malloc():
+    import os
+    for env_name, extra in (("dynamic", {}), ("MALLOC_MMAP_THRESHOLD_=64MB",
+                                              {"MALLOC_MMAP_THRESHOLD_": str(64 << 20)})):
+        got = {first: [] for first in ("fused", "unfused")}
+        for _ in range(3):
+            for first in got:
+                out = subprocess.run([sys.executable, "-c", _MALLOC_CHILD, first], check=True,
+                                     capture_output=True, text=True,
+                                     env={**os.environ, **extra}).stdout
+                got[first].append(float(out.strip().splitlines()[-1]))
+        print(f"malloc lstm 50x16x128x128 training forward ms, threshold {env_name}: "
+              + ", ".join(f"first call {k} {np.median(v):.3f}" for k, v in got.items()),
               flush=True)
 
 
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
-         "overhead": overhead}
+         "overhead": overhead, "malloc": malloc}
 
 
 def main():

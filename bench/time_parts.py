@@ -12,11 +12,11 @@ are switched off for the run.
 """
 
 import argparse
-import time
 
 import numpy as np
 
 from fastrnn.backends import gate_count, numba_cpu, packed_numba, state_count
+from fastrnn.bench.worker import time_runs
 
 packed_numba.enabled = False
 
@@ -28,13 +28,7 @@ def _recurrent_gemms(gemm, h, w_t, out, T):
 
 
 def median_ms(fn, repeats=7):
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples)) * 1e3
+    return float(np.median(time_runs(fn, repeats, None, warmup=1))) * 1e3
 
 
 def main():

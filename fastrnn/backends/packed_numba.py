@@ -377,12 +377,18 @@ def describe():
             f"(packed_numba.rows)")
 
 
+def _blas_threads():
+    """The BLAS's thread count (1 where it cannot be read)."""
+    return blas_get_threads() if blas_get_threads else 1
+
+
 def _other_threads_running():
     """Whether another thread of this process is running right now: state ``R`` in
     ``/proc/self/task/*/stat`` (Linux; elsewhere False). A BLAS or OpenMP pool spins for
     a while after each parallel call (OpenBLAS's for about 0.1 s): a split loop, whose
     threads meet at every step, then shares the cores with it and ran up to 4x slower
-    than alone (docs/numba.md). About 15 us with a handful of threads."""
+    than alone (docs/numba.md). About 8 us with three threads (``python
+    bench/packed_parts.py --parts overhead``)."""
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
@@ -391,7 +397,7 @@ def _other_threads_running():
     for tid in tids:
         if tid == me:
             continue
-        try:                             # os.open/read: 15 us a call here, Python files 26
+        try:                 # os.open/read: Python's file objects took 26 us against 15 (a probe)
             fd = os.open(f"/proc/self/task/{tid}/stat", os.O_RDONLY)
             try:
                 stat = os.read(fd, 128)  # pid (name of at most 15 bytes) state ...
@@ -421,7 +427,7 @@ def threads_for(x, gates, H):
     panels = -(-H // _panel_units(gates))
     if threads is not None:
         return max(1, min(threads, panels, POOL_WORKERS + 1))
-    want = blas_get_threads() if blas_get_threads else 1
+    want = _blas_threads()
     if want <= 1 or B * gates * H * H < MIN_SPLIT_STEP_WORK:
         return 1
     if _other_threads_running():
@@ -629,7 +635,7 @@ def _projection(T, B, I, G, gates, training):
     project ahead again."""
     if ahead is not None:
         return "ahead" if ahead else "blas"
-    want = blas_get_threads() if blas_get_threads else 1
+    want = _blas_threads()
     if (want < 2 or gates == 1 or T * B * G * I < AHEAD_MIN_WORK
             or _ahead_chunk(T, B, G) >= T):          # one chunk: nothing to overlap
         return "blas"
@@ -807,7 +813,7 @@ def _rows_fit(x, gates, H):
     ``ROWS_MIN_WORK`` multiply-adds a step a thread for two threads or more, and the
     packed weights within ``ROWS_L2_SHARE`` of a core's L2."""
     T, B, I = x.shape
-    n = min(blas_get_threads() if blas_get_threads else 1, B // ROWS_MIN,
+    n = min(_blas_threads(), B // ROWS_MIN,
             _step_work(x, gates, H) // ROWS_MIN_WORK, POOL_WORKERS + 1)
     G = gates * -(-H // _panel_units(gates)) * _panel_units(gates)
     return n if n >= 2 and 4 * G * (I + H) <= ROWS_L2_SHARE * l2_bytes() else 0
@@ -821,8 +827,7 @@ def _rows_for(x, gates, H, fused):
     if rows is False or not fused:
         return 0
     if rows:
-        n = min(blas_get_threads() if blas_get_threads else 1, x.shape[1] // ROWS_MIN,
-                POOL_WORKERS + 1)
+        n = min(_blas_threads(), x.shape[1] // ROWS_MIN, POOL_WORKERS + 1)
         return n if n >= 2 else 0
     n = _rows_fit(x, gates, H)
     return n if n and not _other_threads_running() else 0
@@ -867,9 +872,10 @@ def _fused_for(x, gates, H, training):
     """Whether this forward's loop is fused (:data:`fused`): an inference with
     ``FUSED_MIN_ROWS`` rows whose shapes split it, by hidden units (``MIN_SPLIT_STEP_WORK``)
     or by rows (:func:`_rows_fit`), or with a one-thread BLAS, unless ``ahead`` is True.
-    A fused loop projects on its own threads: on one thread where the BLAS has two, one
-    thread projecting on the BLAS's threads was faster (the RNN at 50x16x128x128, where
-    neither split applies: 0.92x fused). Next to another running thread the splits give
+    A fused loop projects on its own threads: on one thread where the BLAS has two it
+    gained nothing against one thread projecting on the BLAS's threads (the RNN at
+    50x16x128x128, where neither split applies: 0.92x fused in the first A/B, 1.02x at the
+    end; ``python bench/packed_ab.py --compare fused``). Next to another running thread the splits give
     way (:func:`threads_for`, :func:`_rows_for`) and a fused loop projects on one core,
     as an unfused inference does there (``"alone"``, :func:`_projection`). A training loop
     has a running thread at every forward (its backward leaves OpenBLAS's pool spinning),
@@ -883,4 +889,4 @@ def _fused_for(x, gates, H, training):
     if training or ahead is True or x.shape[1] < FUSED_MIN_ROWS:
         return False
     return (x.shape[1] * gates * H * H >= MIN_SPLIT_STEP_WORK or _rows_fit(x, gates, H) > 0
-            or (blas_get_threads() if blas_get_threads else 1) <= 1)
+            or _blas_threads() <= 1)
