@@ -4,7 +4,7 @@ the other's idle thread pools (OpenBLAS's spin after a call, and the packed loop
 threads too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
-        [--compare blas|threads|ahead|fused|rows|affinity|REV] [--pause S]
+        [--compare blas|threads|ahead|fused|rows|affinity|frozen|REV] [--pause S]
         [--mode inference|training] [--cells lstm gru]
         [--sizes 100x64x512x512,...]
 
@@ -18,7 +18,8 @@ always fused (``packed_numba.fused``). ``--compare rows``: the shipped rules aga
 batch rows split wherever it can run (``packed_numba.rows = True``, no hidden-unit
 split). ``--compare affinity``: the pool threads left on any CPU (``_current_cpu``
 answers None) against kept off their caller's (``_off_cpu``), best seen with ``--pause
-0.2``. ``--compare REV`` (a git revision): the whole
+0.2``. ``--compare frozen``: an eval-mode layer (weights packed at every call) against
+its frozen copy (``Module.freeze``: packed once). ``--compare REV`` (a git revision): the whole
 package at REV (checked out into a temporary git worktree) against the working tree,
 each as shipped: how session 6's kernel changes were judged.
 
@@ -66,6 +67,8 @@ elif variant.endswith((" thread", " threads")):    # "1 thread" / "2 threads": s
     packed_numba.MIN_SPLIT_STEP_WORK = 0
 m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0)
 m = m.train() if mode == "training" else m.eval()
+if variant == "frozen":                     # weights packed once (Module.freeze)
+    m = m.freeze()
 x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
 d_out = np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32)
 
@@ -90,7 +93,8 @@ print(json.dumps(float(np.median(times))))
 #: ``--compare`` name: the two variants of CHILD it times, in the table's order.
 PAIRS = {"blas": ("blas", "packed"), "threads": ("1 thread", "2 threads"),
          "ahead": ("ahead off", "ahead on"), "fused": ("fused off", "fused on"),
-         "rows": ("shipped", "rows on"), "affinity": ("affinity off", "shipped")}
+         "rows": ("shipped", "rows on"), "affinity": ("affinity off", "shipped"),
+         "frozen": ("shipped", "frozen")}
 
 
 def main():
@@ -105,6 +109,8 @@ def main():
     p.add_argument("--cells", nargs="+", default=["lstm", "gru"])
     p.add_argument("--sizes", default=None, help="TxBxIxH,... (default: fastrnn bench's grid)")
     args = p.parse_args()
+    if args.compare == "frozen" and args.mode == "training":
+        p.error("--compare frozen times inference: a frozen module does not train")
     sizes = FULL_GRID if args.sizes is None else \
         [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     names = {"blas": "BLAS loops", "packed": "packed"}

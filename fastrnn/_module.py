@@ -94,6 +94,12 @@ def _init_uniform(shapes, k, seed, xp, dtype) -> dict:
             for name, shape in shapes.items()}
 
 
+def _immutable_copy(a):
+    """A copy of host array ``a`` that can never be written: read-only, over a ``bytes``
+    object (NumPy refuses to make such an array writeable again)."""
+    return np.frombuffer(np.ascontiguousarray(a).tobytes(), dtype=a.dtype).reshape(a.shape)
+
+
 def _other_backends(name) -> str:
     return " or ".join(f"backend={b!r}" for b in ("numba", "numpy") if b != name)
 
@@ -101,6 +107,9 @@ def _other_backends(name) -> str:
 class Module:
     """Parameters and gradients (dicts under torch's names), train/eval modes,
     state dicts, and moves between backends and dtypes."""
+
+    #: Whether this is a :meth:`freeze` copy: inference only, parameters that never change.
+    frozen = False
 
     def __init__(self, backend="auto", dtype=np.float32):
         self.dtype = _check_dtype(dtype)
@@ -150,9 +159,18 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
+    def _refuse_frozen(self, what):
+        if self.frozen:
+            raise ValueError(f"{what} of a frozen module: it is inference-only and its "
+                             f"parameters never change; call copy() for a module to train "
+                             f"or change, and freeze() that")
+
     def train(self, mode: bool = True):
         """Train mode: a forward call records what backward needs."""
-        self.training = _check_bool("mode", mode)
+        mode = _check_bool("mode", mode)
+        if mode:
+            self._refuse_frozen("train()")
+        self.training = mode
         return self
 
     def eval(self):
@@ -175,6 +193,7 @@ class Module:
         non-float value raises (TypeError, KeyError or ValueError naming it) and
         leaves the module unchanged. A successful load drops what was recorded.
         """
+        self._refuse_frozen("load_state_dict()")
         self.params = _load_params(type(self).__name__, self._param_shapes(), state_dict,
                                    self._xp, self.dtype)
         self._forget()
@@ -196,14 +215,44 @@ class Module:
         params = {k: move(v) for k, v in self.params.items()}
         grads = {k: move(v) for k, v in self.grads.items()}
         self._backend, self.dtype, self.params, self.grads = new_backend, new_dtype, params, grads
+        if self.frozen:
+            self._freeze_params()
         self._forget()
         self._on_move()
         return self
 
     def copy(self, backend=None, dtype=None):
-        """A new module with the same configuration, parameters and gradients."""
+        """A new module with the same configuration, parameters and gradients; of a
+        frozen module, a module that can train again (gradients zero, eval mode)."""
         clone = _copy.copy(self)
         clone.params = {k: v.copy() for k, v in self.params.items()}
-        clone.grads = {k: v.copy() for k, v in self.grads.items()}
+        clone.grads = {k: v.copy() for k, v in self.grads.items()} if not self.frozen else \
+            {k: self._xp.zeros_like(v) for k, v in clone.params.items()}
+        clone.frozen = False
         clone._forget()
         return clone.to(backend=backend, dtype=dtype)
+
+    def freeze(self):
+        """A frozen copy for inference: eval mode for good, no gradients, and parameters
+        that can never change (read-only on the host backends; writing one raises).
+
+        The numba backend packs a frozen module's float32 weights for its compiled loops
+        once, at the first call, and keeps them with the module, as ONNX Runtime and
+        OpenVINO pack a model's weights when they load it; an eval-mode module is packed
+        at every call, since its weights may change between calls. The outputs are the
+        eval-mode module's, bitwise. ``train()``, ``load_state_dict()`` and an optimizer
+        refuse a frozen module; ``copy()`` gives one that can train, ``to()`` moves it
+        and keeps it frozen.
+        """
+        frozen = _copy.copy(self)
+        frozen.training, frozen.frozen, frozen.grads = False, True, {}
+        frozen.params = dict(self.params)
+        frozen._forget()
+        frozen._freeze_params()
+        return frozen
+
+    def _freeze_params(self):
+        """Replace the parameters by copies that can never change (host backends; a
+        device backend's arrays are copies, which its kernels never write)."""
+        immutable = _immutable_copy if self._xp is np else (lambda a: a.copy())
+        self.params = {k: immutable(v) for k, v in self.params.items()}

@@ -33,6 +33,9 @@ def _as_models(models):
         if not (hasattr(m, "params") and hasattr(m, "grads")):
             raise TypeError(f"models[{i}] must have 'params' and 'grads' dicts, got "
                             f"{type(m).__name__}")
+        if getattr(m, "frozen", False):
+            raise ValueError(f"models[{i}] is frozen (Module.freeze): it is inference-only; "
+                             f"optimize the module it was frozen from, or a copy() of it")
     return models
 
 

@@ -48,6 +48,7 @@ import functools
 import math
 import os
 import threading
+import weakref
 
 import numba
 import numpy as np
@@ -128,6 +129,41 @@ def pack(w_hh, gates):
     if full < U:                      # the last panel: its units past H are zeros
         view[full] = 0
         view[full, :, :, :H - full * VW] = w[:, full * VW:].transpose(2, 0, 1)
+    return panels
+
+
+def immutable(w):
+    """Whether the values of ``w`` can never change: read-only, over an immutable ``bytes``
+    object (NumPy refuses to make such an array writeable again), as the parameters of a
+    frozen module are (:meth:`fastrnn.Module.freeze`). A read-only view of a writeable
+    array is not: its base can still be written."""
+    base = w
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    return isinstance(base, bytes)
+
+
+#: The panels of weights that cannot change (:func:`immutable`): ``(id(w), gates)`` ->
+#: ``(weak reference to w, panels)``; an entry goes with its array.
+_packed = {}
+
+
+def packed(w, gates):
+    """``pack(w, gates)``, packed once for weights that cannot change (a frozen module's,
+    :func:`immutable`) and kept while ``w`` lives, packed anew at every call otherwise
+    (weights that the caller may change between calls). At 50x16x128x128 (LSTM, rows
+    split) the packing and the first reads of fresh panels on the other core took 140 of
+    a call's 1040 us (``python bench/packed_ab.py --compare frozen``)."""
+    if not immutable(w):
+        return pack(w, gates)
+    key = (id(w), gates)
+    entry = _packed.get(key)
+    if entry is not None and entry[0]() is w:
+        return entry[1]
+    panels = pack(w, gates)     # (writeable, as the kernels' other panels: one compiled type)
+    _packed[key] = (weakref.ref(w, lambda _, key=key: _packed.pop(key, None)), panels)
     return panels
 
 
@@ -843,10 +879,10 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
     arguments but ``W_hh`` (and, fused, ``W_ih``) packed here (see :func:`cell_thread`
     for the unused ones)."""
     n = abs(cell)
-    panels_ih = pack(w_ih, n) if _fused_for(x, n, w_hh.shape[1], training) else None
+    panels_ih = packed(w_ih, n) if _fused_for(x, n, w_hh.shape[1], training) else None
     by_rows = _rows_for(x, n, w_hh.shape[1], panels_ih is not None) \
         if panels_ih is not None and (nthreads == 1 or threads is None) else 0
-    _run(by_rows or nthreads, x, w_ih, pack(w_hh, n), cell, bias, b_hn, lengths, reverse,
+    _run(by_rows or nthreads, x, w_ih, packed(w_hh, n), cell, bias, b_hn, lengths, reverse,
          training, hs, cs, out, gates, hns, by_rows=by_rows > 0, panels_ih=panels_ih)
 
 

@@ -73,7 +73,7 @@ class FastrnnEngine(Engine):
 
     def _layer(self, case, mode):
         model = make_layer(case, self.name)
-        return model.train() if mode == "training" else model.eval()
+        return model.train() if mode == "training" else model.freeze()
 
     def runner(self, case, mode, threads):
         return fastrnn_runner(case, self.name, mode, *inputs(case)[:2])[0]
@@ -92,13 +92,15 @@ class FastrnnEngine(Engine):
 
 
 def fastrnn_runner(case: Case, backend: str, mode: str, x, d_out):
-    """A zero-argument callable that runs one inference or training step, and the model."""
+    """A zero-argument callable that runs one inference or training step, and the model.
+    Inference runs a frozen copy (``Module.freeze``: the weights packed once, as ONNX
+    Runtime and OpenVINO pack them when they load a model); training the module itself."""
     model = make_layer(case, backend)
     xp = model._xp
     x, d_out = xp.asarray(x), xp.asarray(d_out)
     sync = (lambda: xp.cuda.Device().synchronize()) if backend == "cuda" else (lambda: None)
     if mode == "inference":
-        model.eval()
+        model = model.freeze()
 
         def run():
             model(x)

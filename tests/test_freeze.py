@@ -1,0 +1,165 @@
+"""Frozen modules (``Module.freeze``): inference-only copies whose parameters cannot
+change. Their outputs are the eval-mode module's, bitwise, on every backend and path of
+the numba backend (packed loops on one thread, fused and split by rows, the BLAS loops);
+the numba backend packs their weights once and drops the panels with the module; and
+everything that would change them or train them refuses, naming what was called."""
+
+import gc
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import optim
+
+pk = pytest.importorskip("fastrnn.backends.packed_numba")
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+
+
+def _outputs(result):
+    out, states = result
+    return [out, *(states if isinstance(states, tuple) else (states,))]
+
+
+def _assert_same_bits(a, b):
+    for p, q in zip(_outputs(a), _outputs(b), strict=True):
+        assert p.dtype == q.dtype and np.array_equal(p, q, equal_nan=True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", [(12, 1, 64, 80), (6, 16, 128, 128), (5, 3, 7, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_frozen_equals_eval_bitwise_on_numba(cell, shape):
+    """Two layers, both directions: one thread at B = 1 and 3 rows, fused at 16 rows
+    (split by rows where the BLAS has two threads); the second call reuses the panels."""
+    T, B, I, H = shape
+    m = fastrnn.make_layer(cell, I, H, num_layers=2, bidirectional=True, backend="numba",
+                           seed=0).eval()
+    frozen = m.freeze()
+    x = np.random.default_rng(1).standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.random.default_rng(2).standard_normal((4, B, H)).astype(np.float32)
+    hx = (h0, h0 * 0.5) if cell == "lstm" else h0
+    want = m(x, hx)
+    _assert_same_bits(frozen(x, hx), want)
+    _assert_same_bits(frozen(x, hx), want)
+    lengths = np.arange(B) % T + 1
+    _assert_same_bits(frozen(x, hx, lengths), m(x, hx, lengths))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_frozen_equals_eval_on_every_host_backend_and_dtype(backend, dtype):
+    m = fastrnn.LSTM(9, 20, backend=backend, dtype=dtype, seed=0, proj_size=7).eval()
+    x = np.random.default_rng(0).standard_normal((8, 4, 9)).astype(dtype)
+    _assert_same_bits(m.freeze()(x), m(x))
+
+
+def _pack_calls(monkeypatch):
+    calls = []
+    real = pk.pack
+
+    def spy(w, gates):
+        calls.append(w.shape)
+        return real(w, gates)
+
+    monkeypatch.setattr(pk, "pack", spy)
+    return calls
+
+
+@pytest.mark.parametrize("B", [1, 16])
+def test_frozen_weights_are_packed_once_and_dropped_with_the_module(monkeypatch, B):
+    m = fastrnn.GRU(32, 48, backend="numba", seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((10, B, 32)).astype(np.float32)
+    calls = _pack_calls(monkeypatch)
+    monkeypatch.setattr(pk, "fused", B == 16)
+    m(x)
+    m(x)
+    per_call = len(calls) // 2
+    assert per_call == (2 if B == 16 else 1)       # W_hh, and W_ih where fused
+    calls.clear()
+    frozen = m.freeze()
+    before = len(pk._packed)
+    for _ in range(3):
+        frozen(x)
+    assert len(calls) == per_call                   # the first call only
+    assert len(pk._packed) == before + per_call
+    del frozen
+    gc.collect()
+    assert len(pk._packed) == before
+
+
+def test_only_weights_that_cannot_change_are_kept_packed():
+    w = np.ones((8, 4), np.float32)
+    view = w.view()
+    view.flags.writeable = False
+    assert not pk.immutable(w) and not pk.immutable(view)    # w can still change it
+    frozen = fastrnn.RNN(4, 8, backend="numba", seed=0).freeze()
+    assert all(pk.immutable(v) for v in frozen.params.values())
+    assert not any(pk.immutable(v) for v in frozen.copy().params.values())
+
+
+def test_frozen_parameters_cannot_be_written():
+    frozen = fastrnn.LSTM(4, 6, backend="numba", seed=0).freeze()
+    w = frozen.params["weight_hh_l0"]
+    with pytest.raises(ValueError, match="read-only"):
+        w[0, 0] = 1.0
+    with pytest.raises(ValueError, match="WRITEABLE"):
+        w.flags.writeable = True
+
+
+def test_freeze_leaves_the_original_alone_and_copies_its_parameters():
+    m = fastrnn.GRU(4, 6, backend="numpy", seed=0).train()
+    frozen = m.freeze()
+    assert m.training and not m.frozen and frozen.frozen and not frozen.training
+    assert frozen.grads == {}
+    m.params["weight_ih_l0"][:] = 0                  # the original still trains and changes
+    assert np.abs(frozen.params["weight_ih_l0"]).max() > 0
+
+
+def test_what_would_train_or_change_a_frozen_module_refuses():
+    frozen = fastrnn.LSTM(4, 6, backend="numpy", seed=0).freeze()
+    x = np.zeros((3, 2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"train\(\) of a frozen module"):
+        frozen.train()
+    with pytest.raises(ValueError, match=r"load_state_dict\(\) of a frozen module"):
+        frozen.load_state_dict(frozen.state_dict())
+    with pytest.raises(ValueError, match=r"models\[0\] is frozen"):
+        optim.SGD([frozen], lr=0.1)
+    frozen.eval()                                    # eval mode it already is
+    frozen(x)
+    with pytest.raises(RuntimeError):
+        frozen.backward(np.zeros((3, 2, 6), np.float32))
+    assert frozen.frozen and not frozen.training
+
+
+def test_a_frozen_module_moves_frozen_and_copies_to_one_that_trains():
+    frozen = fastrnn.GRU(4, 6, backend="numpy", seed=0).freeze()
+    moved = frozen.to(dtype=np.float64)
+    assert moved.frozen and all(pk.immutable(v) and v.dtype == np.float64
+                                for v in moved.params.values())
+    thawed = frozen.copy(dtype=np.float32)
+    assert not thawed.frozen and set(thawed.grads) == set(thawed.params)
+    thawed.train()
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    out, _ = thawed(x)
+    thawed.backward(np.ones_like(out))
+    assert any(np.abs(g).max() > 0 for g in thawed.grads.values())
+
+
+def _flat(result):
+    if isinstance(result, tuple):
+        return [a for r in result for a in _flat(r)]
+    return [result]
+
+
+@pytest.mark.parametrize("make, x_shape", [
+    (lambda: fastrnn.GRUCell(5, 6, backend="numba", seed=0), (2, 5)),
+    (lambda: fastrnn.LayerNormLSTM(5, 6, backend="numba", seed=0), (3, 2, 5)),
+    (lambda: fastrnn.nn.Linear(5, 6, seed=0), (2, 5)),
+], ids=["GRUCell", "LayerNormLSTM", "Linear"])
+def test_every_module_family_freezes(make, x_shape):
+    m = make().eval()
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    got, want = _flat(m.freeze()(x)), _flat(m(x))
+    assert len(got) == len(want) and all(np.array_equal(p, q) for p, q in zip(got, want))
