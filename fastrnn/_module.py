@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy as _copy
 import numbers
+import types
 
 import numpy as np
 
@@ -234,13 +235,16 @@ class Module:
 
     def freeze(self):
         """A frozen copy for inference: eval mode for good, no gradients, and parameters
-        that can never change (read-only on the host backends; writing one raises).
+        that can never change: checked once (names, shapes, dtype), read-only on the host
+        backends (writing one raises), in a read-only mapping.
 
         The numba backend packs a frozen module's float32 weights for its compiled loops
         once, at the first call, and keeps them with the module, as ONNX Runtime and
         OpenVINO pack a model's weights when they load it; an eval-mode module is packed
         at every call, since its weights may change between calls. The outputs are the
-        eval-mode module's, bitwise. ``train()``, ``load_state_dict()`` and an optimizer
+        eval-mode module's, bitwise; the layers call their kernels without the contract's
+        per-call checks of the parameters, checked once here, and of the inputs, which the
+        layer checks itself. ``train()``, ``load_state_dict()`` and an optimizer
         refuse a frozen module; ``copy()`` gives one that can train, ``to()`` moves it
         and keeps it frozen.
         """
@@ -252,7 +256,11 @@ class Module:
         return frozen
 
     def _freeze_params(self):
-        """Replace the parameters by copies that can never change (host backends; a
-        device backend's arrays are copies, which its kernels never write)."""
-        immutable = _immutable_copy if self._xp is np else (lambda a: a.copy())
-        self.params = {k: immutable(v) for k, v in self.params.items()}
+        """Replace the parameters by checked copies that can never change, in a read-only
+        mapping (host backends; a device backend's arrays are copies, which its kernels
+        never write)."""
+        params = _load_params(type(self).__name__, self._param_shapes(), self.params,
+                              self._xp, self.dtype)
+        if self._xp is np:
+            params = {k: _immutable_copy(v) for k, v in params.items()}
+        self.params = types.MappingProxyType(params)

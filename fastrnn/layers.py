@@ -146,7 +146,12 @@ class _RNNBase(Recurrent):
     # LayerNorm layers) overrides these three and shares everything else.
 
     def _kernels(self):
-        """``(forward, backward)`` single-layer kernels of the layer's backend."""
+        """``(forward, backward)`` single-layer kernels of the layer's backend; a frozen
+        layer's without the contract's per-call checks (``Backend.raw_kernels``): its
+        parameters were checked once and cannot change, and :meth:`forward` checks the
+        inputs itself (13 of a B = 1 call's 266 us, LSTM 200x1x64x64)."""
+        if self.frozen:
+            return self._backend.raw_kernels(self._cell)
         return self._backend.kernels(self._cell)
 
     def _direction_args(self, suffix):

@@ -163,3 +163,29 @@ def test_every_module_family_freezes(make, x_shape):
     x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
     got, want = _flat(m.freeze()(x)), _flat(m(x))
     assert len(got) == len(want) and all(np.array_equal(p, q) for p, q in zip(got, want))
+
+
+def test_freeze_checks_the_parameters_once_and_keeps_them_in_a_read_only_mapping():
+    m = fastrnn.LSTM(4, 6, backend="numba", seed=0)
+    frozen = m.freeze()
+    with pytest.raises(TypeError):
+        frozen.params["weight_hh_l0"] = np.zeros((24, 6), np.float32)
+    m.params["weight_hh_l0"] = np.zeros((24, 5), np.float32)     # a wrong shape
+    with pytest.raises(ValueError, match="weight_hh_l0"):
+        m.freeze()
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m: m(np.zeros((3, 2, 5), np.float32)), ValueError, "input_size"),
+    (lambda m: m(np.zeros((3, 2, 4), np.float64)), TypeError, "dtype"),
+    (lambda m: m(np.zeros((3, 2, 4), np.float32), np.zeros((1, 3, 6), np.float32)),
+     ValueError, "hx"),
+    (lambda m: m(np.zeros((3, 2, 4), np.float32), lengths=np.array([1, 4])), ValueError,
+     "lengths"),
+], ids=["input_size", "dtype", "hx", "lengths"])
+def test_a_frozen_layer_checks_its_inputs_as_the_kernels_contract_would(call, error, match):
+    """A frozen layer calls the kernels without the contract's checks: the layer's own
+    checks stand in for them, with the same errors and nothing computed."""
+    frozen = fastrnn.GRU(4, 6, backend="numba", seed=0).freeze()
+    with pytest.raises(error, match=match):
+        call(frozen)
