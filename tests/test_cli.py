@@ -1,6 +1,7 @@
 """The fastrnn command: bench (verify, then time), check, info."""
 
 import json
+import time
 
 import pytest
 
@@ -144,3 +145,15 @@ def test_installed_package_ships_the_cuda_sources():
     shipped = importlib.resources.files("fastrnn") / "csrc"
     names = {p.name for p in shipped.iterdir()}
     assert {"fastrnn_common.cuh", "fastrnn_lstm.cu", "fastrnn_gru.cu", "fastrnn_rnn.cu"} <= names
+
+
+def test_bench_workers_warm_up_for_a_time_after_their_pause():
+    """The timed calls start only after ``warmup_s`` of warm-up calls (and at least
+    ``warmup`` of them): the wake-up after the settle pause is not timed."""
+    from fastrnn.bench.worker import time_runs
+    calls = []
+    samples = time_runs(lambda: calls.append(time.perf_counter()), 3, None, warmup=1,
+                        warmup_s=0.01)
+    assert len(samples) == 3 and calls[-3] - calls[0] >= 0.0099 and len(calls) > 5
+    calls.clear()
+    assert len(time_runs(lambda: calls.append(0), 2, None, warmup=2)) == 2 and len(calls) == 4

@@ -21,6 +21,12 @@ import traceback
 #: Seconds a worker waits before it starts timing: the previous engine's pool
 #: threads, in another process, stop spinning within this time.
 SETTLE_S = 0.2
+#: Seconds of warm-up calls after that pause, before the timed calls (at least the
+#: warm-up's count of calls): the first milliseconds after an idle pause run slow for
+#: every engine on this kind of machine (a virtual CPU woken from idle: NumPy's own
+#: 200x64x256 GEMM took 203 us first, 65 second, 62 after; ``python bench/wake.py``),
+#: and a point whose call takes 1 ms would otherwise time that wake-up, not the engine.
+WARMUP_S = 0.02
 
 
 def environment(engine: str, threads: int, keep_blas_env: bool) -> dict:
@@ -42,10 +48,15 @@ def environment(engine: str, threads: int, keep_blas_env: bool) -> dict:
     return env
 
 
-def time_runs(run, repeats: int, budget_s: float | None, warmup: int = 2) -> list[float]:
-    """Seconds of ``repeats`` calls of ``run`` after ``warmup`` calls; stops early
-    (after at least 3) when ``budget_s`` is spent."""
+def time_runs(run, repeats: int, budget_s: float | None, warmup: int = 2,
+              warmup_s: float = 0.0) -> list[float]:
+    """Seconds of ``repeats`` calls of ``run`` after ``warmup`` calls, and more until
+    ``warmup_s`` seconds have passed; stops early (after at least 3) when ``budget_s``
+    is spent."""
+    start = time.perf_counter()
     for _ in range(warmup):
+        run()
+    while time.perf_counter() - start < warmup_s:
         run()
     samples = []
     start = time.perf_counter()
@@ -100,7 +111,8 @@ class Handler:
                                                         request["mode"], self.threads))
             time.sleep(self.settle_s)
             return {"samples": time_runs(self._cached[1], request["repeats"],
-                                         request.get("budget_s"), warmup=2 if fresh else 1)}
+                                         request.get("budget_s"), warmup=2 if fresh else 1,
+                                         warmup_s=WARMUP_S)}
         return {"error": f"unknown request {op!r}"}
 
 
