@@ -28,10 +28,20 @@ behind session 7's choices:
 * ``malloc``: an LSTM training step at 50x16x128x128 (forward time), in fresh processes,
   after a first call fused or not (``packed_numba.fused`` for that call only), with glibc's
   mmap threshold left dynamic and fixed (``MALLOC_MMAP_THRESHOLD_``): why training
-  forwards are not fused.
+  forwards are not fused;
+* ``projection``: a chunk's input projection through the micro-kernel on one thread (W_ih
+  packed) against OpenBLAS's GEMM on its threads and on one: the micro-kernel projection
+  of one-thread loops, tried in session 9 and not kept;
+* ``training``: a training step's forward and backward, in fresh processes, with the
+  backward as shipped (OpenBLAS's threads, which then spin into the next forward, so the
+  forward runs the BLAS loops) and on one BLAS thread (the pool asleep, so the forward
+  takes the packed split): what a backward on fastrnn's own threads could gain;
+* ``worker``: a ``fastrnn bench`` worker's LSTM 100x64x256x256 training step, as its first
+  request and after its info and verification requests, with glibc's malloc thresholds
+  dynamic and fixed (``fastrnn.bench.worker.MALLOC_ENV``, which every worker gets).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
-        [--parts pointwise product gc split overhead malloc]
+        [--parts pointwise product gc split overhead malloc projection training worker]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -303,8 +313,109 @@ def malloc():
               flush=True)
 
 
+def projection():
+    from threadpoolctl import threadpool_limits
+
+    @numba.njit(fastmath=FASTMATH, nogil=True)
+    def micro(panels, x3, a, PU, cv, U, rows):
+        pk._recurrent(panels, x3, 0, a, PU, cv, 0, U, False, 0, rows)
+
+    rng = np.random.default_rng(0)
+    for gates, rows, I, H in ((4, 200, 64, 64), (3, 200, 64, 64), (4, 1000, 32, 32),
+                              (3, 1000, 32, 32), (4, 50, 128, 128), (4, 1000, 64, 64)):
+        G = gates * H
+        x = rng.standard_normal((rows, I)).astype(np.float32)
+        w = rng.standard_normal((G, I)).astype(np.float32)
+        panels = pk.pack(w, gates)
+        U, PU = panels.shape[0], pk._panel_units(gates)
+        a = pk.aligned_empty((rows, panels.shape[2] * U))
+        o = np.empty((rows, G), np.float32)
+        us = {"micro-kernel": _median_s(lambda: micro(panels, x.reshape(1, rows, I), a, PU,
+                                                      U * PU, U, rows), 100)}
+        us["BLAS"] = _median_s(lambda: np.matmul(x, w.T, out=o), 100)
+        with threadpool_limits(1, user_api="blas"):
+            us["BLAS one thread"] = _median_s(lambda: np.matmul(x, w.T, out=o), 100)
+        print(f"projection {rows} rows x {I} inputs x {G} columns "
+              f"({rows * G * I / 1e6:.2f}M multiply-adds), us: "
+              + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in us.items()), flush=True)
+
+
+_TRAINING_CHILD = r"""
+import sys, time
+import numpy as np
+import fastrnn
+from threadpoolctl import ThreadpoolController
+cell, T, B, I, H = sys.argv[1], *map(int, sys.argv[2:6])
+one = sys.argv[6] == "one"
+m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0).train()
+x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+d = np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32)
+ctl = ThreadpoolController()
+f, b = [], []
+for _ in range(10):
+    t0 = time.perf_counter()
+    m(x)
+    t1 = time.perf_counter()
+    if one:
+        with ctl.limit(limits=1, user_api="blas"):
+            m.backward(d)
+    else:
+        m.backward(d)
+    f.append(t1 - t0)
+    b.append(time.perf_counter() - t1)
+print(f"{np.median(f[2:]) * 1e3:.1f} {np.median(b[2:]) * 1e3:.1f}")
+"""
+
+
+def training():
+    for case in (("lstm", 100, 64, 256, 256), ("gru", 100, 64, 512, 512),
+                 ("rnn_tanh", 100, 64, 256, 256)):
+        got = {}
+        for backward in ("BLAS threads", "one"):
+            out = subprocess.run([sys.executable, "-c", _TRAINING_CHILD, *map(str, case),
+                                  backward], check=True, capture_output=True, text=True)
+            got[backward] = out.stdout.split()
+        print(f"training {case[0]} {'x'.join(map(str, case[1:]))}, forward / backward ms: "
+              + ", ".join(f"backward on {k}: {v[0]} / {v[1]}" for k, v in got.items()),
+              flush=True)
+
+
+_WORKER_CHILD = r"""
+import sys
+from fastrnn.bench.cases import Case
+from fastrnn.bench import worker
+from fastrnn.bench.runner import ProcessWorker
+if sys.argv[2] == "dynamic":
+    worker.MALLOC_ENV.clear()
+w = ProcessWorker("numba", 2, False)
+case = Case("lstm", 100, 64, 256, 256, "float32").as_dict()
+if sys.argv[1] == "after":
+    w.ask(op="info")
+    w.ask(op="verify_backend", cells=["lstm", "gru", "rnn_tanh"], dtype="float32")
+samples = [s for _ in range(2)
+           for s in w.ask(op="time", case=case, mode="training", repeats=3)["samples"]]
+w.close()
+print(" ".join(f"{s * 1e3:.1f}" for s in samples))
+"""
+
+
+def worker():
+    import os
+
+    from fastrnn.bench.worker import MALLOC_ENV
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    for name in ("dynamic", "fixed"):
+        for history in ("alone", "after"):
+            out = subprocess.run([sys.executable, "-c", _WORKER_CHILD, history, name],
+                                 check=True, capture_output=True, text=True, env=env).stdout
+            print(f"worker lstm 100x64x256x256 training ms, malloc thresholds {name}, "
+                  f"{'after info and verification' if history == 'after' else 'first request'}:"
+                  f" {out.strip()}", flush=True)
+
+
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
-         "overhead": overhead, "malloc": malloc}
+         "overhead": overhead, "malloc": malloc, "projection": projection,
+         "training": training, "worker": worker}
 
 
 def main():

@@ -29,6 +29,17 @@ SETTLE_S = 0.2
 WARMUP_S = 0.02
 
 
+#: glibc malloc's thresholds, fixed in every worker: left dynamic, the mmap threshold
+#: rises with the largest block freed so far, and whether a training step's large buffers
+#: (tens of MB) come back from the heap or from fresh pages at every call then depends on
+#: what the process allocated before. The same fastrnn worker timed an LSTM
+#: 100x64x256x256 training step at 93-98 ms, or at 175-215 ms after its ``info`` and
+#: verification requests, and at 95-100 ms after them with these two set (``python
+#: bench/packed_parts.py --parts worker``). Every engine's worker gets them, as the
+#: variables PyTorch's CPU tuning guide suggests setting (or replacing malloc) for training.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def environment(engine: str, threads: int, keep_blas_env: bool) -> dict:
     """The environment of a worker process."""
     from .machine import BLAS_OVERRIDES
@@ -38,6 +49,10 @@ def environment(engine: str, threads: int, keep_blas_env: bool) -> dict:
             env.pop(key, None)
     # Idle OpenMP threads (torch's) sleep instead of spinning.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # glibc's malloc with fixed thresholds (MALLOC_ENV), so that an engine's large
+    # per-call buffers come back from the heap instead of fresh pages.
+    for key, value in MALLOC_ENV.items():
+        env.setdefault(key, value)
     env["OMP_NUM_THREADS"] = str(threads)
     env["OPENBLAS_NUM_THREADS"] = str(threads)
     if engine == "jax":
