@@ -22,7 +22,8 @@ behind session 7's choices:
   the layer; its backend kernel through the contract's checks; the raw kernel; the
   packed loop's entry (``packed_numba.run``); the same with ``W_hh`` packed already
   (``_run``); the loop with its buffers (``_loop``); the compiled loop alone
-  (``cell_thread``, buffers made once). Each difference is one level's cost. Also the
+  (``cell_thread``, buffers made once). Each difference is one level's cost. Also a
+  frozen copy of the layer (``Module.freeze``: W_hh packed once, no contract checks), and the
   check for other running threads (``_other_threads_running``) that split-size and fused
   calls make;
 * ``malloc``: an LSTM training step at 50x16x128x128 (forward time), in fresh processes,
@@ -244,8 +245,10 @@ def overhead():
         call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (
             xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, False, False,
             np.empty((1, 0, NR), np.float32))
+        frozen = m.freeze()
         levels = {
             "layer": lambda: m(x),
+            "frozen layer": lambda: frozen(x),
             "kernel with the contract's checks": lambda: fwd(x, *states, w_ih, w_hh, b_ih,
                                                              b_hh, lengths=None,
                                                              reverse=False, training=False),
@@ -266,7 +269,7 @@ def overhead():
                 f()
                 samples[k].append(time.perf_counter() - t0)
         med = {k: float(np.median(v)) * 1e6 for k, v in samples.items()}
-        names = list(med)
+        names = [k for k in med if k != "frozen layer"]
         steps = ", ".join(f"{a} - {b} {med[a] - med[b]:.1f}" for a, b in zip(names, names[1:]))
         probe = float(np.median(time_runs(pk._other_threads_running, 3000, None))) * 1e6
         print(f"overhead {cell} {T}x{B}x{I}x{H} inference, us: "

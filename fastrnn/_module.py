@@ -16,6 +16,7 @@ import types
 import numpy as np
 
 from . import backends
+from ._immutable import immutable_copy
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -95,12 +96,6 @@ def _init_uniform(shapes, k, seed, xp, dtype) -> dict:
             for name, shape in shapes.items()}
 
 
-def _immutable_copy(a):
-    """A copy of host array ``a`` that can never be written: read-only, over a ``bytes``
-    object (NumPy refuses to make such an array writeable again)."""
-    return np.frombuffer(np.ascontiguousarray(a).tobytes(), dtype=a.dtype).reshape(a.shape)
-
-
 def _other_backends(name) -> str:
     return " or ".join(f"backend={b!r}" for b in ("numba", "numpy") if b != name)
 
@@ -109,7 +104,8 @@ class Module:
     """Parameters and gradients (dicts under torch's names), train/eval modes,
     state dicts, and moves between backends and dtypes."""
 
-    #: Whether this is a :meth:`freeze` copy: inference only, parameters that never change.
+    #: Whether this is a :meth:`freeze` copy: inference only, its parameters checked once
+    #: and (host backends) never changed.
     frozen = False
 
     def __init__(self, backend="auto", dtype=np.float32):
@@ -161,10 +157,11 @@ class Module:
         return self.forward(*args, **kwargs)
 
     def _refuse_frozen(self, what):
+        """ValueError naming ``what`` (a call, an argument) where this module is frozen."""
         if self.frozen:
-            raise ValueError(f"{what} of a frozen module: it is inference-only and its "
-                             f"parameters never change; call copy() for a module to train "
-                             f"or change, and freeze() that")
+            raise ValueError(f"{what}: the module is frozen (Module.freeze), for inference "
+                             f"only; call copy() for a module to train or change, and "
+                             f"freeze() that")
 
     def train(self, mode: bool = True):
         """Train mode: a forward call records what backward needs."""
@@ -230,13 +227,15 @@ class Module:
         clone.grads = {k: v.copy() for k, v in self.grads.items()} if not self.frozen else \
             {k: self._xp.zeros_like(v) for k, v in clone.params.items()}
         clone.frozen = False
+        clone.__dict__.pop("_frozen_params", None)
         clone._forget()
         return clone.to(backend=backend, dtype=dtype)
 
     def freeze(self):
         """A frozen copy for inference: eval mode for good, no gradients, and parameters
-        that can never change: checked once (names, shapes, dtype), read-only on the host
-        backends (writing one raises), in a read-only mapping.
+        checked once (names, shapes, dtype), in a read-only mapping; on the host backends
+        they are read-only arrays that can never change (writing one raises; on cuda they
+        are copies that nothing else references).
 
         The numba backend packs a frozen module's float32 weights for its compiled loops
         once, at the first call, and keeps them with the module, as ONNX Runtime and
@@ -258,9 +257,10 @@ class Module:
     def _freeze_params(self):
         """Replace the parameters by checked copies that can never change, in a read-only
         mapping (host backends; a device backend's arrays are copies, which its kernels
-        never write)."""
+        never write). The layers call their kernels unchecked only while ``params`` is
+        still this mapping (``_frozen_params``)."""
         params = _load_params(type(self).__name__, self._param_shapes(), self.params,
                               self._xp, self.dtype)
         if self._xp is np:
-            params = {k: _immutable_copy(v) for k, v in params.items()}
-        self.params = types.MappingProxyType(params)
+            params = {k: immutable_copy(v) for k, v in params.items()}
+        self.params = self._frozen_params = types.MappingProxyType(params)

@@ -147,10 +147,11 @@ class _RNNBase(Recurrent):
 
     def _kernels(self):
         """``(forward, backward)`` single-layer kernels of the layer's backend; a frozen
-        layer's without the contract's per-call checks (``Backend.raw_kernels``): its
-        parameters were checked once and cannot change, and :meth:`forward` checks the
-        inputs itself (13 of a B = 1 call's 266 us, LSTM 200x1x64x64)."""
-        if self.frozen:
+        layer's without the contract's per-call checks (``Backend.raw_kernels``), while
+        its parameters are the ones :meth:`freeze` checked (``params`` reassigned, or
+        ``training`` set by hand, goes back to the checked kernels): :meth:`forward`
+        checks the inputs itself (``python bench/packed_parts.py --parts overhead``)."""
+        if self.frozen and not self.training and self.params is self._frozen_params:
             return self._backend.raw_kernels(self._cell)
         return self._backend.kernels(self._cell)
 

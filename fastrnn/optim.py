@@ -34,8 +34,7 @@ def _as_models(models):
             raise TypeError(f"models[{i}] must have 'params' and 'grads' dicts, got "
                             f"{type(m).__name__}")
         if getattr(m, "frozen", False):
-            raise ValueError(f"models[{i}] is frozen (Module.freeze): it is inference-only; "
-                             f"optimize the module it was frozen from, or a copy() of it")
+            m._refuse_frozen(f"models[{i}]")
     return models
 
 

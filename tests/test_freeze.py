@@ -120,11 +120,11 @@ def test_freeze_leaves_the_original_alone_and_copies_its_parameters():
 def test_what_would_train_or_change_a_frozen_module_refuses():
     frozen = fastrnn.LSTM(4, 6, backend="numpy", seed=0).freeze()
     x = np.zeros((3, 2, 4), np.float32)
-    with pytest.raises(ValueError, match=r"train\(\) of a frozen module"):
+    with pytest.raises(ValueError, match=r"train\(\): the module is frozen"):
         frozen.train()
-    with pytest.raises(ValueError, match=r"load_state_dict\(\) of a frozen module"):
+    with pytest.raises(ValueError, match=r"load_state_dict\(\): the module is frozen"):
         frozen.load_state_dict(frozen.state_dict())
-    with pytest.raises(ValueError, match=r"models\[0\] is frozen"):
+    with pytest.raises(ValueError, match=r"models\[0\]: the module is frozen"):
         optim.SGD([frozen], lr=0.1)
     frozen.eval()                                    # eval mode it already is
     frozen(x)
@@ -189,3 +189,52 @@ def test_a_frozen_layer_checks_its_inputs_as_the_kernels_contract_would(call, er
     frozen = fastrnn.GRU(4, 6, backend="numba", seed=0).freeze()
     with pytest.raises(error, match=match):
         call(frozen)
+
+
+def test_panels_never_outlive_their_weights():
+    """Frozen modules made and dropped one after another (their arrays' ids reused): each
+    call gives its own weights' results, never a dropped module's panels."""
+    x = np.random.default_rng(0).standard_normal((6, 2, 16)).astype(np.float32)
+    for seed in range(6):
+        m = fastrnn.LSTM(16, 32, backend="numba", seed=seed).eval()
+        frozen = m.freeze()
+        _assert_same_bits(frozen(x), m(x))
+        del frozen
+        gc.collect()
+
+
+@pytest.mark.parametrize("make, x_shape, kwargs", [
+    (lambda: fastrnn.GRU(6, 20, batch_first=True, backend="numba", seed=0), (3, 7, 6), {}),
+    (lambda: fastrnn.LSTM(6, 20, backend="numba", seed=0), (7, 6), {}),
+    (lambda: fastrnn.RNN(6, 40, num_layers=2, backend="numba", seed=0), (9, 3, 6),
+     {"lengths": np.array([9, 4, 1])}),
+    (lambda: fastrnn.LSTM(6, 20, zoneout=(0.2, 0.1), backend="numba", seed=0), (7, 3, 6), {}),
+    (lambda: fastrnn.GRU(6, 20, reset_after=False, backend="numba", seed=0), (7, 3, 6), {}),
+    (lambda: fastrnn.LayerNormGRU(6, 20, bidirectional=True, backend="numba", seed=0),
+     (7, 3, 6), {}),
+], ids=["batch_first", "unbatched", "chunked_lengths", "zoneout", "reset_before", "layernorm"])
+def test_frozen_equals_eval_for_every_layer_option(make, x_shape, kwargs):
+    m = make().eval()
+    m.eval_chunk = 4              # the chunked runs of a long inference (9 > 4 steps)
+    frozen = m.freeze()
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    got, want = _flat(frozen(x, **kwargs)), _flat(m(x, **kwargs))
+    assert len(got) == len(want) and all(np.array_equal(p, q) for p, q in zip(got, want))
+
+
+def test_a_frozen_layer_skips_the_contract_only_with_the_parameters_it_checked(monkeypatch):
+    from fastrnn.backends import contract
+    frozen = fastrnn.GRU(4, 6, backend="numba", seed=0).freeze()
+    x = np.zeros((3, 2, 4), np.float32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the contract's checks ran")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(contract, "check_forward", refuse)
+        frozen(x)                                       # raw kernels: no contract
+        with pytest.raises(AssertionError, match="contract"):
+            fastrnn.GRU(4, 6, backend="numba", seed=0).eval()(x)
+    frozen.params = {**frozen.params, "weight_hh_l0": np.zeros((18, 5), np.float32)}
+    with pytest.raises(ValueError, match="w_hh"):       # reassigned: checked again
+        frozen(x)

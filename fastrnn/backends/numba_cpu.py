@@ -28,6 +28,7 @@ import threading
 import numba
 import numpy as np
 
+from .._immutable import immutable_copy
 from . import CELLS, KERNEL_OPTIONS, gate_count, state_count
 from ._cblas import (NO_TRANS, SGEMM, TRANS, blas_get_threads, blas_set_threads, gemm_call_ilp64,
                      gemm_call_lp64, gemm_for)
@@ -1136,7 +1137,7 @@ def warmup(dtypes=(np.float32, np.float64), cells=None):
     Numba compiles on first use; the compiled code is cached on disk
     (``cache=True``; ``NUMBA_CACHE_DIR`` moves the cache), so later processes
     only load it. Calling this at start-up moves that cost out of the first
-    real call.
+    real call, a frozen module's too (its read-only weights are other types to Numba).
     """
     cells = cells or tuple(CELLS)
     rng = np.random.default_rng(0)
@@ -1159,4 +1160,7 @@ def warmup(dtypes=(np.float32, np.float64), cells=None):
                                   reverse=reverse, training=training, **options)
                         if training:
                             bwd(res[0], *res[1:-1], res[-1])
+                        else:   # a frozen module's weights: read-only arrays, other types
+                            fwd(x, *states, *map(immutable_copy, (w_ih, w_hh, b, b)),
+                                lengths=lengths, reverse=reverse, training=False, **options)
 

@@ -53,6 +53,7 @@ import weakref
 import numba
 import numpy as np
 
+from .._immutable import immutable
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
 from ._simd import (FLAG_STRIDE, arrive, microkernel, split_k, store_release, vector_width,
@@ -132,19 +133,6 @@ def pack(w_hh, gates):
     return panels
 
 
-def immutable(w):
-    """Whether the values of ``w`` can never change: read-only, over an immutable ``bytes``
-    object (NumPy refuses to make such an array writeable again), as the parameters of a
-    frozen module are (:meth:`fastrnn.Module.freeze`). A read-only view of a writeable
-    array is not: its base can still be written."""
-    base = w
-    while isinstance(base, np.ndarray):
-        if base.flags.writeable:
-            return False
-        base = base.base
-    return isinstance(base, bytes)
-
-
 #: The panels of weights that cannot change (:func:`immutable`): ``(id(w), gates)`` ->
 #: ``(weak reference to w, panels)``; an entry goes with its array.
 _packed = {}
@@ -152,10 +140,11 @@ _packed = {}
 
 def packed(w, gates):
     """``pack(w, gates)``, packed once for weights that cannot change (a frozen module's,
-    :func:`immutable`) and kept while ``w`` lives, packed anew at every call otherwise
-    (weights that the caller may change between calls). At 50x16x128x128 (LSTM, rows
-    split) the packing and the first reads of fresh panels on the other core took 140 of
-    a call's 1040 us (``python bench/packed_ab.py --compare frozen``)."""
+    :func:`.._immutable.immutable`) and kept while ``w`` lives, packed anew at every call
+    otherwise (weights that the caller may change between calls). At 50x16x128x128 (LSTM,
+    rows split) a frozen module's call took 1.127 ms against an eval-mode module's 1.237
+    (``python bench/packed_ab.py --compare frozen``): the packing, and the other core's
+    first reads of panels the caller had just written."""
     if not immutable(w):
         return pack(w, gates)
     key = (id(w), gates)

@@ -24,7 +24,8 @@ SETTLE_S = 0.2
 #: Seconds of warm-up calls after that pause, before the timed calls (at least the
 #: warm-up's count of calls): the first milliseconds after an idle pause run slow for
 #: every engine on this kind of machine (a virtual CPU woken from idle: NumPy's own
-#: 200x64x256 GEMM took 203 us first, 65 second, 62 after; ``python bench/wake.py``),
+#: 200x64x256 GEMM took 203-214 us first, 63-68 second, 62-65 after; ``python
+#: bench/wake.py``, ``bench/results/2026-12-05-packed-parts-session9.txt``),
 #: and a point whose call takes 1 ms would otherwise time that wake-up, not the engine.
 WARMUP_S = 0.02
 
@@ -33,10 +34,11 @@ WARMUP_S = 0.02
 #: rises with the largest block freed so far, and whether a training step's large buffers
 #: (tens of MB) come back from the heap or from fresh pages at every call then depends on
 #: what the process allocated before. The same fastrnn worker timed an LSTM
-#: 100x64x256x256 training step at 93-98 ms, or at 175-215 ms after its ``info`` and
-#: verification requests, and at 95-100 ms after them with these two set (``python
-#: bench/packed_parts.py --parts worker``). Every engine's worker gets them, as the
-#: variables PyTorch's CPU tuning guide suggests setting (or replacing malloc) for training.
+#: 100x64x256x256 training step at 96-111 ms as its first request, at 175-224 ms after its
+#: ``info`` and verification requests, and at 94-109 ms after them with these two set
+#: (``python bench/packed_parts.py --parts worker``, two runs in ``bench/results/2026-12-05-packed-parts-session9.txt``).
+#: Every engine's worker gets them (PyTorch's CPU tuning guide recommends jemalloc or
+#: tcmalloc for its training, for the same reason).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
