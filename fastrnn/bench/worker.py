@@ -36,7 +36,8 @@ WARMUP_S = 0.02
 #: what the process allocated before. The same fastrnn worker timed an LSTM
 #: 100x64x256x256 training step at 96-111 ms as its first request, at 175-224 ms after its
 #: ``info`` and verification requests, and at 94-109 ms after them with these two set
-#: (``python bench/packed_parts.py --parts worker``, two runs in ``bench/results/2026-12-05-packed-parts-session9.txt``).
+#: (``python bench/packed_parts.py --parts worker``, two runs in
+#: ``bench/results/2026-12-05-packed-parts-session9.txt``).
 #: Every engine's worker gets them (PyTorch's CPU tuning guide recommends jemalloc or
 #: tcmalloc for its training, for the same reason).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
