@@ -2,8 +2,9 @@
 forward.
 
 Per step, the recurrent product ``h_{t-1} W_hh^T`` is computed by a register-blocked
-micro-kernel from ``W_hh`` packed once per call, with no BLAS call inside the loop,
-then the gates:
+micro-kernel from ``W_hh`` packed once per call (once for good where the weights cannot
+change, a frozen module's: :func:`packed`), with no BLAS call inside the loop, then the
+gates:
 
 * ``W_hh`` is packed into panels, one per block of ``VW`` hidden units (``VW`` = the
   float32 vector width of the CPU Numba compiles for, :func:`._simd.vector_width`):
