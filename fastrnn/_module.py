@@ -104,10 +104,6 @@ class Module:
     """Parameters and gradients (dicts under torch's names), train/eval modes,
     state dicts, and moves between backends and dtypes."""
 
-    #: Whether this is a :meth:`freeze` copy: inference only, its parameters checked once
-    #: and (host backends) never changed.
-    frozen = False
-
     def __init__(self, backend="auto", dtype=np.float32):
         self.dtype = _check_dtype(dtype)
         self._refuse_backend(backend)
@@ -143,6 +139,12 @@ class Module:
 
     def _on_move(self):
         """Called after :meth:`to` changed the backend or dtype."""
+
+    @property
+    def frozen(self) -> bool:
+        """Whether this is a :meth:`freeze` copy: inference only, its parameters checked
+        once and (host backends) never changed; it holds the mapping it checked."""
+        return self.__dict__.get("_frozen_params") is not None
 
     @property
     def backend(self) -> str:
@@ -226,7 +228,6 @@ class Module:
         clone.params = {k: v.copy() for k, v in self.params.items()}
         clone.grads = {k: v.copy() for k, v in self.grads.items()} if not self.frozen else \
             {k: self._xp.zeros_like(v) for k, v in clone.params.items()}
-        clone.frozen = False
         clone.__dict__.pop("_frozen_params", None)
         clone._forget()
         return clone.to(backend=backend, dtype=dtype)
@@ -248,8 +249,7 @@ class Module:
         and keeps it frozen.
         """
         frozen = _copy.copy(self)
-        frozen.training, frozen.frozen, frozen.grads = False, True, {}
-        frozen.params = dict(self.params)
+        frozen.training, frozen.grads = False, {}
         frozen._forget()
         frozen._freeze_params()
         return frozen

@@ -17,13 +17,15 @@ pk = pytest.importorskip("fastrnn.backends.packed_numba")
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
 
-def _outputs(result):
-    out, states = result
-    return [out, *(states if isinstance(states, tuple) else (states,))]
+def _flat(result):
+    """The arrays of a call's result, nested tuples (``(out, (h_n, c_n))``) flattened."""
+    if isinstance(result, tuple):
+        return [a for r in result for a in _flat(r)]
+    return [result]
 
 
 def _assert_same_bits(a, b):
-    for p, q in zip(_outputs(a), _outputs(b), strict=True):
+    for p, q in zip(_flat(a), _flat(b), strict=True):
         assert p.dtype == q.dtype and np.array_equal(p, q, equal_nan=True)
 
 
@@ -145,12 +147,6 @@ def test_a_frozen_module_moves_frozen_and_copies_to_one_that_trains():
     out, _ = thawed(x)
     thawed.backward(np.ones_like(out))
     assert any(np.abs(g).max() > 0 for g in thawed.grads.values())
-
-
-def _flat(result):
-    if isinstance(result, tuple):
-        return [a for r in result for a in _flat(r)]
-    return [result]
 
 
 @pytest.mark.parametrize("make, x_shape", [

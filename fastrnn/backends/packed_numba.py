@@ -454,7 +454,7 @@ def threads_for(x, gates, H):
     if threads is not None:
         return max(1, min(threads, panels, POOL_WORKERS + 1))
     want = _blas_threads()
-    if want <= 1 or B * gates * H * H < MIN_SPLIT_STEP_WORK:
+    if want <= 1 or not _splits_by_units(x, gates, H):
         return 1
     if _other_threads_running():
         return 0
@@ -845,17 +845,17 @@ def _rows_fit(x, gates, H):
     return n if n >= 2 and 4 * G * (I + H) <= ROWS_L2_SHARE * l2_bytes() else 0
 
 
-def _rows_for(x, gates, H, fused):
+def _rows_for(x, gates, H, fused, fit=None):
     """Threads of the rows split for this forward, or 0 (no rows split): a fused loop
-    whose shapes fit (:func:`_rows_fit`) while (as for the hidden-unit split) no other
-    thread of the process runs; ``rows`` True: a fused loop with ``ROWS_MIN`` rows a
-    thread for two threads or more, whatever else."""
+    whose shapes fit (:func:`_rows_fit`; ``fit``, where the caller has it already) while
+    (as for the hidden-unit split) no other thread of the process runs; ``rows`` True: a
+    fused loop with ``ROWS_MIN`` rows a thread for two threads or more, whatever else."""
     if rows is False or not fused:
         return 0
     if rows:
         n = min(_blas_threads(), x.shape[1] // ROWS_MIN, POOL_WORKERS + 1)
         return n if n >= 2 else 0
-    n = _rows_fit(x, gates, H)
+    n = _rows_fit(x, gates, H) if fit is None else fit
     return n if n and not _other_threads_running() else 0
 
 
@@ -868,9 +868,11 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
     the packed loop is the other time loop those forwards choose between, with the same
     arguments but ``W_hh`` (and, fused, ``W_ih``) packed here (see :func:`cell_thread`
     for the unused ones)."""
-    n = abs(cell)
-    panels_ih = packed(w_ih, n) if _fused_for(x, n, w_hh.shape[1], training) else None
-    by_rows = _rows_for(x, n, w_hh.shape[1], panels_ih is not None) \
+    n, H = abs(cell), w_hh.shape[1]
+    # the rows split's fit by shape, once for both choices where the fused rule asks for it
+    fit = _rows_fit(x, n, H) if not training and x.shape[1] >= FUSED_MIN_ROWS else None
+    panels_ih = packed(w_ih, n) if _fused_for(x, n, H, training, fit) else None
+    by_rows = _rows_for(x, n, H, panels_ih is not None, fit) \
         if panels_ih is not None and (nthreads == 1 or threads is None) else 0
     _run(by_rows or nthreads, x, w_ih, packed(w_hh, n), cell, bias, b_hn, lengths, reverse,
          training, hs, cs, out, gates, hns, by_rows=by_rows > 0, panels_ih=panels_ih)
@@ -888,16 +890,23 @@ fused = None
 FUSED_MIN_ROWS = 16
 
 
+def _splits_by_units(x, gates, H):
+    """Whether the step is big enough for the hidden-unit split: ``MIN_SPLIT_STEP_WORK``
+    multiply-adds of recurrent product (B G H)."""
+    return x.shape[1] * gates * H * H >= MIN_SPLIT_STEP_WORK
+
+
 def _step_work(x, gates, H):
     """Multiply-adds of one step of this forward: B G (I + H)."""
     T, B, I = x.shape
     return B * gates * H * (I + H)
 
 
-def _fused_for(x, gates, H, training):
+def _fused_for(x, gates, H, training, fit=None):
     """Whether this forward's loop is fused (:data:`fused`): an inference with
     ``FUSED_MIN_ROWS`` rows whose shapes split it, by hidden units (``MIN_SPLIT_STEP_WORK``)
-    or by rows (:func:`_rows_fit`), or with a one-thread BLAS, unless ``ahead`` is True.
+    or by rows (:func:`_rows_fit`; ``fit``, where the caller has it already), or with a
+    one-thread BLAS, unless ``ahead`` is True.
     A fused loop projects on its own threads: on one thread where the BLAS has two it
     gained nothing against one thread projecting on the BLAS's threads (the RNN at
     50x16x128x128, where neither split applies: 0.92x fused in the first A/B, 1.02x at the
@@ -914,5 +923,5 @@ def _fused_for(x, gates, H, training):
         return fused
     if training or ahead is True or x.shape[1] < FUSED_MIN_ROWS:
         return False
-    return (x.shape[1] * gates * H * H >= MIN_SPLIT_STEP_WORK or _rows_fit(x, gates, H) > 0
+    return (_splits_by_units(x, gates, H) or (_rows_fit(x, gates, H) if fit is None else fit) > 0
             or _blas_threads() <= 1)

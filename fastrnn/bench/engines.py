@@ -72,8 +72,7 @@ class FastrnnEngine(Engine):
             threadpool_limits(threads, user_api="blas")
 
     def _layer(self, case, mode):
-        model = make_layer(case, self.name)
-        return model.train() if mode == "training" else model.freeze()
+        return _timed_model(case, self.name, mode)
 
     def runner(self, case, mode, threads):
         return fastrnn_runner(case, self.name, mode, *inputs(case)[:2])[0]
@@ -91,23 +90,26 @@ class FastrnnEngine(Engine):
                 for k, v in result.items()}
 
 
-def fastrnn_runner(case: Case, backend: str, mode: str, x, d_out):
-    """A zero-argument callable that runs one inference or training step, and the model.
-    Inference runs a frozen copy (``Module.freeze``: the weights packed once, as ONNX
-    Runtime and OpenVINO pack them when they load a model); training the module itself."""
+def _timed_model(case: Case, backend: str, mode: str):
+    """The model an engine of fastrnn verifies and times: for inference a frozen copy
+    (``Module.freeze``: the weights packed once, as ONNX Runtime and OpenVINO pack them when
+    they load a model), for training the module itself."""
     model = make_layer(case, backend)
+    return model.train() if mode == "training" else model.freeze()
+
+
+def fastrnn_runner(case: Case, backend: str, mode: str, x, d_out):
+    """A zero-argument callable that runs one inference or training step
+    (:func:`_timed_model`), and the model."""
+    model = _timed_model(case, backend, mode)
     xp = model._xp
     x, d_out = xp.asarray(x), xp.asarray(d_out)
     sync = (lambda: xp.cuda.Device().synchronize()) if backend == "cuda" else (lambda: None)
     if mode == "inference":
-        model = model.freeze()
-
         def run():
             model(x)
             sync()
     else:
-        model.train()
-
         def run():
             model(x)
             model.backward(d_out)
