@@ -19,7 +19,9 @@ batch rows split wherever it can run (``packed_numba.rows = True``, no hidden-un
 split). ``--compare affinity``: the pool threads left on any CPU (``_current_cpu``
 answers None) against kept off their caller's (``_off_cpu``), best seen with ``--pause
 0.2``. ``--compare frozen``: an eval-mode layer (weights packed at every call) against
-its frozen copy (``Module.freeze``: packed once). ``--compare REV`` (a git revision): the whole
+its frozen copy (``Module.freeze``: packed once). ``--compare bptt`` (with ``--mode
+training``): numba_cpu's backward loops (``packed_bptt.enabled = False``) against the
+packed backward. ``--compare REV`` (a git revision): the whole
 package at REV (checked out into a temporary git worktree) against the working tree,
 each as shipped: how session 6's kernel changes were judged.
 
@@ -60,6 +62,9 @@ elif variant.startswith("fused "):              # "fused off" / "fused on"
 elif variant == "rows on":                  # the rows split wherever it can run
     packed_numba.rows = True
     packed_numba.MIN_SPLIT_STEP_WORK = 1 << 62
+elif variant == "bptt off":                 # numba_cpu's backward loops
+    from fastrnn.backends import packed_bptt
+    packed_bptt.enabled = False
 elif variant == "affinity off":             # pool threads left where the OS puts them
     packed_numba._current_cpu = lambda: None
 elif variant.endswith((" thread", " threads")):    # "1 thread" / "2 threads": split forced
@@ -94,7 +99,7 @@ print(json.dumps(float(np.median(times))))
 PAIRS = {"blas": ("blas", "packed"), "threads": ("1 thread", "2 threads"),
          "ahead": ("ahead off", "ahead on"), "fused": ("fused off", "fused on"),
          "rows": ("shipped", "rows on"), "affinity": ("affinity off", "shipped"),
-         "frozen": ("shipped", "frozen")}
+         "frozen": ("shipped", "frozen"), "bptt": ("bptt off", "shipped")}
 
 
 def main():
@@ -111,6 +116,8 @@ def main():
     args = p.parse_args()
     if args.compare == "frozen" and args.mode == "training":
         p.error("--compare frozen times inference: a frozen module does not train")
+    if args.compare == "bptt" and args.mode != "training":
+        p.error("--compare bptt times the backward: use --mode training")
     sizes = FULL_GRID if args.sizes is None else \
         [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     names = {"blas": "BLAS loops", "packed": "packed"}

@@ -303,11 +303,14 @@ def test_the_projection_runs_ahead_only_on_an_idle_core(monkeypatch):
 AVX2_CHILD = """
 import json
 import numpy as np
-from fastrnn.backends import numba_cpu as nb, packed_numba as pk, reference as ref
+from fastrnn.backends import numba_cpu as nb, packed_bptt as pb, packed_numba as pk
+from fastrnn.backends import reference as ref
 rng = np.random.default_rng(7)
-errs = {}
-for kind, gates, H in (("lstm", 4, 21), ("gru", 3, 21), ("rnn_tanh", 1, 70),
-                      ("rnn_relu", 1, 21)):
+errs, grad_errs, packed_backwards = {}, {}, []
+real = pb.run
+pb.run = lambda *args: packed_backwards.append(args[0]) or real(*args)
+for kind, gates, H in (("lstm", 4, 37), ("gru", 3, 37), ("rnn_tanh", 1, 70),
+                      ("rnn_relu", 1, 37)):
     T, B, I = 5, 7, 6
     x = rng.standard_normal((T, B, I))
     states = [0.5 * rng.standard_normal((B, H)) for _ in range(2 if kind == "lstm" else 1)]
@@ -319,15 +322,25 @@ for kind, gates, H in (("lstm", 4, 21), ("gru", 3, 21), ("rnn_tanh", 1, 70),
                                          lengths=lengths, training=False)
     want = getattr(ref, kind + "_forward")(x, *states, *w, lengths=lengths, training=False)
     errs[kind] = max(float(np.abs(g - e).max()) for g, e in zip(got[:-1], want[:-1]))
-print(json.dumps({"VW": pk.VW, "MR": [pk.MR_LSTM, pk.MR_GRU], "errs": errs}))
+    d_out, d_states = rng.standard_normal((T, B, H)), [np.ones((B, H)) for _ in states]
+    got = getattr(nb, kind + "_forward")(f32(x), *map(f32, states), *map(f32, w),
+                                         lengths=lengths, training=True)
+    want = getattr(ref, kind + "_forward")(x, *states, *w, lengths=lengths, training=True)
+    got = getattr(nb, kind + "_backward")(f32(d_out), *map(f32, d_states), got[-1])
+    want = getattr(ref, kind + "_backward")(d_out, *d_states, want[-1])
+    grad_errs[kind] = max(float(np.abs(g - e).max() / (1 + np.abs(e).max()))
+                          for g, e in zip(got, want))
+print(json.dumps({"VW": pk.VW, "MR": [pk.MR_LSTM, pk.MR_GRU], "errs": errs,
+                  "grad_errs": grad_errs, "packed_backwards": packed_backwards}))
 """
 
 
 @pytest.mark.slow
 def test_the_avx2_configuration_end_to_end(tmp_path):
     """The packed loops as an AVX2-only CPU gets them (8-lane vectors, tiles of 2 and 3
-    rows; the RNN at H = 70 over three 32-unit panels): Numba compiling for Haswell on
-    this host, in a process with its own cache."""
+    rows; the RNN at H = 70 over three 32-unit panels), forward and backward
+    (:mod:`.packed_bptt`, 32-unit panels of W_hh^T): Numba compiling for Haswell on this
+    host, in a process with its own cache."""
     import json
     import os
     import subprocess
@@ -343,6 +356,9 @@ def test_the_avx2_configuration_end_to_end(tmp_path):
     assert set(result["errs"]) == {"lstm", "gru", "rnn_tanh", "rnn_relu"}, result
     for kind, err in result["errs"].items():
         assert err < 2e-5, (kind, result)
+    assert len(result["packed_backwards"]) == 4, result      # (packed_bptt, 32-unit panels)
+    for kind, err in result["grad_errs"].items():
+        assert err < 1e-5, (kind, result)
 
 
 @pytest.mark.skipif(pk.VW != 16, reason="the host has no AVX-512: 256-bit vectors are its widest")

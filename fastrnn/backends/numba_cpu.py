@@ -435,6 +435,13 @@ def _rnn_backward(d_out, d_h_n, cache):
     T, B, _ = x.shape
     r = int(reverse)
     d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
+    nthreads = packed_bptt.threads_for(x, 1, w_hh.shape[1])
+    if nthreads:
+        grads = packed_bptt.run(nthreads, packed_numba.RNN_RELU if relu else
+                                packed_numba.RNN_TANH, x, w_ih, w_hh, has_bias,
+                                np.ascontiguousarray(d_out), d_h_n, None, full, reverse, hs, hs,
+                                hs, hs, d_a, d_a)
+        return grads[:2] + grads[3:]
     d_h = d_h_n.astype(x.dtype, copy=True)
     _over_rows(_rnn_backward_loop, B, T * B * w_hh.size,
                gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, w_hh, full, reverse,
@@ -771,9 +778,13 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
     T, B, _ = x.shape
     r = int(reverse)
     d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
+    d_out = np.ascontiguousarray(d_out)
+    nthreads = packed_bptt.threads_for(x, 4, w_hh.shape[1]) if w_hr is None else 0
+    if nthreads:
+        return packed_bptt.run(nthreads, packed_numba.LSTM, x, w_ih, w_hh, has_bias, d_out,
+                               d_h_n, d_c_n, full, reverse, hs, cs, gates, gates, d_a, d_a)
     d_h = d_h_n.astype(x.dtype, copy=True)
     d_c = d_c_n.astype(x.dtype, copy=True)
-    d_out = np.ascontiguousarray(d_out)
     if w_hr is None:
         _over_rows(_lstm_backward_loop, B, T * B * w_hh.size,
                    gemm_for(x.dtype), d_out, d_h, d_c, w_hh, full, reverse, cs, gates, d_a)
@@ -1106,6 +1117,13 @@ def gru_backward(d_out, d_h_n, cache):
     d_h = d_h_n.astype(x.dtype, copy=True)
     d_out = np.ascontiguousarray(d_out)
     h_prev = hs[rv:T + rv]
+    nthreads = packed_bptt.threads_for(x, 3, H) if reset_after else 0
+    if nthreads:
+        grads = packed_bptt.run(nthreads, packed_numba.GRU, x, w_ih, w_hh, has_bias, d_out,
+                                d_h_n, None, full, reverse, hs, hs, gates, hns,
+                                np.empty((T, B, 3 * H), dtype=x.dtype),
+                                np.empty((T, B, 3 * H), dtype=x.dtype))
+        return grads[:2] + grads[3:]
     if reset_after:
         d_a_x = np.empty((T, B, 3 * H), dtype=x.dtype)
         d_a_h = np.empty((T, B, 3 * H), dtype=x.dtype)
@@ -1127,7 +1145,7 @@ def gru_backward(d_out, d_h_n, cache):
 
 
 # The zoneout and packed loops reuse this module's helpers: imported once they are defined.
-from . import packed_numba, zoneout_numba  # noqa: E402
+from . import packed_bptt, packed_numba, zoneout_numba  # noqa: E402
 
 # ------------------------------------------------------------------ warm-up
 
@@ -1141,26 +1159,34 @@ def warmup(dtypes=(np.float32, np.float64), cells=None):
     """
     cells = cells or tuple(CELLS)
     rng = np.random.default_rng(0)
-    for dtype in dtypes:
-        x = rng.standard_normal((2, 2, 3)).astype(dtype)
-        lengths = np.array([2, 1])
-        for cell in cells:
-            G = gate_count(cell) * 2
-            w_ih, w_hh = np.ones((G, 3), dtype), np.ones((G, 2), dtype)
-            b = np.ones(G, dtype)
-            states = (np.zeros((2, 2), dtype),) * state_count(cell)
-            fwd, bwd = globals()[f"{cell}_forward"], globals()[f"{cell}_backward"]
-            # every combination of the kind's boolean kernel options
-            names = tuple(KERNEL_OPTIONS.get(cell, {}))
-            for values in itertools.product((True, False), repeat=len(names)):
-                options = dict(zip(names, values))
-                for training in (True, False):
-                    for reverse in (False, True):
-                        res = fwd(x, *states, w_ih, w_hh, b, b, lengths=lengths,
-                                  reverse=reverse, training=training, **options)
-                        if training:
-                            bwd(res[0], *res[1:-1], res[-1])
-                        else:   # a frozen module's weights: read-only arrays, other types
-                            fwd(x, *states, *map(immutable_copy, (w_ih, w_hh, b, b)),
-                                lengths=lengths, reverse=reverse, training=False, **options)
+    # float32 also at one panel's width: the packed loops' (the RNN's forward, every
+    # backward: packed_bptt) start there
+    widths = {np.dtype(np.float32): (2, packed_numba._panel_units(1))}
+    for dtype, cell in itertools.product(dtypes, cells):
+        for H in widths.get(np.dtype(dtype), (2,)):
+            _warm_cell(cell, dtype, H, rng)
+
+
+def _warm_cell(cell, dtype, H, rng):
+    """:func:`warmup` for one cell, dtype and hidden size."""
+    x = rng.standard_normal((2, 2, 3)).astype(dtype)
+    lengths = np.array([2, 1])
+    G = gate_count(cell) * H
+    w_ih, w_hh = np.ones((G, 3), dtype), np.ones((G, H), dtype) / H
+    b = np.ones(G, dtype)
+    states = (np.zeros((2, H), dtype),) * state_count(cell)
+    fwd, bwd = globals()[f"{cell}_forward"], globals()[f"{cell}_backward"]
+    # every combination of the kind's boolean kernel options
+    names = tuple(KERNEL_OPTIONS.get(cell, {}))
+    for values in itertools.product((True, False), repeat=len(names)):
+        options = dict(zip(names, values))
+        for training in (True, False):
+            for reverse in (False, True):
+                res = fwd(x, *states, w_ih, w_hh, b, b, lengths=lengths,
+                          reverse=reverse, training=training, **options)
+                if training:
+                    bwd(res[0], *res[1:-1], res[-1])
+                else:   # a frozen module's weights: read-only arrays, other types
+                    fwd(x, *states, *map(immutable_copy, (w_ih, w_hh, b, b)),
+                        lengths=lengths, reverse=reverse, training=False, **options)
 

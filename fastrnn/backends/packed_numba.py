@@ -134,6 +134,22 @@ def pack(w_hh, gates):
     return panels
 
 
+def pack_t(w):
+    """``W^T`` packed as the RNN's panels, ``pack(W.T, 1)`` without the transpose: ``W``
+    (K, N) into ``(ceil(N / NR), K, NR)`` with ``P[u, k, j] = W[k, u NR + j]`` (zero past
+    N), ``NR = RNN_NV VW``: rows of ``NR`` contiguous values, copied as they are. The
+    backward's product ``d_a W_hh`` (:mod:`.packed_bptt`) reads ``W_hh`` this way."""
+    K, N = w.shape
+    NR = _panel_units(1)
+    U, full = -(-N // NR), N // NR
+    panels = aligned_empty((U, K, NR))
+    panels[:full] = w[:, :full * NR].reshape(K, full, NR).transpose(1, 0, 2)
+    if full < U:
+        panels[full] = 0
+        panels[full, :, :N - full * NR] = w[:, full * NR:]
+    return panels
+
+
 #: The panels of weights that cannot change (:func:`immutable`): ``(id(w), gates)`` ->
 #: ``(weak reference to w, panels)``; an entry goes with its array.
 _packed = {}
@@ -179,9 +195,9 @@ KC_WIDE, KC_WIDE_ROWS = 512, 32
 
 
 @_jit
-def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1):
+def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False):
     """The product hs[prev] W_hh^T for the units of panels [u0, u1) and the rows [r0, r1)
-    into the scratch ``a``: panel ``u``'s vector ``v``
+    into the scratch ``a`` (``add``: added to what ``a`` holds): panel ``u``'s vector ``v``
     at columns ``u PU + v cv`` (gated cells: PU = VW units per panel, gate stride cv = Hp;
     the RNN: PU = RNN_NV VW, cv = VW). ``backwards``: the
     panels from the last down, which the loops do at every other step. Where the
@@ -206,10 +222,10 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1):
                 mr = min(MR, r1 - b0)
                 if lstm:
                     _MK_LSTM(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                             b0 * ldc + u * PU, ldc, cv, k0 > 0, halves)
+                             b0 * ldc + u * PU, ldc, cv, add or k0 > 0, halves)
                 else:
                     _MK_GRU(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                            b0 * ldc + u * PU, ldc, cv, k0 > 0, halves)
+                            b0 * ldc + u * PU, ldc, cv, add or k0 > 0, halves)
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the

@@ -1,0 +1,258 @@
+"""Packed backward time loops (BPTT) of the numba backend: LSTM, GRU (reset_after) and
+RNN, float32, the backward of :mod:`.packed_numba`'s forwards (same cache, same buffers).
+
+Per step, from the last: a pointwise pass over the thread's hidden units gives the
+gates' gradients ``d_a[t]`` from ``d_h`` (and the LSTM's ``d_c``) and leaves in ``d_h``
+its direct part (the GRU's ``dh * z``; zero for the LSTM and the RNN, whose ``h_{t-1}``
+reaches ``h_t`` only through the product); then the product ``d_h += d_a[t] W_hh`` for
+the thread's units, by :mod:`.packed_numba`'s micro-kernel from ``W_hh^T`` packed as the
+RNN's panels (``RNN_NV`` vectors of hidden units each, every gate's rows along ``k``).
+Rows past their length get ``d_a[t] = 0`` and keep ``d_h`` (and ``d_c``): the product adds
+zero to them.
+
+The threads split the panels (hidden units). A unit's gates need only its own ``d_h``
+and ``d_c``, but the product for a unit reads every gate of ``d_a[t]``: one barrier per
+step, between the pointwise pass and the product. The weights' and inputs' gradients then
+come from whole-sequence GEMMs, also on these threads (one BLAS thread each, so that
+OpenBLAS's own pool stays asleep for the next forward: :func:`_grads`): after a last
+barrier, each thread forms its share of the rows of ``d_W_ih``, ``d_W_hh`` and ``d_x``.
+
+What it replaces: :mod:`.numba_cpu`'s backward loops, whose per-step GEMM OpenBLAS
+packed anew at every step (W_hh is 4 MB at the LSTM's H = 512), with the pointwise pass
+on one core, and whose weight GEMMs left OpenBLAS's pool spinning into the next
+forward, which then ran the BLAS loops (``python bench/packed_ab.py --mode training``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+from . import packed_numba as pk
+from ._cblas import gemm_for
+from ._numba_math import FASTMATH, tanh
+from ._simd import arrive, wait_all, wide_vectors
+from .numba_cpu import _column_sums, _mm, _single_threaded_blas
+
+_jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
+                         error_model="numpy")
+
+#: Whether float32 backwards of the cells the packed forward runs take these loops:
+#: False sends them to numba_cpu's BLAS loops (for A/B timings).
+enabled = True
+
+
+def threads_for(x, gates, H):
+    """Threads of the packed backward, or 0 (numba_cpu's loops): as the forward's
+    (:func:`.packed_numba.threads_for`: the split where the step is big enough and no
+    other thread of the process runs), at most one per panel of W_hh^T (the RNN's
+    panels), and 0 below one panel's units, where part of it would be zeros (LSTM
+    1000x8x32x32: 4.43 ms against 3.61, GRU 100x16x48x48: 1.53 against 1.41, ``python bench/packed_ab.py --mode
+    training --compare bptt``)."""
+    if not enabled or H < pk._panel_units(1):
+        return 0
+    n = pk.threads_for(x, gates, H)
+    return min(n, -(-H // pk._panel_units(1))) if n else 0
+
+
+@_jit
+def _rnn_units(hs, t, r, d_out, d_h, d_a, lengths, relu, n0, n1):
+    """The RNN's pass for the units [n0, n1) of every row."""
+    wide_vectors()
+    for b in range(d_out.shape[1]):
+        if t < lengths[b]:
+            if relu:
+                for j in range(np.uint64(n0), np.uint64(n1)):
+                    d_a[t, b, j] = d_out[t, b, j] + d_h[b, j] if hs[t + 1 - r, b, j] > 0 \
+                        else 0.0
+            else:
+                for j in range(np.uint64(n0), np.uint64(n1)):
+                    hv = hs[t + 1 - r, b, j]
+                    d_a[t, b, j] = (d_out[t, b, j] + d_h[b, j]) * (1 - hv * hv)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                d_h[b, j] = 0
+        else:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                d_a[t, b, j] = 0
+
+
+@_jit
+def _lstm_units(gates, cs, t, r, d_out, d_h, d_c, d_a, lengths, n0, n1):
+    """The LSTM's pass for the units [n0, n1) of every row: a pass per stored array, as
+    numba_cpu's ``_lstm_backward_block`` (which says why), ``d_c`` becoming the gradient
+    before the forget gate first."""
+    wide_vectors()
+    H1 = np.uint64(d_c.shape[1])
+    H2, H3 = H1 + H1, H1 + H1 + H1
+    cp, cn = t + r, t + 1 - r
+    for b in range(d_out.shape[1]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                o = gates[t, b, H3 + j]
+                d_a[t, b, H3 + j] = (d_out[t, b, j] + d_h[b, j]) * tanh(cs[cn, b, j]) * o * (1 - o)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                tc = tanh(cs[cn, b, j])
+                d_c[b, j] = d_c[b, j] + (d_out[t, b, j] + d_h[b, j]) * gates[t, b, H3 + j] \
+                    * (1 - tc * tc)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                i = gates[t, b, j]
+                d_a[t, b, j] = d_c[b, j] * gates[t, b, H2 + j] * i * (1 - i)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                f = gates[t, b, H1 + j]
+                d_a[t, b, H1 + j] = d_c[b, j] * cs[cp, b, j] * f * (1 - f)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                gg = gates[t, b, H2 + j]
+                d_a[t, b, H2 + j] = d_c[b, j] * gates[t, b, j] * (1 - gg * gg)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                d_c[b, j] = d_c[b, j] * gates[t, b, H1 + j]
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                d_h[b, j] = 0
+        else:
+            for g in range(4):
+                G0 = np.uint64(g) * H1
+                for j in range(np.uint64(n0), np.uint64(n1)):
+                    d_a[t, b, G0 + j] = 0
+
+
+@_jit
+def _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, lengths, n0, n1):
+    """The reset-after GRU's pass for the units [n0, n1) of every row (numba_cpu's
+    ``_gru_backward_block``): ``d_h`` becomes its direct part ``dh * z``, last."""
+    wide_vectors()
+    H1 = np.uint64(hns.shape[2])
+    H2 = H1 + H1
+    hp = t + r
+    for b in range(d_out.shape[1]):
+        if t < lengths[b]:
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                z, n = gates[t, b, H1 + j], gates[t, b, H2 + j]
+                d_ax[t, b, H2 + j] = (d_out[t, b, j] + d_h[b, j]) * (1 - z) * (1 - n * n)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                d_ah[t, b, H2 + j] = d_ax[t, b, H2 + j] * gates[t, b, j]
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                z, n = gates[t, b, H1 + j], gates[t, b, H2 + j]
+                d_ax[t, b, H1 + j] = (d_out[t, b, j] + d_h[b, j]) * (hs[hp, b, j] - n) * z \
+                    * (1 - z)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                d_ah[t, b, H1 + j] = d_ax[t, b, H1 + j]
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                rg, z, n = gates[t, b, j], gates[t, b, H1 + j], gates[t, b, H2 + j]
+                d_an = (d_out[t, b, j] + d_h[b, j]) * (1 - z) * (1 - n * n)
+                d_ax[t, b, j] = d_an * hns[t, b, j] * rg * (1 - rg)
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                d_ah[t, b, j] = d_ax[t, b, j]
+            for j in range(np.uint64(n0), np.uint64(n1)):
+                d_h[b, j] = (d_out[t, b, j] + d_h[b, j]) * gates[t, b, H1 + j]
+        else:
+            for g in range(3):
+                G0 = np.uint64(g) * H1
+                for j in range(np.uint64(n0), np.uint64(n1)):
+                    d_ax[t, b, G0 + j] = 0
+                    d_ah[t, b, G0 + j] = 0
+
+
+@_jit
+def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, flags,
+           tid, nthreads, step):
+    """The thread's share of the whole-sequence GEMMs (numba_cpu's ``_param_grads``), once
+    every thread has arrived at ``step`` (every column of ``d_ax`` and ``d_ah`` is final):
+    the rows ``[G tid / nthreads, G (tid + 1) / nthreads)`` of ``d_w_ih``, ``d_w_hh`` and the
+    biases, and its share of the rows of ``d_x``."""
+    if nthreads > 1:
+        arrive(flags, tid, step)
+        wait_all(flags, nthreads, step)
+    G, R = d_w_ih.shape[0], x2.shape[0]
+    c0, c1 = G * tid // nthreads, G * (tid + 1) // nthreads
+    r0, r1 = R * tid // nthreads, R * (tid + 1) // nthreads
+    _mm(gemm, d_ax[:, c0:c1], True, x2, False, d_w_ih[c0:c1], 0.0)
+    _mm(gemm, d_ah[:, c0:c1], True, h2, False, d_w_hh[c0:c1], 0.0)
+    _mm(gemm, d_ax[r0:r1], False, w_ih, False, d_x[r0:r1], 0.0)
+    if has_bias:
+        _column_sums(d_ax[:, c0:c1], d_b_ih[c0:c1])
+        _column_sums(d_ah[:, c0:c1], d_b_hh[c0:c1])
+
+
+@_jit
+def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates, hns,
+                d_ax, d_ah, x, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, flags, tid,
+                nthreads):
+    """The backward of ``cell`` (:data:`.packed_numba.LSTM`, ``GRU``, ``RNN_TANH``,
+    ``RNN_RELU``), thread ``tid`` of ``nthreads``: the panels ``[U tid / nthreads,
+    U (tid + 1) / nthreads)`` of ``panels`` (W_hh^T packed as the RNN's panels) and their
+    units, every step, then :func:`_grads`. ``d_h`` is (B, U PU), PU units a panel: the gradient of the
+    last state in, of the first out (columns past H unused); ``d_c`` likewise, the LSTM's
+    (B, H). ``d_ax`` and ``d_ah`` are the gates' gradients by the input and the recurrent
+    products (one array but for the GRU's n gate); ``hs``, ``cs``, ``gates``, ``hns``
+    the forward's cache (numba_cpu's buffers)."""
+    T, B, H = d_out.shape
+    U = panels.shape[0]
+    PU = pk._panel_units(1)
+    u0, u1, n0, n1 = pk._thread_units(U, PU, H, tid, nthreads)
+    r = 1 if reverse else 0
+    gates_n = abs(cell)
+    for k in range(T):
+        t = k if reverse else T - 1 - k
+        if gates_n == 4:
+            _lstm_units(gates, cs, t, r, d_out, d_h, d_c, d_ax, lengths, n0, n1)
+        elif gates_n == 3:
+            _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, lengths, n0, n1)
+        else:
+            _rnn_units(hs, t, r, d_out, d_h, d_ax, lengths, cell == pk.RNN_RELU, n0, n1)
+        if nthreads > 1:              # every unit's d_a[t] is out
+            arrive(flags, tid, k + 1)
+            wait_all(flags, nthreads, k + 1)
+        pk._recurrent(panels, d_ah, t, d_h, PU, pk.VW, u0, u1, k % 2 == 1, 0, B, True)
+    TB = T * B
+    _grads(gemm, d_ax.reshape(TB, d_ax.shape[2]), d_ah.reshape(TB, d_ah.shape[2]),
+           x.reshape(TB, x.shape[2]), hs[r:T + r].reshape(TB, hs.shape[2]), w_ih,
+           d_x.reshape(TB, x.shape[2]), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, flags, tid,
+           nthreads, T + 1)
+
+
+def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, reverse, hs,
+        cs, gates, hns, d_ax, d_ah):
+    """The backward of ``cell`` on ``nthreads`` threads (:func:`threads_for`) into the
+    gates' gradients ``d_ax``/``d_ah`` (one array but for the GRU), from the forward's
+    cache: ``(d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh)`` (``d_c0`` None but for
+    the LSTM, the biases' None without them). A loop that would use the packed loops' pool
+    while another thread's loop has it runs on its caller's thread alone."""
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    G = w_hh.shape[0]
+    panels = pk.pack_t(w_hh)
+    Hp = panels.shape[0] * pk._panel_units(1)
+    d_h = pk.aligned_empty((B, Hp))
+    d_h[:, H:] = 0
+    d_h[:, :H] = d_h_n
+    d_c = d_c_n.astype(np.float32, copy=True) if d_c_n is not None else \
+        np.empty((B, 0), np.float32)
+    dtype = np.float32
+    d_x = np.empty((T, B, I), dtype)
+    d_w_ih, d_w_hh = np.empty((G, I), dtype), np.empty((G, H), dtype)
+    d_b_ih = np.empty(G if has_bias else 0, dtype)
+    d_b_hh = np.empty(G if has_bias else 0, dtype)
+    fl = pk.flags(max(nthreads, 2))
+    call = (gemm_for(x.dtype), cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates,
+            hns, d_ax, d_ah, x, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, fl)
+    if nthreads == 1 or not pk._pool_loop.acquire(blocking=False):
+        bptt_thread(*call, 0, 1)           # (the GEMMs on the BLAS's threads)
+    else:
+        try:
+            with _single_threaded_blas():
+                pool, cpu = pk._executor(), pk._current_cpu()
+                futures = [pool.submit(pk._off_cpu, cpu, fl, bptt_thread, *call, tid, nthreads)
+                           for tid in range(1, nthreads)]
+                try:
+                    bptt_thread(*call, 0, nthreads)
+                except BaseException:
+                    fl[:] = pk.RELEASE
+                    raise
+                finally:
+                    for f in futures:
+                        f.result()
+        finally:
+            pk._pool_loop.release()
+    return (d_x, d_h[:, :H].copy(), d_c if d_c_n is not None else None, d_w_ih, d_w_hh,
+            d_b_ih if has_bias else None, d_b_hh if has_bias else None)

@@ -1,0 +1,178 @@
+"""The packed backward (fastrnn.backends.packed_bptt, float32 LSTM, reset-after GRU and
+RNN): W_hh^T's panels against their definition; every gradient against the float64
+NumPy reference's, on one thread and split over threads by hidden units (forced on small
+problems), with lengths, both directions, partial panels and no biases; which backwards
+take it; a failing thread; and a loop that finds the pool taken."""
+
+import numpy as np
+import pytest
+
+from conftest import random_lengths
+
+pk = pytest.importorskip("fastrnn.backends.packed_numba")
+from fastrnn.backends import numba_cpu as nb  # noqa: E402
+from fastrnn.backends import packed_bptt as pb  # noqa: E402
+from fastrnn.backends import reference as ref  # noqa: E402
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+#: Hidden units per panel of W_hh^T.
+PU = pk.RNN_NV * pk.VW
+
+
+def _spy(monkeypatch):
+    """The thread counts of every ``packed_bptt.run`` call from now on."""
+    calls = []
+    real = pb.run
+
+    def spy(nthreads, *args):
+        calls.append(nthreads)
+        return real(nthreads, *args)
+
+    monkeypatch.setattr(pb, "run", spy)
+    return calls
+
+
+@pytest.mark.parametrize("K,N", [(3, PU), (5, 2 * PU + 7), (2, 1)])
+def test_pack_t_layout(K, N):
+    """P[u, k, j] = W[k, u PU + j], zeros past N: pack(W.T, 1) without the transpose."""
+    w = np.arange(K * N, dtype=np.float32).reshape(K, N) + 1
+    panels = pk.pack_t(w)
+    assert panels.shape == (-(-N // PU), K, PU)
+    assert panels.ctypes.data % 64 == 0
+    for u in range(panels.shape[0]):
+        for k in range(K):
+            for j in range(PU):
+                want = w[k, u * PU + j] if u * PU + j < N else 0
+                assert panels[u, k, j] == want
+    np.testing.assert_array_equal(panels, pk.pack(np.ascontiguousarray(w.T), 1))
+
+
+def _case(kind, B, H, bias, rng, T=6, I=5):
+    G = GATES[kind] * H
+    x = rng.standard_normal((T, B, I))
+    states = [0.5 * rng.standard_normal((B, H)) for _ in range(2 if kind == "lstm" else 1)]
+    s = 0.6 / np.sqrt(H)            # keeps the ReLU RNN's state bounded over six steps
+    w = [rng.uniform(-0.6, 0.6, (G, I)), rng.uniform(-s, s, (G, H))]
+    w += [rng.uniform(-0.6, 0.6, G), rng.uniform(-0.6, 0.6, G)] if bias else [None, None]
+    return x, states, w
+
+
+def _train(backend, kind, x, states, w, lengths, reverse, d_out, d_states):
+    fwd = getattr(backend, f"{kind}_forward")
+    res = fwd(x, *states, *w, lengths=lengths, reverse=reverse, training=True)
+    return getattr(backend, f"{kind}_backward")(d_out, *d_states, res[-1])
+
+
+@pytest.mark.parametrize("kind", list(GATES))
+@pytest.mark.parametrize("B,H", [(1, PU), (7, PU + 3), (13, 2 * PU + 9)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_backward_matches_the_float64_reference(monkeypatch, kind, B, H, threads,
+                                                       reverse, bias):
+    """Forced to ``threads`` (at most one a panel of PU units), lengths from 0 to T."""
+    monkeypatch.setattr(pk, "threads", threads)
+    calls = _spy(monkeypatch)
+    rng = np.random.default_rng(B * 1000 + H)
+    T = 6
+    x, states, w = _case(kind, B, H, bias, rng, T)
+    lengths = random_lengths(rng, T, B)
+    d_out = rng.standard_normal((T, B, H))
+    d_states = [rng.standard_normal((B, H)) for _ in states]
+    f32 = lambda a: None if a is None else a.astype(np.float32)  # noqa: E731
+    got = _train(nb, kind, f32(x), [f32(s) for s in states], [f32(a) for a in w], lengths,
+                 reverse, f32(d_out), [f32(d) for d in d_states])
+    want = _train(ref, kind, x, states, w, lengths, reverse, d_out, d_states)
+    assert calls == [min(threads, -(-H // PU))], calls
+    assert len(got) == len(want)
+    for g, e in zip(got, want):
+        assert (g is None) == (e is None)
+        if g is not None:
+            assert g.dtype == np.float32 and g.shape == e.shape
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_which_backwards_take_the_packed_loop(monkeypatch):
+    """float32 only, from one panel's units (H < PU: numba_cpu's loops), not disabled,
+    not with the LSTM's projection or the reset-before GRU, and numba_cpu's loops while
+    another thread of the process runs and the split would apply."""
+    calls = _spy(monkeypatch)
+    rng = np.random.default_rng(5)
+
+    def backward(kind, H, dtype=np.float32, **options):
+        x, states, w = _case(kind, 4, H, True, rng, T=3)
+        cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+        res = getattr(nb, f"{kind}_forward")(cast(x), *map(cast, states), *map(cast, w),
+                                             training=True, **options)
+        d = [np.ones((4, H), dtype) for _ in states]
+        return getattr(nb, f"{kind}_backward")(np.ones((3, 4, H), dtype), *d, res[-1])
+
+    for kind in GATES:
+        backward(kind, PU)
+        backward(kind, PU, np.float64)
+        backward(kind, PU - 1)
+    assert calls == [1] * 4
+    backward("gru", PU, reset_after=False)
+    assert calls == [1] * 4
+    monkeypatch.setattr(pb, "enabled", False)
+    backward("lstm", PU)
+    assert calls == [1] * 4
+    monkeypatch.setattr(pb, "enabled", True)
+    # where the split would apply, another running thread sends it to numba_cpu's loops
+    monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 0)
+    monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
+    monkeypatch.setattr(pk, "_other_threads_running", lambda: True)
+    backward("lstm", 2 * PU)
+    assert calls == [1] * 4
+    monkeypatch.setattr(pk, "_other_threads_running", lambda: False)
+    backward("lstm", 2 * PU)
+    assert calls == [1] * 4 + [2]
+
+
+def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
+    """A pool thread of the split that fails releases the thread waiting for it at the
+    barrier, and its error reaches the caller."""
+    monkeypatch.setattr(pk, "threads", 2)
+    real = pb.bptt_thread
+
+    def thread(*args):
+        if args[-2] == 1:
+            raise RuntimeError("pool thread failed")
+        return real(*args)
+
+    monkeypatch.setattr(pb, "bptt_thread", thread)
+    rng = np.random.default_rng(1)
+    x, states, w = _case("lstm", 3, 2 * PU, True, rng, T=4)
+    f32 = [None if a is None else a.astype(np.float32) for a in [x] + states + w]
+    res = nb.lstm_forward(*f32, training=True)
+    d = np.ones((3, 2 * PU), np.float32)
+    with pytest.raises(RuntimeError, match="pool thread failed"):
+        nb.lstm_backward(np.ones((4, 3, 2 * PU), np.float32), d, d, res[-1])
+    assert not pk._pool_loop.locked()
+
+
+def test_a_split_finding_the_pool_taken_runs_alone(monkeypatch):
+    """While another loop holds the packed loops' pool, a split backward runs on its
+    caller's thread, with the same result."""
+    monkeypatch.setattr(pk, "threads", 2)
+    seen = []
+    real = pb.bptt_thread
+
+    def thread(*args):
+        seen.append(args[-2:])
+        return real(*args)
+
+    monkeypatch.setattr(pb, "bptt_thread", thread)
+    rng = np.random.default_rng(2)
+    x, states, w = _case("gru", 5, 2 * PU, True, rng, T=4)
+    f32 = [None if a is None else a.astype(np.float32) for a in [x] + states + w]
+    res = nb.gru_forward(*f32, training=True)
+    d_out, d_h = np.ones((4, 5, 2 * PU), np.float32), np.ones((5, 2 * PU), np.float32)
+    split = nb.gru_backward(d_out, d_h, res[-1])
+    assert sorted(seen) == [(0, 2), (1, 2)]
+    seen.clear()
+    with pk._pool_loop:
+        alone = nb.gru_backward(d_out, d_h, res[-1])
+    assert seen == [(0, 1)]
+    for a, b in zip(split, alone):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
