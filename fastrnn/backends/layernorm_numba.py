@@ -28,6 +28,7 @@ import functools
 import numba
 import numpy as np
 
+from . import _workspace
 from ._cblas import gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
 from .layernorm_reference import EPS, _weight_grads
@@ -218,10 +219,10 @@ def layernorm_lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh
     bias = np.zeros(G, x.dtype) if b_ih is None else b_ih + b_hh
     b_c = _zeros_if_none(beta_c, H, x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
-    out = np.empty((T, B, H), dtype=x.dtype)
+    out = _workspace.empty((T, B, H), dtype=x.dtype)
     cache_shape = (T, B, G) if training else (0, 0, 0)
     gates, hhat = np.empty(cache_shape, x.dtype), np.empty(cache_shape, x.dtype)
-    stats = np.empty((T, B, _STATS) if training else (0, 0, 0), x.dtype)
+    stats = _workspace.empty((T, B, _STATS) if training else (0, 0, 0), x.dtype)
     full = _full_lengths(lengths, T, B)
     _ln_lstm_forward_loop(gemm_for(x.dtype), xw, *_recurrent_weight(w_hh, B, T), gamma_ih,
                           gamma_hh, bias, gamma_c, b_c, full, reverse, training, hs, cs, out,
@@ -241,8 +242,8 @@ def layernorm_lstm_backward(d_out, d_h_n, d_c_n, cache):
     H = hs.shape[2]
     G = 4 * H
     r = int(reverse)
-    d_xw = np.empty((T, B, G), x.dtype)
-    d_hw = np.empty((T, B, G), x.dtype)
+    d_xw = _workspace.empty((T, B, G), x.dtype)
+    d_hw = _workspace.empty((T, B, G), x.dtype)
     acc = np.zeros((5, G), x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
     d_c = d_c_n.astype(x.dtype, copy=True)
@@ -371,10 +372,10 @@ def layernorm_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, len
     has_bias = b_ih is not None
     b_ih, b_hh = _zeros_if_none(b_ih, G, x.dtype), _zeros_if_none(b_hh, G, x.dtype)
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
-    out = np.empty((T, B, H), dtype=x.dtype)
+    out = _workspace.empty((T, B, H), dtype=x.dtype)
     cache_shape = (T, B, G) if training else (0, 0, 0)
     gates, hhat = np.empty(cache_shape, x.dtype), np.empty(cache_shape, x.dtype)
-    stats = np.empty((T, B, _STATS) if training else (0, 0, 0), x.dtype)
+    stats = _workspace.empty((T, B, _STATS) if training else (0, 0, 0), x.dtype)
     full = _full_lengths(lengths, T, B)
     _ln_gru_forward_loop(gemm_for(x.dtype), xw, *_recurrent_weight(w_hh, B, T), gamma_ih,
                          gamma_hh, b_ih, b_hh, full, reverse, training, hs, out, gates, hhat,
@@ -394,8 +395,8 @@ def layernorm_gru_backward(d_out, d_h_n, cache):
     H = hs.shape[2]
     G = 3 * H
     rv = int(reverse)
-    d_xw = np.empty((T, B, G), x.dtype)
-    d_hw = np.empty((T, B, G), x.dtype)
+    d_xw = _workspace.empty((T, B, G), x.dtype)
+    d_hw = _workspace.empty((T, B, G), x.dtype)
     acc = np.zeros((4, G), x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
     _ln_gru_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, w_hh, gamma_ih,

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from .._immutable import immutable_copy
-from . import CELLS, KERNEL_OPTIONS, gate_count, state_count
+from . import CELLS, KERNEL_OPTIONS, _workspace, gate_count, state_count
 from ._cblas import (NO_TRANS, SGEMM, TRANS, blas_get_threads, blas_set_threads, gemm_call_ilp64,
                      gemm_call_lp64, gemm_for)
 from ._numba_math import FASTMATH, sigmoid, tanh
@@ -162,7 +162,7 @@ def _project(x, w_ih):
     ``x`` and ``w_ih`` must have contiguous rows: the kernel wrappers pass
     them through :func:`_c`."""
     T, B, I = x.shape
-    xw = np.empty((T, B, w_ih.shape[0]), dtype=x.dtype)
+    xw = _workspace.empty((T, B, w_ih.shape[0]), dtype=x.dtype)
     _mm(gemm_for(x.dtype), x.reshape(T * B, I), False, w_ih, True, xw.reshape(T * B, -1), 0.0)
     return xw
 
@@ -183,7 +183,7 @@ def _state_buffers(T, B, H, dtype, training, reverse, *inits):
     (each as wide as its initial state: the LSTM's projected h is narrower than c)."""
     bufs = []
     for init in inits:
-        buf = np.empty((T + 1 if training else 2, B, init.shape[-1]), dtype=dtype)
+        buf = _workspace.empty((T + 1 if training else 2, B, init.shape[-1]), dtype=dtype)
         buf[int(reverse) * T if training else 0] = init
         bufs.append(buf)
     return bufs
@@ -223,7 +223,7 @@ def _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias, rows_hh=None):
     T, B, I = x.shape
     G, H = d_a_x.shape[2], h_prev.shape[2]
     dtype = x.dtype
-    d_x = np.empty((T, B, I), dtype)
+    d_x = _workspace.empty((T, B, I), dtype)
     d_w_ih, d_w_hh = np.empty((G, I), dtype), np.empty((G, H), dtype)
     d_b_ih, d_b_hh = np.empty(G if has_bias else 0, dtype), np.empty(G if has_bias else 0, dtype)
     _param_grads_kernel(gemm_for(dtype), d_a_x.reshape(T * B, G), d_a_h.reshape(T * B, G),
@@ -410,7 +410,7 @@ def _rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu
     H = h0.shape[1]
     bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
-    out = np.empty((T, B, H), dtype=x.dtype)
+    out = _workspace.empty((T, B, H), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     nthreads = packed_numba.threads_for(x, 1, H)
     if nthreads:
@@ -434,7 +434,7 @@ def _rnn_backward(d_out, d_h_n, cache):
     x, hs, w_ih, w_hh, has_bias, full, reverse, relu = cache
     T, B, _ = x.shape
     r = int(reverse)
-    d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
+    d_a = _workspace.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     nthreads = packed_bptt.threads_for(x, 1, w_hh.shape[1])
     if nthreads:
         grads = packed_bptt.run(nthreads, packed_numba.RNN_RELU if relu else
@@ -745,8 +745,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     H = c0.shape[1]
     bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
-    out = np.empty((T, B, h0.shape[1]), dtype=x.dtype)
-    gates = np.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
+    out = _workspace.empty((T, B, h0.shape[1]), dtype=x.dtype)
+    gates = _workspace.empty((T, B, 4 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     ms = None
     nthreads = packed_numba.threads_for(x, 4, H) if w_hr is None else 0
@@ -759,7 +759,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                    full, reverse, training, hs, cs, out, gates)
     else:
         (w_hr,) = _c(w_hr)
-        ms = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+        ms = _workspace.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
         _over_rows(_lstmp_forward_loop, B, T * B * (w_hh.size + w_hr.size),
                    gemm_for(x.dtype), _project(x, w_ih), bias, *_recurrent_weight(w_hh, B, T),
                    *_recurrent_weight(w_hr, B, T), full, reverse, training, hs, cs, out, gates,
@@ -777,7 +777,7 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
     x, hs, cs, gates, w_ih, w_hh, has_bias, full, reverse, w_hr, ms = cache
     T, B, _ = x.shape
     r = int(reverse)
-    d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
+    d_a = _workspace.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_out = np.ascontiguousarray(d_out)
     nthreads = packed_bptt.threads_for(x, 4, w_hh.shape[1]) if w_hr is None else 0
     if nthreads:
@@ -789,7 +789,7 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
         _over_rows(_lstm_backward_loop, B, T * B * w_hh.size,
                    gemm_for(x.dtype), d_out, d_h, d_c, w_hh, full, reverse, cs, gates, d_a)
     else:
-        d_hp = np.empty(d_out.shape, dtype=x.dtype)
+        d_hp = _workspace.empty(d_out.shape, dtype=x.dtype)
         _over_rows(_lstmp_backward_loop, B, T * B * (w_hh.size + w_hr.size),
                    gemm_for(x.dtype), d_out, d_h, d_c, w_hh, w_hr, full, reverse, cs, gates,
                    d_a, d_hp)
@@ -1067,13 +1067,13 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     T, B, _ = x.shape
     H = h0.shape[1]
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
-    out = np.empty((T, B, H), dtype=x.dtype)
-    gates = np.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
+    out = _workspace.empty((T, B, H), dtype=x.dtype)
+    gates = _workspace.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     hns = None
     if reset_after:
         bias, b_hn = _gru_biases(b_ih, b_hh, H, x.dtype)
-        hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+        hns = _workspace.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
         nthreads = packed_numba.threads_for(x, 3, H)
         if nthreads:
             packed_numba.run(nthreads, packed_numba.GRU, x, w_ih, w_hh, bias, b_hn, full,
@@ -1121,18 +1121,18 @@ def gru_backward(d_out, d_h_n, cache):
     if nthreads:
         grads = packed_bptt.run(nthreads, packed_numba.GRU, x, w_ih, w_hh, has_bias, d_out,
                                 d_h_n, None, full, reverse, hs, hs, gates, hns,
-                                np.empty((T, B, 3 * H), dtype=x.dtype),
-                                np.empty((T, B, 3 * H), dtype=x.dtype))
+                                _workspace.empty((T, B, 3 * H), dtype=x.dtype),
+                                _workspace.empty((T, B, 3 * H), dtype=x.dtype))
         return grads[:2] + grads[3:]
     if reset_after:
-        d_a_x = np.empty((T, B, 3 * H), dtype=x.dtype)
-        d_a_h = np.empty((T, B, 3 * H), dtype=x.dtype)
+        d_a_x = _workspace.empty((T, B, 3 * H), dtype=x.dtype)
+        d_a_h = _workspace.empty((T, B, 3 * H), dtype=x.dtype)
         _over_rows(_gru_backward_loop, B, T * B * w_hh.size,
                    gemm_for(x.dtype), d_out, d_h, w_hh, full, reverse, hs, gates, hns,
                    d_a_x, d_a_h)
         grads = _param_grads(d_a_x, d_a_h, x, h_prev, w_ih, has_bias)
     else:
-        d_a = np.empty((T, B, 3 * H), dtype=x.dtype)
+        d_a = _workspace.empty((T, B, 3 * H), dtype=x.dtype)
         _over_rows(_gru_backward_loop_reset_before, B, T * B * w_hh.size,
                    gemm_for(x.dtype), d_out, d_h, w_hh[:2 * H], w_hh[2 * H:],
                    full, reverse, hs, gates, d_a)

@@ -30,6 +30,7 @@ import functools
 import numba
 import numpy as np
 
+from . import _workspace
 from . import packed_numba as pk
 from ._cblas import gemm_for
 from ._numba_math import FASTMATH, tanh
@@ -229,7 +230,7 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     d_c = d_c_n.astype(np.float32, copy=True) if d_c_n is not None else \
         np.empty((B, 0), np.float32)
     dtype = np.float32
-    d_x = np.empty((T, B, I), dtype)
+    d_x = _workspace.empty((T, B, I), dtype)
     d_w_ih, d_w_hh = np.empty((G, I), dtype), np.empty((G, H), dtype)
     d_b_ih = np.empty(G if has_bias else 0, dtype)
     d_b_hh = np.empty(G if has_bias else 0, dtype)

@@ -55,6 +55,7 @@ import numba
 import numpy as np
 
 from .._immutable import immutable
+from . import _workspace
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
 from ._simd import (FLAG_STRIDE, arrive, microkernel, split_k, store_release, vector_width,
@@ -782,7 +783,7 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
             slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
         else:
             Tc, slots = _chunk_steps(T, B, G), 1
-        xw = np.empty((slots, Tc, B, G), dtype=np.float32)
+        xw = _workspace.empty((slots, Tc, B, G), np.float32)
         w_proj = _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads)
         panels_ih = np.empty((1, 0, NR), dtype=np.float32)
     a = aligned_empty((B, NR * U))
@@ -937,7 +938,9 @@ def _fused_for(x, gates, H, training, fit=None):
     (with ``MALLOC_MMAP_THRESHOLD_`` fixed, both ran alike). So training is not fused."""
     if fused is not None:
         return fused
-    if training or ahead is True or x.shape[1] < FUSED_MIN_ROWS:
+    if ahead is True or x.shape[1] < FUSED_MIN_ROWS:
         return False
+    if training:
+        return _splits_by_units(x, gates, H)
     return (_splits_by_units(x, gates, H) or (_rows_fit(x, gates, H) if fit is None else fit) > 0
             or _blas_threads() <= 1)

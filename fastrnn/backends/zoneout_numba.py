@@ -23,6 +23,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from . import _workspace
 from ._numba_math import tanh
 from .numba_cpu import (_add_row, _bias, _c, _carry_row, _copy_row, _final, _full_lengths,
                         _gru_backward_row, _gru_biases, _gru_row, _jit, _lstm_backward_row,
@@ -127,8 +128,8 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, relu,
     xw = _project(x, w_ih)
     bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
-    out = np.empty((T, B, H), dtype=x.dtype)
-    hhat = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+    out = _workspace.empty((T, B, H), dtype=x.dtype)
+    hhat = _workspace.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     _rnn_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), zoneout_h,
                       full, reverse, training, relu, hs, hhat, out)
@@ -143,7 +144,7 @@ def rnn_backward(d_out, d_h_n, cache):
     x, hs, hhat, w_ih, w_hh, has_bias, full, reverse, relu, zh = cache
     T, B, _ = x.shape
     r = int(reverse)
-    d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
+    d_a = _workspace.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
     _rnn_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, w_hh, zh, full,
                        reverse, relu, hhat, d_a)
@@ -220,10 +221,10 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, 
     xw = _project(x, w_ih)
     bias = _bias(b_ih, b_hh, w_ih.shape[0], x.dtype)
     hs, cs = _state_buffers(T, B, H, x.dtype, training, reverse, h0, c0)
-    out = np.empty((T, B, H), dtype=x.dtype)
+    out = _workspace.empty((T, B, H), dtype=x.dtype)
     shape = (T, B, 4 * H) if training else (0, 0, 0)
     gates = np.empty(shape, dtype=x.dtype)
-    chat = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+    chat = _workspace.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     _lstm_forward_loop(gemm_for(x.dtype), xw, bias, *_recurrent_weight(w_hh, B, T), zh, zc, full,
                        reverse, training, hs, cs, out, gates, chat)
@@ -238,7 +239,7 @@ def lstm_backward(d_out, d_h_n, d_c_n, cache):
     x, hs, cs, chat, gates, w_ih, w_hh, has_bias, full, reverse, zh, zc = cache
     T, B, _ = x.shape
     r = int(reverse)
-    d_a = np.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
+    d_a = _workspace.empty((T, B, w_hh.shape[0]), dtype=x.dtype)
     d_h = d_h_n.astype(x.dtype, copy=True)
     d_c = d_c_n.astype(x.dtype, copy=True)
     _lstm_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, d_c, w_hh, zh, zc,
@@ -306,9 +307,9 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, zoneo
     T, B, _ = x.shape
     H = h0.shape[1]
     (hs,) = _state_buffers(T, B, H, x.dtype, training, reverse, h0)
-    out = np.empty((T, B, H), dtype=x.dtype)
-    gates = np.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
-    hns = np.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
+    out = _workspace.empty((T, B, H), dtype=x.dtype)
+    gates = _workspace.empty((T, B, 3 * H) if training else (0, 0, 0), dtype=x.dtype)
+    hns = _workspace.empty((T, B, H) if training else (0, 0, 0), dtype=x.dtype)
     full = _full_lengths(lengths, T, B)
     xw = _project(x, w_ih)
     bias, b_hn = _gru_biases(b_ih, b_hh, H, x.dtype)
@@ -327,8 +328,8 @@ def gru_backward(d_out, d_h_n, cache):
     H = hs.shape[2]
     rv = int(reverse)
     d_h = d_h_n.astype(x.dtype, copy=True)
-    d_a_x = np.empty((T, B, 3 * H), dtype=x.dtype)
-    d_a_h = np.empty((T, B, 3 * H), dtype=x.dtype)
+    d_a_x = _workspace.empty((T, B, 3 * H), dtype=x.dtype)
+    d_a_h = _workspace.empty((T, B, 3 * H), dtype=x.dtype)
     _gru_backward_loop(gemm_for(x.dtype), np.ascontiguousarray(d_out), d_h, w_hh, zh, full,
                        reverse, hs, gates, hns, d_a_x, d_a_h)
     grads = _param_grads(d_a_x, d_a_h, x, hs[rv:T + rv], w_ih, has_bias)
