@@ -29,20 +29,17 @@ behind session 7's choices:
 * ``malloc``: an LSTM training step at 50x16x128x128 (forward time), in fresh processes,
   after a first call fused or not (``packed_numba.fused`` for that call only), with glibc's
   mmap threshold left dynamic and fixed (``MALLOC_MMAP_THRESHOLD_``): why training
-  forwards are not fused;
+  forwards were not fused before the kernels' buffers came from a pool (session 10,
+  ``fastrnn.backends._workspace``);
 * ``projection``: a chunk's input projection through the micro-kernel on one thread (W_ih
   packed) against OpenBLAS's GEMM on its threads and on one: the micro-kernel projection
   of one-thread loops, tried in session 9 and not kept;
-* ``training``: a training step's forward and backward, in fresh processes, with the
-  backward as shipped (OpenBLAS's threads, which then spin into the next forward, so the
-  forward runs the BLAS loops) and on one BLAS thread (the pool asleep, so the forward
-  takes the packed split): what a backward on fastrnn's own threads could gain;
 * ``worker``: a ``fastrnn bench`` worker's LSTM 100x64x256x256 training step, as its first
   request and after its info and verification requests, with glibc's malloc thresholds
   dynamic and fixed (``fastrnn.bench.worker.MALLOC_ENV``, which every worker gets).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
-        [--parts pointwise product gc split overhead malloc projection training worker]
+        [--parts pointwise product gc split overhead malloc projection worker]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -343,46 +340,6 @@ def projection():
               + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in us.items()), flush=True)
 
 
-_TRAINING_CHILD = r"""
-import sys, time
-import numpy as np
-import fastrnn
-from threadpoolctl import ThreadpoolController
-cell, T, B, I, H = sys.argv[1], *map(int, sys.argv[2:6])
-one = sys.argv[6] == "one"
-m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0).train()
-x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
-d = np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32)
-ctl = ThreadpoolController()
-f, b = [], []
-for _ in range(10):
-    t0 = time.perf_counter()
-    m(x)
-    t1 = time.perf_counter()
-    if one:
-        with ctl.limit(limits=1, user_api="blas"):
-            m.backward(d)
-    else:
-        m.backward(d)
-    f.append(t1 - t0)
-    b.append(time.perf_counter() - t1)
-print(f"{np.median(f[2:]) * 1e3:.1f} {np.median(b[2:]) * 1e3:.1f}")
-"""
-
-
-def training():
-    for case in (("lstm", 100, 64, 256, 256), ("gru", 100, 64, 512, 512),
-                 ("rnn_tanh", 100, 64, 256, 256)):
-        got = {}
-        for backward in ("BLAS threads", "one"):
-            out = subprocess.run([sys.executable, "-c", _TRAINING_CHILD, *map(str, case),
-                                  backward], check=True, capture_output=True, text=True)
-            got[backward] = out.stdout.split()
-        print(f"training {case[0]} {'x'.join(map(str, case[1:]))}, forward / backward ms: "
-              + ", ".join(f"backward on {k}: {v[0]} / {v[1]}" for k, v in got.items()),
-              flush=True)
-
-
 _WORKER_CHILD = r"""
 import sys
 from fastrnn.bench.cases import Case
@@ -418,7 +375,7 @@ def worker():
 
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
          "overhead": overhead, "malloc": malloc, "projection": projection,
-         "training": training, "worker": worker}
+         "worker": worker}
 
 
 def main():

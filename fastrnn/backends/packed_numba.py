@@ -37,8 +37,8 @@ gates:
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
-(docs/numba.md). The forward only, inference and training; the backward stays
-:mod:`.numba_cpu`'s, reading the same cache.
+(docs/numba.md). The forward, inference and training; the backward of the cache it
+leaves is :mod:`.packed_bptt`'s (or :mod:`.numba_cpu`'s BLAS loops).
 """
 
 from __future__ import annotations
@@ -460,10 +460,10 @@ def threads_for(x, gates, H):
     0 where the loops are off, for float64, for one step (packing costs more than it
     saves), and for an RNN narrower than ``RNN_MIN_H``. Below ``MIN_SPLIT_STEP_WORK``,
     one thread. Above, the split, unless another thread of the process is running (a
-    BLAS pool spinning after its last call, most often: the backward of a training step
-    leaves OpenBLAS's spinning into the next forward): then the BLAS loops, whose GEMMs
-    run on that same pool, measured fastest. ``threads`` set forces that many threads,
-    without that check."""
+    BLAS pool spinning after its last call, most often: a caller's NumPy product, or a
+    backward on numba_cpu's BLAS loops; :mod:`.packed_bptt`'s keeps OpenBLAS's pool
+    asleep): then the BLAS loops, whose GEMMs run on that same pool, measured fastest.
+    ``threads`` set forces that many threads, without that check."""
     T, B, _ = x.shape
     if not enabled or x.dtype != np.float32 or T < 2 or (gates == 1 and H < RNN_MIN_H):
         return 0
@@ -897,7 +897,7 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
 
 #: Whether the loops project each step's inputs with the micro-kernel, from W_ih packed
 #: as W_hh is (:func:`cell_thread` with ``panels_ih``), instead of a BLAS GEMM per chunk
-#: of steps: None (the default), an inference of ``FUSED_MIN_ROWS`` batch rows whose
+#: of steps: None (the default), a forward of ``FUSED_MIN_ROWS`` batch rows whose
 #: shapes make it split (:func:`_fused_for`), unless ``ahead`` is True; True, always;
 #: False, never. The choice depends on the shapes, the mode and the BLAS's thread count
 #: alone, never on the threads a call gets or on other running threads, so that the bits
@@ -920,22 +920,23 @@ def _step_work(x, gates, H):
 
 
 def _fused_for(x, gates, H, training, fit=None):
-    """Whether this forward's loop is fused (:data:`fused`): an inference with
-    ``FUSED_MIN_ROWS`` rows whose shapes split it, by hidden units (``MIN_SPLIT_STEP_WORK``)
-    or by rows (:func:`_rows_fit`; ``fit``, where the caller has it already), or with a
-    one-thread BLAS, unless ``ahead`` is True.
+    """Whether this forward's loop is fused (:data:`fused`): a forward with
+    ``FUSED_MIN_ROWS`` rows whose shapes split it by hidden units (``MIN_SPLIT_STEP_WORK``),
+    or an inference that splits by rows (:func:`_rows_fit`; ``fit``, where the caller has
+    it already) or has a one-thread BLAS, unless ``ahead`` is True.
     A fused loop projects on its own threads: on one thread where the BLAS has two it
     gained nothing against one thread projecting on the BLAS's threads (the RNN at
     50x16x128x128, where neither split applies: 0.92x fused in the first A/B, 1.02x at the
     end; ``python bench/packed_ab.py --compare fused``). Next to another running thread the splits give
     way (:func:`threads_for`, :func:`_rows_for`) and a fused loop projects on one core,
-    as an unfused inference does there (``"alone"``, :func:`_projection`). A training loop
-    has a running thread at every forward (its backward leaves OpenBLAS's pool spinning),
-    and a training forward fused when none ran (the first) made the steps after it slower: LSTM and GRU
-    50x16x128x128 0.82x (``python bench/packed_ab.py --mode training``). Its large blocks
-    came and went in another order, which left glibc's malloc threshold for mapping
-    fresh pages lower, and the step's buffers then came from fresh pages at every call
-    (with ``MALLOC_MMAP_THRESHOLD_`` fixed, both ran alike). So training is not fused."""
+    as an unfused inference does there (``"alone"``, :func:`_projection`). A training
+    forward is fused where the hidden-unit split applies, and not for the rows split or
+    on one thread: fused there, LSTM and GRU 50x16x128x128 ran 0.96x and 0.92x (``python
+    bench/packed_ab.py --mode training --compare REV``, session 10), where fused at
+    100x64x256x256 they ran 1.06x and 1.10x (with the buffers of
+    :mod:`._workspace`; before that pool, a fused training forward's large blocks left
+    glibc's threshold for mapping fresh pages lower, and the step then ran 0.82x at
+    50x16x128x128)."""
     if fused is not None:
         return fused
     if ahead is True or x.shape[1] < FUSED_MIN_ROWS:
