@@ -32,8 +32,18 @@ def warmup(backend="auto", dtypes=("float32", "float64"), cells=None):
         b.module.warmup(dtypes=dtypes, cells=cells)
     return b.name
 
+
+def release_buffers():
+    """Free the idle memory blocks the numba backend keeps for its large buffers (gate
+    caches, states, gradients: :mod:`fastrnn.backends._workspace`, at most 512 MB idle),
+    e.g. after training. Blocks still in use return to the pool when their arrays die.
+    Returns the bytes freed."""
+    from .backends import _workspace
+    return _workspace.clear()
+
+
 __all__ = ["RNN", "LSTM", "GRU", "gradcheck", "GradcheckReport", "backends", "warmup",
-           "__version__"]
+           "release_buffers", "__version__"]
 __all__ += ["RNNCell", "LSTMCell", "GRUCell", "attention", "make_layer", "make_cell"]
 __all__ += ["Linear", "Embedding", "losses", "optim", "tbptt", "truncated_bptt", "diagnostics",
             "clip_grad_norm_", "clip_grad_value_"]

@@ -14,7 +14,8 @@ next call of the same sizes gets it back, its pages already mapped.
 :func:`empty` is ``np.empty`` for the kernels' buffers: from ``MIN_BYTES`` up, its
 array's memory is a pooled block (sizes rounded up to ``GRAIN``), owned by a small
 exporter object whose death returns the block (``weakref.finalize``); NumPy's views keep
-that owner alive. At most ``MAX_IDLE_BYTES`` wait in the pool; :func:`clear` frees them.
+that owner alive. At most ``MAX_IDLE_BYTES`` wait in the pool; :func:`clear`
+(``fastrnn.release_buffers()``) frees them.
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ def idle_bytes():
 
 def clear():
     """Free every idle block (blocks in use go back to the pool, then stay until the next
-    :func:`clear` or are freed beyond ``MAX_IDLE_BYTES``)."""
+    :func:`clear` or are freed beyond ``MAX_IDLE_BYTES``); the bytes freed
+    (``fastrnn.release_buffers``)."""
     global _idle_bytes
     with _lock:
+        freed = _idle_bytes
         _idle.clear()
         _idle_bytes = 0
+    return freed
