@@ -28,7 +28,7 @@ def test_arrays_are_like_np_empty():
     assert big.sum() == 2.5 * big.size
     small = ws.empty((4, 5), np.float64)
     assert small.base is None and small.shape == (4, 5)          # plain np.empty
-    assert ws.empty(ws.MIN_BYTES, "u1").shape == (ws.MIN_BYTES,)
+    assert ws.empty((ws.MIN_BYTES,), "u1").shape == (ws.MIN_BYTES,)
 
 
 def test_a_block_returns_when_its_last_array_dies_and_is_reused():
@@ -48,7 +48,7 @@ def test_a_block_returns_when_its_last_array_dies_and_is_reused():
 
 def test_the_idle_cap_and_clear(monkeypatch):
     monkeypatch.setattr(ws, "MAX_IDLE_BYTES", 3 * ws.GRAIN)
-    arrays = [ws.empty(ws.GRAIN, np.uint8) for _ in range(5)]
+    arrays = [ws.empty((ws.GRAIN,), np.uint8) for _ in range(5)]
     del arrays
     assert ws.idle_bytes() == 3 * ws.GRAIN
     import fastrnn
@@ -63,7 +63,7 @@ def test_threads_never_share_a_block():
         try:
             rng = np.random.default_rng(seed)
             for _ in range(200):
-                a = ws.empty(ws.MIN_BYTES * int(rng.integers(1, 4)), np.uint8)
+                a = ws.empty((ws.MIN_BYTES * int(rng.integers(1, 4)),), np.uint8)
                 a[0] = seed
                 live.append(a)
                 if a[0] != seed:                      # pragma: no cover - reported below
@@ -78,7 +78,7 @@ def test_threads_never_share_a_block():
     for t in threads:
         t.join()
     assert not errors
-    addresses = [ws.empty(ws.MIN_BYTES, np.uint8) for _ in range(3)]
+    addresses = [ws.empty((ws.MIN_BYTES,), np.uint8) for _ in range(3)]
     assert len({a.ctypes.data for a in addresses}) == 3
 
 

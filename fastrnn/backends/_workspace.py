@@ -20,7 +20,6 @@ that owner alive. At most ``MAX_IDLE_BYTES`` wait in the pool; :func:`clear`
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 
@@ -61,14 +60,16 @@ def _give_back(block):
 
 
 def empty(shape, dtype):
-    """An uninitialized C-ordered array, as ``np.empty(shape, dtype)``, whose memory comes
-    from the pool from ``MIN_BYTES`` up."""
+    """An uninitialized C-ordered array, as ``np.empty(shape, dtype)`` (``shape`` a tuple),
+    whose memory comes from the pool from ``MIN_BYTES`` up."""
     global _idle_bytes
     dtype = np.dtype(dtype)
-    shape = tuple(int(n) for n in (shape if isinstance(shape, tuple) else (shape,)))
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = dtype.itemsize
+    for n in shape:        # (math.prod and a tuple of ints first: 1.2 us a call; 0.6 so, np.empty 0.3)
+        nbytes *= n
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype)
+    shape = tuple(int(n) for n in shape)
     size = -(-nbytes // GRAIN) * GRAIN
     with _lock:
         blocks = _idle.get(size)
