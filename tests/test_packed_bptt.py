@@ -129,22 +129,35 @@ def test_which_backwards_take_the_packed_loop(monkeypatch):
     assert calls == [1] * 4 + [2]
 
 
+def _trained(kind, B, H, seed, T=4):
+    """A float32 training forward of ``kind`` (its results, the cache last)."""
+    x, states, w = _case(kind, B, H, True, np.random.default_rng(seed), T=T)
+    f32 = [None if a is None else a.astype(np.float32) for a in [x] + states + w]
+    return getattr(nb, f"{kind}_forward")(*f32, training=True)
+
+
+def _before_each_thread(monkeypatch, before):
+    """``bptt_thread`` calling ``before(tid, nthreads)`` first, in each thread."""
+    real = pb.bptt_thread
+
+    def thread(*args):
+        before(*args[-2:])
+        return real(*args)
+
+    monkeypatch.setattr(pb, "bptt_thread", thread)
+
+
 def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
     """A pool thread of the split that fails releases the thread waiting for it at the
     barrier, and its error reaches the caller."""
     monkeypatch.setattr(pk, "threads", 2)
-    real = pb.bptt_thread
 
-    def thread(*args):
-        if args[-2] == 1:
+    def fail(tid, nthreads):
+        if tid == 1:
             raise RuntimeError("pool thread failed")
-        return real(*args)
 
-    monkeypatch.setattr(pb, "bptt_thread", thread)
-    rng = np.random.default_rng(1)
-    x, states, w = _case("lstm", 3, 2 * PU, True, rng, T=4)
-    f32 = [None if a is None else a.astype(np.float32) for a in [x] + states + w]
-    res = nb.lstm_forward(*f32, training=True)
+    _before_each_thread(monkeypatch, fail)
+    res = _trained("lstm", 3, 2 * PU, 1)
     d = np.ones((3, 2 * PU), np.float32)
     with pytest.raises(RuntimeError, match="pool thread failed"):
         nb.lstm_backward(np.ones((4, 3, 2 * PU), np.float32), d, d, res[-1])
@@ -156,17 +169,8 @@ def test_a_split_finding_the_pool_taken_runs_alone(monkeypatch):
     caller's thread, with the same result."""
     monkeypatch.setattr(pk, "threads", 2)
     seen = []
-    real = pb.bptt_thread
-
-    def thread(*args):
-        seen.append(args[-2:])
-        return real(*args)
-
-    monkeypatch.setattr(pb, "bptt_thread", thread)
-    rng = np.random.default_rng(2)
-    x, states, w = _case("gru", 5, 2 * PU, True, rng, T=4)
-    f32 = [None if a is None else a.astype(np.float32) for a in [x] + states + w]
-    res = nb.gru_forward(*f32, training=True)
+    _before_each_thread(monkeypatch, lambda tid, nthreads: seen.append((tid, nthreads)))
+    res = _trained("gru", 5, 2 * PU, 2)
     d_out, d_h = np.ones((4, 5, 2 * PU), np.float32), np.ones((5, 2 * PU), np.float32)
     split = nb.gru_backward(d_out, d_h, res[-1])
     assert sorted(seen) == [(0, 2), (1, 2)]
