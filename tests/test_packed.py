@@ -530,7 +530,8 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
 def test_the_loop_is_fused_by_the_shapes_alone(monkeypatch):
     """Inference of FUSED_MIN_ROWS rows is fused where its shapes split it (by units:
     MIN_SPLIT_STEP_WORK; by rows: _rows_fit) or the BLAS has one thread, whatever the
-    threads running; training and ``ahead`` forced never are; ``fused`` forces either way."""
+    threads running; training only where they split it by units, with two BLAS threads;
+    ``ahead`` forced never; ``fused`` forces either way."""
     monkeypatch.setattr(pk, "fused", None)
     monkeypatch.setattr(pk, "ahead", False)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
@@ -543,7 +544,8 @@ def test_the_loop_is_fused_by_the_shapes_alone(monkeypatch):
     wide = np.zeros((5, 16, 2048), np.float32)      # 2.1 MB of weights, 262K a step's product
     assert not pk._fused_for(wide, 4, 64, False)            # no split: projects on the BLAS
     assert pk._fused_for(np.zeros((5, 16, 8), np.float32), 4, 512, False)    # split by units
-    assert not pk._fused_for(x, 4, 128, True)               # training
+    assert not pk._fused_for(x, 4, 128, True)               # training: not by rows
+    assert pk._fused_for(np.zeros((5, 16, 8), np.float32), 4, 512, True)     # by units
     stop = _spinning_thread()
     try:
         assert pk._fused_for(x, 4, 128, False)              # running threads change nothing
@@ -551,6 +553,7 @@ def test_the_loop_is_fused_by_the_shapes_alone(monkeypatch):
         stop()
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 1)
     assert pk._fused_for(wide, 4, 64, False)
+    assert not pk._fused_for(np.zeros((5, 16, 8), np.float32), 4, 512, True)  # training
     monkeypatch.setattr(pk, "ahead", True)
     assert not pk._fused_for(x, 4, 128, False)
     monkeypatch.setattr(pk, "fused", True)
@@ -561,7 +564,7 @@ def test_the_loop_is_fused_by_the_shapes_alone(monkeypatch):
 
 def test_a_fused_inference_splits_the_rows_before_the_units(monkeypatch):
     """Where both splits apply, ``run`` splits the rows (no barrier); where the packed
-    weights do not fit, the units."""
+    weights do not fit, the units. A training forward splits the units either way."""
     monkeypatch.setattr(pk, "fused", None)
     monkeypatch.setattr(pk, "rows", None)
     monkeypatch.setattr(pk, "threads", None)
@@ -581,6 +584,11 @@ def test_a_fused_inference_splits_the_rows_before_the_units(monkeypatch):
         got = nb.lstm_forward(x, h0, h0, *w, training=False)[0]
         assert calls == [want], (H, calls)
         want_out = ref.lstm_forward(x.astype(np.float64), h0, h0, *w, training=False)[0]
+        np.testing.assert_allclose(got, want_out, rtol=2e-5, atol=2e-5)
+        _wait_until_no_other_thread_runs()
+        calls.clear()                           # training: fused, split by units, never rows
+        got = nb.lstm_forward(x, h0, h0, *w, training=True)[0]
+        assert calls == [(2, False, True)], (H, calls)
         np.testing.assert_allclose(got, want_out, rtol=2e-5, atol=2e-5)
 
 

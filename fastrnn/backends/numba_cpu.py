@@ -1114,7 +1114,6 @@ def gru_backward(d_out, d_h_n, cache):
     T, B, _ = x.shape
     H = hs.shape[2]
     rv = int(reverse)
-    d_h = d_h_n.astype(x.dtype, copy=True)
     d_out = np.ascontiguousarray(d_out)
     h_prev = hs[rv:T + rv]
     nthreads = packed_bptt.threads_for(x, 3, H) if reset_after else 0
@@ -1124,6 +1123,7 @@ def gru_backward(d_out, d_h_n, cache):
                                 _workspace.empty((T, B, 3 * H), dtype=x.dtype),
                                 _workspace.empty((T, B, 3 * H), dtype=x.dtype))
         return grads[:2] + grads[3:]
+    d_h = d_h_n.astype(x.dtype, copy=True)
     if reset_after:
         d_a_x = _workspace.empty((T, B, 3 * H), dtype=x.dtype)
         d_a_h = _workspace.empty((T, B, 3 * H), dtype=x.dtype)

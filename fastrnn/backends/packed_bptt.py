@@ -14,8 +14,9 @@ The threads split the panels (hidden units). A unit's gates need only its own ``
 and ``d_c``, but the product for a unit reads every gate of ``d_a[t]``: one barrier per
 step, between the pointwise pass and the product. The weights' and inputs' gradients then
 come from whole-sequence GEMMs, also on these threads (one BLAS thread each, so that
-OpenBLAS's own pool stays asleep for the next forward: :func:`_grads`): after a last
-barrier, each thread forms its share of the rows of ``d_W_ih``, ``d_W_hh`` and ``d_x``.
+OpenBLAS's own pool stays asleep for the next forward: :func:`_grads`): after the last
+barrier, each thread forms its share of the rows of ``d_W_ih``, ``d_W_hh`` and ``d_x``
+(the last step's barrier is that barrier: every ``d_a`` is final there).
 
 What it replaces: :mod:`.numba_cpu`'s backward loops, whose per-step GEMM OpenBLAS
 packed anew at every step (W_hh is 4 MB at the LSTM's H = 512), with the pointwise pass
@@ -155,15 +156,13 @@ def _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, lengths, n0, n1):
 
 
 @_jit
-def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, flags,
-           tid, nthreads, step):
-    """The thread's share of the whole-sequence GEMMs (numba_cpu's ``_param_grads``), once
-    every thread has arrived at ``step`` (every column of ``d_ax`` and ``d_ah`` is final):
-    the rows ``[G tid / nthreads, G (tid + 1) / nthreads)`` of ``d_w_ih``, ``d_w_hh`` and the
-    biases, and its share of the rows of ``d_x``."""
-    if nthreads > 1:
-        arrive(flags, tid, step)
-        wait_all(flags, nthreads, step)
+def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, tid,
+           nthreads):
+    """The thread's share of the whole-sequence GEMMs (numba_cpu's ``_param_grads``): the
+    rows ``[G tid / nthreads, G (tid + 1) / nthreads)`` of ``d_w_ih``, ``d_w_hh`` and the
+    biases, and its share of the rows of ``d_x``. Every column of ``d_ax`` and ``d_ah`` is
+    final once the threads have passed the last step's barrier (the last product writes
+    ``d_h`` alone)."""
     G, R = d_w_ih.shape[0], x2.shape[0]
     c0, c1 = G * tid // nthreads, G * (tid + 1) // nthreads
     r0, r1 = R * tid // nthreads, R * (tid + 1) // nthreads
@@ -208,8 +207,7 @@ def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, g
     TB = T * B
     _grads(gemm, d_ax.reshape(TB, d_ax.shape[2]), d_ah.reshape(TB, d_ah.shape[2]),
            x.reshape(TB, x.shape[2]), hs[r:T + r].reshape(TB, hs.shape[2]), w_ih,
-           d_x.reshape(TB, x.shape[2]), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, flags, tid,
-           nthreads, T + 1)
+           d_x.reshape(TB, x.shape[2]), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, tid, nthreads)
 
 
 def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, reverse, hs,
@@ -243,9 +241,11 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
         try:
             with _single_threaded_blas():
                 pool, cpu = pk._executor(), pk._current_cpu()
-                futures = [pool.submit(pk._off_cpu, cpu, fl, bptt_thread, *call, tid, nthreads)
-                           for tid in range(1, nthreads)]
+                futures = []
                 try:
+                    for tid in range(1, nthreads):   # (a failed submit releases those started)
+                        futures.append(pool.submit(pk._off_cpu, cpu, fl, bptt_thread, *call, tid,
+                                                   nthreads))
                     bptt_thread(*call, 0, nthreads)
                 except BaseException:
                     fl[:] = pk.RELEASE

@@ -799,13 +799,15 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
             cell_thread(*call, 0, 1, False, False, panels_ih)
             return
         pool, cpu = _executor(), _current_cpu()
-        if mode == "ahead":
-            futures = [pool.submit(_off_cpu, cpu, fl, project_ahead, gemm, x2, w_ih, xw, T,
-                                   reverse, fl)]
-        else:
-            futures = [pool.submit(_off_cpu, cpu, fl, cell_thread, *call, tid, nthreads, False,
-                                   mode == "rows", panels_ih) for tid in range(1, nthreads)]
-        try:
+        futures = []
+        try:                 # (a failed submit releases the threads started before it)
+            if mode == "ahead":
+                futures.append(pool.submit(_off_cpu, cpu, fl, project_ahead, gemm, x2, w_ih, xw,
+                                           T, reverse, fl))
+            else:
+                for tid in range(1, nthreads):
+                    futures.append(pool.submit(_off_cpu, cpu, fl, cell_thread, *call, tid,
+                                               nthreads, False, mode == "rows", panels_ih))
             cell_thread(*call, 0, nthreads, mode == "ahead", mode == "rows", panels_ih)
         except BaseException:
             fl[:] = RELEASE
@@ -879,8 +881,9 @@ def _rows_for(x, gates, H, fused, fit=None):
 def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, hs, cs, out,
         gates, hns):
     """The forward of ``cell`` (``LSTM``, ``GRU``, ``RNN_TANH``, ``RNN_RELU``) on
-    ``nthreads`` threads (:func:`threads_for`), or split by rows (:func:`_rows_for`,
-    unless ``threads`` forces a split by units), into the buffers numba_cpu's forward
+    ``nthreads`` threads (:func:`threads_for`), or split by rows (:func:`_rows_for`; an
+    inference, or ``rows`` forced, unless ``threads`` forces a split by units), into the
+    buffers numba_cpu's forward
     made for its BLAS loops (states, output and, in training, the gate cache it returns):
     the packed loop is the other time loop those forwards choose between, with the same
     arguments but ``W_hh`` (and, fused, ``W_ih``) packed here (see :func:`cell_thread`
@@ -890,7 +893,8 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
     fit = _rows_fit(x, n, H) if not training and x.shape[1] >= FUSED_MIN_ROWS else None
     panels_ih = packed(w_ih, n) if _fused_for(x, n, H, training, fit) else None
     by_rows = _rows_for(x, n, H, panels_ih is not None, fit) \
-        if panels_ih is not None and (nthreads == 1 or threads is None) else 0
+        if panels_ih is not None and (rows or not training) and (nthreads == 1 or threads is None) \
+        else 0
     _run(by_rows or nthreads, x, w_ih, packed(w_hh, n), cell, bias, b_hn, lengths, reverse,
          training, hs, cs, out, gates, hns, by_rows=by_rows > 0, panels_ih=panels_ih)
 
@@ -930,9 +934,10 @@ def _fused_for(x, gates, H, training, fit=None):
     end; ``python bench/packed_ab.py --compare fused``). Next to another running thread the splits give
     way (:func:`threads_for`, :func:`_rows_for`) and a fused loop projects on one core,
     as an unfused inference does there (``"alone"``, :func:`_projection`). A training
-    forward is fused where the hidden-unit split applies, and not for the rows split or
-    on one thread: fused there, LSTM and GRU 50x16x128x128 ran 0.96x and 0.92x (``python
-    bench/packed_ab.py --mode training --compare REV``, session 10), where fused at
+    forward is fused where the hidden-unit split applies (the BLAS having two threads or
+    more), and neither split by rows (:func:`run`) nor fused otherwise: fused and split by
+    rows, LSTM and GRU 50x16x128x128 ran 0.96x and 0.92x (``python bench/packed_ab.py
+    --mode training --compare REV``, session 10), where fused at
     100x64x256x256 they ran 1.06x and 1.10x (with the buffers of
     :mod:`._workspace`; before that pool, a fused training forward's large blocks left
     glibc's threshold for mapping fresh pages lower, and the step then ran 0.82x at
@@ -942,6 +947,6 @@ def _fused_for(x, gates, H, training, fit=None):
     if ahead is True or x.shape[1] < FUSED_MIN_ROWS:
         return False
     if training:
-        return _splits_by_units(x, gates, H)
+        return _splits_by_units(x, gates, H) and _blas_threads() > 1
     return (_splits_by_units(x, gates, H) or (_rows_fit(x, gates, H) if fit is None else fit) > 0
             or _blas_threads() <= 1)
