@@ -1,0 +1,98 @@
+"""Whether the machine code Numba makes for the packed loops depends on Python's string
+hash seed (``PYTHONHASHSEED``, random per process unless set): each seed compiles the
+package into a Numba cache of its own, then frozen LSTM inference is timed from each cache
+in alternating fresh processes (the bench's protocol: a 0.2 s pause, 20 ms of warm-up,
+then one timed call; medians).
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/hashseed.py [--seeds 0 1 2 3]
+        [--rounds 4]
+
+For each seed: the sizes of the compiled ``_recurrent`` functions (the micro-kernel's
+loops) in the cached object code of ``packed_numba.cell_thread``, and the times. Session
+10 found two variants of ``_recurrent`` (0x4f42 and 0x5564 bytes, one per seed) and the
+same sources running 0.85-0.89x from one checkout's cache against another's.
+"""
+
+import argparse
+import glob
+import os
+import pickletools
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+CHILD = r"""
+import sys, time
+import numpy as np
+import fastrnn
+cases = [("lstm", 100, 64, 256, 256), ("lstm", 200, 1, 64, 64)]
+out = []
+for cell, T, B, I, H in cases:
+    m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0).eval().freeze()
+    x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+    m(x)
+    ts = []
+    for _ in range(9):
+        time.sleep(0.2)
+        t1 = time.perf_counter()
+        while time.perf_counter() - t1 < 0.02:
+            m(x)
+        t0 = time.perf_counter()
+        m(x)
+        ts.append(time.perf_counter() - t0)
+    out.append(float(np.median(ts)))
+print(" ".join(map(str, out)))
+"""
+
+
+def _recurrent_sizes(cache_dir):
+    """Sizes of the ``_recurrent`` functions in the cached object code of cell_thread."""
+    files = glob.glob(os.path.join(cache_dir, "**", "packed_numba.cell_thread-*.nbc"),
+                      recursive=True)
+    sizes = set()
+    for path in files:
+        raw = open(path, "rb").read()
+        for _, arg, _ in pickletools.genops(raw):
+            if isinstance(arg, bytes) and arg[:4] == b"\x7fELF":
+                with tempfile.NamedTemporaryFile(suffix=".o") as f:
+                    f.write(arg)
+                    f.flush()
+                    nm = subprocess.run(["nm", "-S", f.name], capture_output=True,
+                                        text=True).stdout
+                for line in nm.splitlines():
+                    parts = line.split()
+                    if len(parts) == 4 and "10_recurrent" in parts[3] and parts[2] in "Ww":
+                        sizes.add(hex(int(parts[1], 16)))
+    return sorted(sizes)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    caches = {s: tempfile.mkdtemp(prefix=f"hashseed{s}_") for s in args.seeds}
+
+    def run(seed):
+        env = dict(os.environ, PYTHONHASHSEED=str(seed), NUMBA_CACHE_DIR=caches[seed])
+        out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        return [float(v) for v in out.split()]
+
+    for seed in args.seeds:              # compile each seed's cache
+        run(seed)
+    times = {s: [] for s in args.seeds}
+    for r in range(args.rounds):
+        for seed in (args.seeds if r % 2 == 0 else args.seeds[::-1]):
+            times[seed].append(run(seed))
+    for seed in args.seeds:
+        med = np.median(np.array(times[seed]), axis=0)
+        print(f"PYTHONHASHSEED={seed}: _recurrent {', '.join(_recurrent_sizes(caches[seed]))}; "
+              f"frozen LSTM 100x64x256x256 {med[0] * 1e3:.2f} ms, 200x1x64x64 "
+              f"{med[1] * 1e6:.0f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
