@@ -215,18 +215,29 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False
     halves = split_k(B, NR // VW, MR)     # by the batch, not the tile: see _simd.split_k
     kb = KC_WIDE if r1 - r0 >= KC_WIDE_ROWS else KC      # (the sums are the same either way:
     #                                    a block adds onto the tile it stored, exactly)
-    for i in range(u0, u1):
-        u = u0 + u1 - 1 - i if backwards else i
-        for k0 in range(0, K, kb):
-            kc = min(kb, K - k0)
-            for b0 in range(r0, r1, MR):
-                mr = min(MR, r1 - b0)
-                if lstm:
-                    _MK_LSTM(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                             b0 * ldc + u * PU, ldc, cv, add or k0 > 0, halves)
-                else:
-                    _MK_GRU(mr, hs, h0 + b0 * K + k0, K, panels, (u * K + k0) * NR, kc, a,
-                            b0 * ldc + u * PU, ldc, cv, add or k0 > 0, halves)
+    # One loop nest per kernel, no branch inside: with the branch, the arrays became phi
+    # copies, and whether Numba's reference-count pruning then removed their NRT
+    # increfs and decrefs (atomic, per tile) depended on the compiling process's string
+    # hash seed: 0.83-0.89x at LSTM 200x1x64x64 and 100x64x256x256 with them
+    # (``python bench/hashseed.py``).
+    if lstm:
+        for i in range(u0, u1):
+            u = u0 + u1 - 1 - i if backwards else i
+            for k0 in range(0, K, kb):
+                kc = min(kb, K - k0)
+                for b0 in range(r0, r1, MR):
+                    _MK_LSTM(min(MR, r1 - b0), hs, h0 + b0 * K + k0, K, panels,
+                             (u * K + k0) * NR, kc, a, b0 * ldc + u * PU, ldc, cv,
+                             add or k0 > 0, halves)
+    else:
+        for i in range(u0, u1):
+            u = u0 + u1 - 1 - i if backwards else i
+            for k0 in range(0, K, kb):
+                kc = min(kb, K - k0)
+                for b0 in range(r0, r1, MR):
+                    _MK_GRU(min(MR, r1 - b0), hs, h0 + b0 * K + k0, K, panels,
+                            (u * K + k0) * NR, kc, a, b0 * ldc + u * PU, ldc, cv,
+                            add or k0 > 0, halves)
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the
