@@ -50,9 +50,9 @@ def threads_for(x, gates, H):
     """Threads of the packed backward, or 0 (numba_cpu's loops): as the forward's
     (:func:`.packed_numba.threads_for`: the split where the step is big enough and no
     other thread of the process runs), at most one per panel of W_hh^T (the RNN's
-    panels), and 0 below one panel's units, where part of it would be zeros (LSTM
-    1000x8x32x32: 4.43 ms against 3.61, GRU 100x16x48x48: 1.53 against 1.41, ``python bench/packed_ab.py --mode
-    training --compare bptt``)."""
+    panels), and 0 below one panel's units, where part of it would be zeros (scratch
+    probes of a training step's backward with the rule off, session 10: LSTM 1000x8x32x32
+    4.43 ms against 3.61, GRU 100x16x48x48 1.53 against 1.41)."""
     if not enabled or H < pk._panel_units(1):
         return 0
     n = pk.threads_for(x, gates, H)
@@ -240,19 +240,9 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     else:
         try:
             with _single_threaded_blas():
-                pool, cpu = pk._executor(), pk._current_cpu()
-                futures = []
-                try:
-                    for tid in range(1, nthreads):   # (a failed submit releases those started)
-                        futures.append(pool.submit(pk._off_cpu, cpu, fl, bptt_thread, *call, tid,
-                                                   nthreads))
-                    bptt_thread(*call, 0, nthreads)
-                except BaseException:
-                    fl[:] = pk.RELEASE
-                    raise
-                finally:
-                    for f in futures:
-                        f.result()
+                pk.with_pool(fl, ((bptt_thread, *call, tid, nthreads)
+                                  for tid in range(1, nthreads)),
+                             lambda: bptt_thread(*call, 0, nthreads))
         finally:
             pk._pool_loop.release()
     return (d_x, d_h[:, :H].copy(), d_c if d_c_n is not None else None, d_w_ih, d_w_hh,

@@ -809,23 +809,33 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
         if mode == "alone":
             cell_thread(*call, 0, 1, False, False, panels_ih)
             return
-        pool, cpu = _executor(), _current_cpu()
-        futures = []
-        try:                 # (a failed submit releases the threads started before it)
-            if mode == "ahead":
-                futures.append(pool.submit(_off_cpu, cpu, fl, project_ahead, gemm, x2, w_ih, xw,
-                                           T, reverse, fl))
-            else:
-                for tid in range(1, nthreads):
-                    futures.append(pool.submit(_off_cpu, cpu, fl, cell_thread, *call, tid,
-                                               nthreads, False, mode == "rows", panels_ih))
-            cell_thread(*call, 0, nthreads, mode == "ahead", mode == "rows", panels_ih)
-        except BaseException:
-            fl[:] = RELEASE
-            raise
-        finally:
-            for f in futures:
-                f.result()
+        if mode == "ahead":
+            jobs = [(project_ahead, gemm, x2, w_ih, xw, T, reverse, fl)]
+        else:
+            jobs = ((cell_thread, *call, tid, nthreads, False, mode == "rows", panels_ih)
+                    for tid in range(1, nthreads))
+        with_pool(fl, jobs, lambda: cell_thread(*call, 0, nthreads, mode == "ahead",
+                                                mode == "rows", panels_ih))
+
+
+def with_pool(counters, jobs, here):
+    """``here()`` on the calling thread while each ``(fn, *args)`` of ``jobs`` runs on the
+    pool, kept off the caller's CPU (:func:`_off_cpu`): the threads of one loop (this
+    module's, and :mod:`.packed_bptt`'s). If anything fails (a job, a submit, ``here``),
+    the loop's ``counters`` are set to ``RELEASE``, so that the threads waiting on the
+    failed one run out; every job started is waited for, and the error raised."""
+    pool, cpu = _executor(), _current_cpu()
+    futures = []
+    try:
+        for job in jobs:
+            futures.append(pool.submit(_off_cpu, cpu, counters, *job))
+        here()
+    except BaseException:
+        counters[:] = RELEASE
+        raise
+    finally:
+        for f in futures:
+            f.result()
 
 
 #: Whether fused loops split the batch rows over threads (:func:`cell_thread` with
@@ -947,9 +957,10 @@ def _fused_for(x, gates, H, training, fit=None):
     as an unfused inference does there (``"alone"``, :func:`_projection`). A training
     forward is fused where the hidden-unit split applies (the BLAS having two threads or
     more), and neither split by rows (:func:`run`) nor fused otherwise: fused and split by
-    rows, LSTM and GRU 50x16x128x128 ran 0.96x and 0.92x (``python bench/packed_ab.py
-    --mode training --compare REV``, session 10), where fused at
-    100x64x256x256 they ran 1.06x and 1.10x (with the buffers of
+    rows, LSTM and GRU 50x16x128x128 ran 0.96x and 0.92x, where fused at 100x64x256x256
+    they ran 1.06x and 1.10x (session 10, ``python bench/packed_ab.py --mode training
+    --compare HEAD`` on working trees with the rule edited, not kept as commits; with the
+    buffers of
     :mod:`._workspace`; before that pool, a fused training forward's large blocks left
     glibc's threshold for mapping fresh pages lower, and the step then ran 0.82x at
     50x16x128x128)."""
