@@ -5,12 +5,18 @@ in alternating fresh processes (the bench's protocol: a 0.2 s pause, 20 ms of wa
 then one timed call; medians).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/hashseed.py [--seeds 0 1 2 3]
-        [--rounds 4]
+        [--rounds 4] [--audit]
 
 For each seed: the sizes of the compiled ``_recurrent`` functions (the micro-kernel's
 loops) in the cached object code of ``packed_numba.cell_thread``, and the times. Session
 10 found two variants of ``_recurrent`` (0x4f42 and 0x5564 bytes, one per seed) and the
 same sources running 0.85-0.89x from one checkout's cache against another's.
+
+``--audit`` (no timing): each seed's cache gets every kernel ``fastrnn.warmup()`` compiles
+(about a minute a seed), and the sizes of the functions in their cached object code are
+compared across the seeds, function by function (symbols without their ABI tags, which
+carry per-process counters). A function whose size differs between seeds was compiled
+differently: the check session 11 ran over every kernel after session 10's fix.
 """
 
 import argparse
@@ -68,11 +74,72 @@ def _recurrent_sizes(cache_dir):
     return sorted(sizes)
 
 
+def _strip_abi_tags(symbol):
+    """An Itanium-mangled name without its ABI tags (``B<length><chars>``): Numba's carry
+    per-process counters, the rest (the function's name and argument types) is stable."""
+    out, i = [], 0
+    while i < len(symbol):
+        if symbol[i] == "B" and symbol[i + 1:i + 2].isdigit():
+            j = i + 1
+            while symbol[j].isdigit():
+                j += 1
+            i = j + int(symbol[i + 1:j])
+            continue
+        out.append(symbol[i])
+        i += 1
+    return "".join(out)
+
+
+def _function_sizes(cache_dir):
+    """``{(cache file, object index, symbol): size}`` of every function defined in the
+    object code of a Numba cache."""
+    sizes = {}
+    for path in sorted(glob.glob(os.path.join(cache_dir, "**", "*.nbc"), recursive=True)):
+        objects = [arg for _, arg, _ in pickletools.genops(open(path, "rb").read())
+                   if isinstance(arg, bytes) and arg[:4] == b"\x7fELF"]
+        for k, obj in enumerate(objects):
+            with tempfile.NamedTemporaryFile(suffix=".o") as f:
+                f.write(obj)
+                f.flush()
+                nm = subprocess.run(["nm", "-S", "--defined-only", f.name],
+                                    capture_output=True, text=True, check=True).stdout
+            for line in nm.splitlines():
+                parts = line.split()
+                if len(parts) == 4 and parts[2] in "TtWw":
+                    key = (os.path.basename(path), k, _strip_abi_tags(parts[3]))
+                    sizes[key] = sizes.get(key, 0) + int(parts[1], 16)
+    return sizes
+
+
+def audit(seeds):
+    """Compile every kernel under each seed and report the functions whose machine code
+    differs in size between seeds."""
+    sizes = {}
+    for seed in seeds:
+        cache = tempfile.mkdtemp(prefix=f"hashseed{seed}_")
+        env = dict(os.environ, PYTHONHASHSEED=str(seed), NUMBA_CACHE_DIR=cache)
+        subprocess.run([sys.executable, "-c", "import fastrnn; fastrnn.warmup()"], env=env,
+                       check=True)
+        sizes[seed] = _function_sizes(cache)
+    keys = sorted(set().union(*sizes.values()))
+    differ = [k for k in keys if len({sizes[s].get(k) for s in seeds}) > 1]
+    print(f"{len(keys)} compiled functions in {len({k[0] for k in keys})} cache files; "
+          f"{len(differ)} differ in size between PYTHONHASHSEED={seeds}", flush=True)
+    for k in differ:
+        print(f"  {k[0]} #{k[1]} {k[2][:100]}: "
+              + ", ".join(f"seed {s} {sizes[s].get(k)}" for s in seeds), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--audit", action="store_true",
+                   help="compare every kernel's machine code across the seeds instead")
     args = p.parse_args()
+    if args.audit:
+        audit(args.seeds)
+        return
     caches = {s: tempfile.mkdtemp(prefix=f"hashseed{s}_") for s in args.seeds}
 
     def run(seed):
