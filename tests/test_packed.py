@@ -69,17 +69,21 @@ def test_microkernel_matches_matmul_for_every_row_count(VW, NV):
     mk = pk.microkernel(MR, NV, VW)
 
     @numba.njit
-    def call(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves):
-        mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves)
+    def call(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves, pf_off=0, pf_n=0):
+        mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves, pf_off, pf_n)
 
     rng = np.random.default_rng(VW * NV)
     K, NR = 13, NV * VW
     a = rng.standard_normal((MR + 2, K)).astype(np.float32)
     panel = rng.standard_normal((2, K, NR)).astype(np.float32)
-    for mr, halves in [(mr, h) for mr in range(1, MR + 1) for h in (False, True)]:
+    for mr, halves, pf_n in [(mr, h, n) for mr in range(1, MR + 1) for h in (False, True)
+                             for n in (0, 5, 100)]:
         cv = VW + 3                                  # vectors land cv apart
         c = np.full((MR + 1, 2 + NV * cv), np.nan, np.float32)
-        call(mr, a, 1 * K, K, panel, 1 * K * NR, K, c, 2, c.shape[1], cv, False, halves)
+        # (prefetching lines of the other panel, or of fewer lines than k steps, or more,
+        # changes no result)
+        call(mr, a, 1 * K, K, panel, 1 * K * NR, K, c, 2, c.shape[1], cv, False, halves, 0,
+             pf_n)
         want = a[1:1 + mr] @ panel[1]
         for v in range(NV):
             got = c[:mr, 2 + v * cv:2 + v * cv + VW]
@@ -392,6 +396,39 @@ def test_the_pointwise_passes_use_the_widest_vectors():
     if "zmm" in asm["unmarked"]:
         pytest.skip("this CPU's LLVM tuning already chooses 512-bit vectors")
     assert "zmm" in asm["marked"]
+
+
+def test_wide_products_prefetch_the_next_panel_block():
+    """A product of ``KC_WIDE_ROWS`` rows or more prefetches into L2, spread over its tiles,
+    the panel block it reads next (the next k block of the panel, else the next panel in
+    the order it runs them, serpentine included), none after its last; fewer rows
+    prefetch nothing. The compiled product issues ``prefetcht1`` and its sums are the
+    matmul's."""
+    NR, K = 4 * pk.VW, 300
+    nb_ = pk._next_block
+    assert nb_(2, 0, 128, K, NR, True, True, 3) == ((2 * K + 128) * NR, 128 * NR // 16)
+    assert nb_(2, 256, 128, K, NR, True, True, 3) == (3 * K * NR, 128 * NR // 16)
+    assert nb_(2, 256, 128, K, NR, True, True, 1) == (1 * K * NR, 128 * NR // 16)
+    assert nb_(2, 256, 128, K, NR, True, False, 3) == (0, 0)          # the last panel
+    assert nb_(2, 0, 128, K, NR, False, True, 3) == (0, 0)            # few rows
+    assert nb_(2, 0, 512, K, NR, True, True, 3) == (3 * K * NR, K * NR // 16)
+    import numba
+
+    from fastrnn.backends._numba_math import FASTMATH
+    rng = np.random.default_rng(5)
+    H, B = 3 * pk.VW, pk.KC_WIDE_ROWS + 5
+    w = rng.standard_normal((4 * H, K)).astype(np.float32)
+    panels = pk.pack(w, 4)
+    U = panels.shape[0]
+    hs = rng.standard_normal((1, B, K)).astype(np.float32)
+    a = pk.aligned_empty((B, NR * U))
+    f = numba.njit(fastmath=FASTMATH)(pk._recurrent.py_func)     # fresh: its assembly
+    for backwards in (False, True):
+        a[:] = np.nan
+        f(panels, hs, 0, a, pk.VW, U * pk.VW, 0, U, backwards, 0, B)
+        got = np.concatenate([a[:, g * U * pk.VW:g * U * pk.VW + H] for g in range(4)], axis=1)
+        np.testing.assert_allclose(got, hs[0] @ w.T, rtol=1e-4, atol=1e-3)
+    assert "prefetcht1" in f.inspect_asm(f.signatures[0])
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity")

@@ -51,7 +51,8 @@ def _i64(value):
     return ir.Constant(ir.IntType(64), value)
 
 
-def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv, acc, S):
+def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv, acc, pf, pf_n,
+                 S):
     """The m-row kernel: accumulators in allocas (promoted to registers by LLVM's
     mem2reg), per k NV vector loads of the panel and m broadcasts of A.
 
@@ -80,6 +81,18 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
     rows = [builder.gep(ap, [builder.add(a_off, builder.mul(lda, _i64(r)))]) for r in range(m)]
     panel = builder.gep(bpp, [b_off])
 
+    prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]),
+        "llvm.prefetch.p0")
+
+    def prefetch_line(i):
+        """The ``i``-th of the ``pf_n`` cache lines from ``pf`` into L2 (prefetcht1)."""
+        with builder.if_then(builder.icmp_unsigned("<", i, pf_n)):
+            line = builder.bitcast(builder.gep(pf, [builder.mul(i, _i64(16))]),
+                                   ir.IntType(8).as_pointer())
+            builder.call(prefetch, [line, ir.Constant(i32, 0), ir.Constant(i32, 2),
+                                    ir.Constant(i32, 1)])
+
     def step(k, acc):
         pk = builder.gep(panel, [builder.mul(k, _i64(NV * VW))])
         bv = [builder.load(builder.bitcast(builder.gep(pk, [_i64(v * VW)]), vec.as_pointer()),
@@ -93,9 +106,11 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
 
     if S == 1:
         with cgutils.for_range(builder, K) as loop:
+            prefetch_line(loop.index)
             step(loop.index, accs[0])
     else:
         with cgutils.for_range(builder, builder.udiv(K, _i64(2))) as loop:
+            prefetch_line(loop.index)
             k0 = builder.mul(loop.index, _i64(2))
             step(k0, accs[0])
             step(builder.add(k0, _i64(1)), accs[1])
@@ -113,10 +128,13 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
 
 @functools.lru_cache(maxsize=None)
 def microkernel(MR, NV, VW):
-    """An intrinsic ``mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves)``
+    """An intrinsic ``mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves, pf_off,
+    pf_n)``
     (float32 arrays, C-contiguous, of any rank; offsets and strides in elements):
 
-    ``c[c_off + r ldc + v cv + j] (+)= sum_k a[a_off + r lda + k] p[p_off + k NV VW + v VW + j]``
+    ``c[c_off + r ldc + v cv + j] (+)= sum_k a[a_off + r lda + k] p[p_off + k NV VW + v VW + j]``,
+    and at k (k < ``pf_n``) one cache line from ``p[pf_off + 16 k]`` prefetched into L2
+    (``prefetcht1``; what the caller reads next, :func:`.packed_numba._next_block`)
     for rows ``r < mr <= MR``, vectors ``v < NV`` and lanes ``j < VW``: vector ``v``
     of the panel lands ``cv`` apart in ``c`` (a gate's stride in a gate-major row); with
     ``acc`` true the sums are added to what ``c`` holds (a later block of ``k``). One specialized loop per ``mr``
@@ -126,21 +144,26 @@ def microkernel(MR, NV, VW):
     """
 
     @intrinsic
-    def mk(typingctx, mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves):
+    def mk(typingctx, mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves, pf_off,
+           pf_n):
         if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in (a, p, c)):
             return None
-        sig = types.void(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves)
+        sig = types.void(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves, pf_off,
+                         pf_n)
 
         def codegen(context, builder, signature, args):
-            mr_, a_, a_off_, lda_, p_, p_off_, K_, c_, c_off_, ldc_, cv_, acc_, halves_ = args
+            (mr_, a_, a_off_, lda_, p_, p_off_, K_, c_, c_off_, ldc_, cv_, acc_, halves_, pf_off_,
+             pf_n_) = args
             tys = signature.args
             ap = context.make_array(tys[1])(context, builder, a_).data
             bpp = context.make_array(tys[4])(context, builder, p_).data
             cp = context.make_array(tys[7])(context, builder, c_).data
             ints = [context.cast(builder, v, t, types.int64) for v, t in
                     ((mr_, tys[0]), (a_off_, tys[2]), (lda_, tys[3]), (p_off_, tys[5]),
-                     (K_, tys[6]), (c_off_, tys[8]), (ldc_, tys[9]), (cv_, tys[10]))]
-            m64, a_off64, lda64, p_off64, K64, c_off64, ldc64, cv64 = ints
+                     (K_, tys[6]), (c_off_, tys[8]), (ldc_, tys[9]), (cv_, tys[10]),
+                     (pf_off_, tys[13]), (pf_n_, tys[14]))]
+            m64, a_off64, lda64, p_off64, K64, c_off64, ldc64, cv64, pf_off64, pf_n64 = ints
+            pf = builder.gep(bpp, [pf_off64])
             cp = builder.gep(cp, [c_off64])
             accb = context.cast(builder, acc_, tys[11], types.boolean)
             halvesb = context.cast(builder, halves_, tys[12], types.boolean)
@@ -151,7 +174,7 @@ def microkernel(MR, NV, VW):
                 switch.add_case(_i64(m), block)
                 builder.position_at_end(block)
                 kernel = functools.partial(_emit_kernel, builder, m, NV, VW, ap, a_off64, lda64,
-                                           bpp, p_off64, K64, cp, ldc64, cv64, accb)
+                                           bpp, p_off64, K64, cp, ldc64, cv64, accb, pf, pf_n64)
                 if m * NV < 12:
                     with builder.if_else(halvesb) as (two, one):
                         with two:

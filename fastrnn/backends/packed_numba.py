@@ -196,6 +196,21 @@ KC_WIDE, KC_WIDE_ROWS = 512, 32
 
 
 @_jit
+def _next_block(u, k0, kb, K, NR, prefetch, more, un):
+    """Where the panel block after (panel ``u``, inputs from ``k0``) starts in the panels
+    (elements), and how many of its cache lines the tiles of this block prefetch into L2
+    (spread over them, one a k): the next block of ``u``, else the first of panel ``un``
+    where there is one (``more``); none where ``prefetch`` is False."""
+    if not prefetch:
+        return 0, 0
+    if k0 + kb < K:
+        return (u * K + k0 + kb) * NR, min(kb, K - k0 - kb) * NR // 16
+    if more:
+        return un * K * NR, min(kb, K) * NR // 16
+    return 0, 0
+
+
+@_jit
 def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False):
     """The product hs[prev] W_hh^T for the units of panels [u0, u1) and the rows [r0, r1)
     into the scratch ``a`` (``add``: added to what ``a`` holds): panel ``u``'s vector ``v``
@@ -205,7 +220,12 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False
     panels outgrow the L1 cache (W_hh of the LSTM at H = 64 is 64 KB, L1 is 32-48 KB),
     each step then starts with the panels the last one ended with, still in L1, instead of
     the ones it evicted first: the product at B = 1, H = 64 took 388 ns a step instead of
-    564 (``python bench/packed_parts.py --parts product``)."""
+    564 (``python bench/packed_parts.py --parts product``). A product of ``KC_WIDE_ROWS``
+    rows or more prefetches the next panel block into L2 while its tiles run
+    (:func:`_next_block`): where a thread's panels outgrow its L2 (4 MB at the LSTM's H =
+    512, fused) each block comes from L3 at every step, and the first tile over it waited
+    on those loads (session 11: thread 0's products alone at 100x64x512x512, 152 -> 172
+    GFLOP/s a core, a scratch probe; 169-176 either way at 256, whose panels fit)."""
     _, B, K = hs.shape
     h0 = prev * B * K
     U, _, NR = panels.shape
@@ -220,24 +240,36 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False
     # increfs and decrefs (atomic, per tile) depended on the compiling process's string
     # hash seed: 0.83-0.89x at LSTM 200x1x64x64 and 100x64x256x256 with them
     # (``python bench/hashseed.py``).
+    tiles = (r1 - r0 + MR - 1) // MR
+    prefetch = r1 - r0 >= KC_WIDE_ROWS    # the next block into L2 (see _next_block)
     if lstm:
         for i in range(u0, u1):
             u = u0 + u1 - 1 - i if backwards else i
             for k0 in range(0, K, kb):
                 kc = min(kb, K - k0)
+                nxt, lines = _next_block(u, k0, kb, K, NR, prefetch, i + 1 < u1,
+                                         u0 + u1 - 2 - i if backwards else i + 1)
+                per = (lines + tiles - 1) // tiles
                 for b0 in range(r0, r1, MR):
+                    ti = (b0 - r0) // MR
                     _MK_LSTM(min(MR, r1 - b0), hs, h0 + b0 * K + k0, K, panels,
                              (u * K + k0) * NR, kc, a, b0 * ldc + u * PU, ldc, cv,
-                             add or k0 > 0, halves)
+                             add or k0 > 0, halves, nxt + ti * per * 16,
+                             max(0, min(per, lines - ti * per)))
     else:
         for i in range(u0, u1):
             u = u0 + u1 - 1 - i if backwards else i
             for k0 in range(0, K, kb):
                 kc = min(kb, K - k0)
+                nxt, lines = _next_block(u, k0, kb, K, NR, prefetch, i + 1 < u1,
+                                         u0 + u1 - 2 - i if backwards else i + 1)
+                per = (lines + tiles - 1) // tiles
                 for b0 in range(r0, r1, MR):
+                    ti = (b0 - r0) // MR
                     _MK_GRU(min(MR, r1 - b0), hs, h0 + b0 * K + k0, K, panels,
                             (u * K + k0) * NR, kc, a, b0 * ldc + u * PU, ldc, cv,
-                            add or k0 > 0, halves)
+                            add or k0 > 0, halves, nxt + ti * per * 16,
+                            max(0, min(per, lines - ti * per)))
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the
