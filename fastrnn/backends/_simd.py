@@ -86,7 +86,10 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
         "llvm.prefetch.p0")
 
     def prefetch_line(i):
-        """The ``i``-th of the ``pf_n`` cache lines from ``pf`` into L2 (prefetcht1)."""
+        """The ``i``-th of the ``pf_n`` cache lines from ``pf`` into L2 (prefetcht1); no code
+        at all in the loop without ``pf`` (``pf`` None: the caller's plain variant)."""
+        if pf is None:
+            return
         with builder.if_then(builder.icmp_unsigned("<", i, pf_n)):
             line = builder.bitcast(builder.gep(pf, [builder.mul(i, _i64(16))]),
                                    ir.IntType(8).as_pointer())
@@ -132,15 +135,16 @@ def microkernel(MR, NV, VW):
     pf_n)``
     (float32 arrays, C-contiguous, of any rank; offsets and strides in elements):
 
-    ``c[c_off + r ldc + v cv + j] (+)= sum_k a[a_off + r lda + k] p[p_off + k NV VW + v VW + j]``,
-    and at k (k < ``pf_n``) one cache line from ``p[pf_off + 16 k]`` prefetched into L2
-    (``prefetcht1``; what the caller reads next, :func:`.packed_numba._next_block`)
+    ``c[c_off + r ldc + v cv + j] (+)= sum_k a[a_off + r lda + k] p[p_off + k NV VW + v VW + j]``
     for rows ``r < mr <= MR``, vectors ``v < NV`` and lanes ``j < VW``: vector ``v``
     of the panel lands ``cv`` apart in ``c`` (a gate's stride in a gate-major row); with
     ``acc`` true the sums are added to what ``c`` holds (a later block of ``k``). One specialized loop per ``mr``
     (a switch), so a remainder block of rows computes only its rows. ``halves`` true:
     tiles of fewer than ``12 / NV`` rows run the k loop in two halves (:func:`_emit_kernel`;
-    :func:`split_k` says when).
+    :func:`split_k` says when). Tiles of ``12 / NV`` rows or more with ``pf_n > 0`` run a
+    loop that also prefetches into L2 (``prefetcht1``), at each k < ``pf_n``, the cache line
+    at ``p[pf_off + 16 k]`` (what the caller reads next: :func:`.packed_numba._next_block`);
+    with ``pf_n = 0``, a loop without that code.
     """
 
     @intrinsic
@@ -174,15 +178,21 @@ def microkernel(MR, NV, VW):
                 switch.add_case(_i64(m), block)
                 builder.position_at_end(block)
                 kernel = functools.partial(_emit_kernel, builder, m, NV, VW, ap, a_off64, lda64,
-                                           bpp, p_off64, K64, cp, ldc64, cv64, accb, pf, pf_n64)
-                if m * NV < 12:
+                                           bpp, p_off64, K64, cp, ldc64, cv64, accb)
+                if m * NV < 12:              # (small tiles: no prefetching variant)
                     with builder.if_else(halvesb) as (two, one):
                         with two:
-                            kernel(2)
+                            kernel(None, pf_n64, 2)
                         with one:
-                            kernel(1)
-                else:
-                    kernel(1)
+                            kernel(None, pf_n64, 1)
+                else:        # a loop that prefetches, and one without (a k-loop branch cost
+                    # the few-row products up to 0.86x)
+                    with builder.if_else(builder.icmp_unsigned(">", pf_n64, _i64(0))) as (
+                            fetch, plain):
+                        with fetch:
+                            kernel(pf, pf_n64, 1)
+                        with plain:
+                            kernel(None, pf_n64, 1)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()

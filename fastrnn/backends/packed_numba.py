@@ -196,13 +196,11 @@ KC_WIDE, KC_WIDE_ROWS = 512, 32
 
 
 @_jit
-def _next_block(u, k0, kb, K, NR, prefetch, more, un):
+def _next_block(u, k0, kb, K, NR, more, un):
     """Where the panel block after (panel ``u``, inputs from ``k0``) starts in the panels
-    (elements), and how many of its cache lines the tiles of this block prefetch into L2
+    (elements), and its cache lines, which the tiles over this block prefetch into L2
     (spread over them, one a k): the next block of ``u``, else the first of panel ``un``
-    where there is one (``more``); none where ``prefetch`` is False."""
-    if not prefetch:
-        return 0, 0
+    where there is one (``more``), else none (0 lines)."""
     if k0 + kb < K:
         return (u * K + k0 + kb) * NR, min(kb, K - k0 - kb) * NR // 16
     if more:
@@ -240,36 +238,38 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False
     # increfs and decrefs (atomic, per tile) depended on the compiling process's string
     # hash seed: 0.83-0.89x at LSTM 200x1x64x64 and 100x64x256x256 with them
     # (``python bench/hashseed.py``).
-    tiles = (r1 - r0 + MR - 1) // MR
     prefetch = r1 - r0 >= KC_WIDE_ROWS    # the next block into L2 (see _next_block)
+    tiles = (r1 - r0 + MR - 1) // MR
     if lstm:
         for i in range(u0, u1):
             u = u0 + u1 - 1 - i if backwards else i
             for k0 in range(0, K, kb):
                 kc = min(kb, K - k0)
-                nxt, lines = _next_block(u, k0, kb, K, NR, prefetch, i + 1 < u1,
-                                         u0 + u1 - 2 - i if backwards else i + 1)
-                per = (lines + tiles - 1) // tiles
+                nxt, per = 0, 0          # (no arithmetic here for few rows: a B = 1
+                if prefetch:             # GRU call took 13 us longer with it)
+                    nxt, lines = _next_block(u, k0, kb, K, NR, i + 1 < u1,
+                                             u0 + u1 - 2 - i if backwards else i + 1)
+                    per = (lines + tiles - 1) // tiles
                 for b0 in range(r0, r1, MR):
-                    ti = (b0 - r0) // MR
                     _MK_LSTM(min(MR, r1 - b0), hs, h0 + b0 * K + k0, K, panels,
                              (u * K + k0) * NR, kc, a, b0 * ldc + u * PU, ldc, cv,
-                             add or k0 > 0, halves, nxt + ti * per * 16,
-                             max(0, min(per, lines - ti * per)))
+                             add or k0 > 0, halves, nxt, per)
+                    nxt += per * 16      # (the last tile's may pass the block's end)
     else:
         for i in range(u0, u1):
             u = u0 + u1 - 1 - i if backwards else i
             for k0 in range(0, K, kb):
                 kc = min(kb, K - k0)
-                nxt, lines = _next_block(u, k0, kb, K, NR, prefetch, i + 1 < u1,
-                                         u0 + u1 - 2 - i if backwards else i + 1)
-                per = (lines + tiles - 1) // tiles
+                nxt, per = 0, 0          # (no arithmetic here for few rows: a B = 1
+                if prefetch:             # GRU call took 13 us longer with it)
+                    nxt, lines = _next_block(u, k0, kb, K, NR, i + 1 < u1,
+                                             u0 + u1 - 2 - i if backwards else i + 1)
+                    per = (lines + tiles - 1) // tiles
                 for b0 in range(r0, r1, MR):
-                    ti = (b0 - r0) // MR
                     _MK_GRU(min(MR, r1 - b0), hs, h0 + b0 * K + k0, K, panels,
                             (u * K + k0) * NR, kc, a, b0 * ldc + u * PU, ldc, cv,
-                            add or k0 > 0, halves, nxt + ti * per * 16,
-                            max(0, min(per, lines - ti * per)))
+                            add or k0 > 0, halves, nxt, per)
+                    nxt += per * 16      # (the last tile's may pass the block's end)
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the
