@@ -180,3 +180,19 @@ def test_a_split_finding_the_pool_taken_runs_alone(monkeypatch):
     assert seen == [(0, 1)]
     for a, b in zip(split, alone):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_gradients_sum_a_shared_gate_gradient_once():
+    """``_bias_grads``: the column sums of both gate gradients; where they are the same
+    array (column block), the second bias gets a copy of the first's sums; where they differ
+    (the GRU, or other columns), its own."""
+    from fastrnn.backends.numba_cpu import _bias_grads
+    a = np.random.default_rng(0).standard_normal((50, 12)).astype(np.float32)
+    other = a.copy()
+    other[:, 3] += 1
+    for d_a_h, want in ((a[:, :6], a[:, :6]), (other[:, :6], other[:, :6]),
+                        (a[:, 6:], a[:, 6:])):
+        d_b_ih, d_b_hh = np.full(6, np.nan, np.float32), np.full(6, np.nan, np.float32)
+        _bias_grads(a[:, :6], d_a_h, d_b_ih, d_b_hh)
+        np.testing.assert_allclose(d_b_ih, a[:, :6].sum(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(d_b_hh, want.sum(0), rtol=1e-5, atol=1e-5)

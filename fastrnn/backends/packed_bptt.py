@@ -36,7 +36,7 @@ from . import packed_numba as pk
 from ._cblas import gemm_for
 from ._numba_math import FASTMATH, tanh
 from ._simd import arrive, wait_all, wide_vectors
-from .numba_cpu import _column_sums, _mm, _single_threaded_blas
+from .numba_cpu import _bias_grads, _mm, _single_threaded_blas
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
                          error_model="numpy")
@@ -170,8 +170,7 @@ def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, 
     _mm(gemm, d_ah[:, c0:c1], True, h2, False, d_w_hh[c0:c1], 0.0)
     _mm(gemm, d_ax[r0:r1], False, w_ih, False, d_x[r0:r1], 0.0)
     if has_bias:
-        _column_sums(d_ax[:, c0:c1], d_b_ih[c0:c1])
-        _column_sums(d_ah[:, c0:c1], d_b_hh[c0:c1])
+        _bias_grads(d_ax[:, c0:c1], d_ah[:, c0:c1], d_b_ih[c0:c1], d_b_hh[c0:c1])
 
 
 @_jit
