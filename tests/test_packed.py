@@ -399,11 +399,11 @@ def test_the_pointwise_passes_use_the_widest_vectors():
 
 
 def test_wide_products_prefetch_the_next_panel_block():
-    """A product of ``KC_WIDE_ROWS`` rows or more prefetches into L2, spread over its tiles,
-    the panel block it reads next (the next k block of the panel, else the next panel in
-    the order it runs them, serpentine included), none after its last; fewer rows
+    """A product of ``KC_WIDE_ROWS`` rows or more prefetches into L2, spread over its row
+    tiles, the panel block it reads next (the next k block of the panel, else the next
+    panel in the order it runs them, serpentine included), none after its last; fewer rows
     prefetch nothing. The compiled product issues ``prefetcht1`` and its sums are the
-    matmul's."""
+    matmul's, with k blocks and without."""
     NR, K = 4 * pk.VW, 300
     nb_ = pk._next_block
     assert nb_(2, 0, 128, K, NR, True, 3) == ((2 * K + 128) * NR, 128 * NR // 16)
@@ -411,22 +411,30 @@ def test_wide_products_prefetch_the_next_panel_block():
     assert nb_(2, 256, 128, K, NR, True, 1) == (1 * K * NR, 128 * NR // 16)
     assert nb_(2, 256, 128, K, NR, False, 3) == (0, 0)          # the last panel
     assert nb_(2, 0, 512, K, NR, True, 3) == (3 * K * NR, K * NR // 16)
+    assert pk._prefetch_plan(False, 2, 0, 128, K, NR, 6, True, 3) == (0, 0)   # few rows
+    for tiles in (1, 5, 6, 11):      # the tiles' lines cover the whole next block
+        start, per = pk._prefetch_plan(True, 2, 0, 128, K, NR, tiles, True, 3)
+        lines = 128 * NR // 16
+        assert start == (2 * K + 128) * NR and per * tiles >= lines > per * (tiles - 1)
     import numba
 
     from fastrnn.backends._numba_math import FASTMATH
     rng = np.random.default_rng(5)
     H, B = 3 * pk.VW, pk.KC_WIDE_ROWS + 5
-    w = rng.standard_normal((4 * H, K)).astype(np.float32)
-    panels = pk.pack(w, 4)
-    U = panels.shape[0]
-    hs = rng.standard_normal((1, B, K)).astype(np.float32)
-    a = pk.aligned_empty((B, NR * U))
-    f = numba.njit(fastmath=FASTMATH)(pk._recurrent.py_func)     # fresh: its assembly
-    for backwards in (False, True):
-        a[:] = np.nan
-        f(panels, hs, 0, a, pk.VW, U * pk.VW, 0, U, backwards, 0, B)
-        got = np.concatenate([a[:, g * U * pk.VW:g * U * pk.VW + H] for g in range(4)], axis=1)
-        np.testing.assert_allclose(got, hs[0] @ w.T, rtol=1e-4, atol=1e-3)
+    # as the package compiles it, but fresh (a cached function has no assembly to show)
+    f = numba.njit(fastmath=FASTMATH, nogil=True, error_model="numpy")(pk._recurrent.py_func)
+    for K in (300, pk.KC_WIDE + 88):                     # one k block, and two
+        w = rng.standard_normal((4 * H, K)).astype(np.float32)
+        panels = pk.pack(w, 4)
+        U = panels.shape[0]
+        hs = rng.standard_normal((1, B, K)).astype(np.float32)
+        a = pk.aligned_empty((B, NR * U))
+        for backwards in (False, True):
+            a[:] = np.nan
+            f(panels, hs, 0, a, pk.VW, U * pk.VW, 0, U, backwards, 0, B)
+            got = np.concatenate([a[:, g * U * pk.VW:g * U * pk.VW + H] for g in range(4)],
+                                 axis=1)
+            np.testing.assert_allclose(got, hs[0] @ w.T, rtol=1e-4, atol=2e-3)
     assert "prefetcht1" in f.inspect_asm(f.signatures[0])
 
 

@@ -61,7 +61,10 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
     FMA units' latency times their count keep busy): at B = 1 the one-row kernel would
     otherwise wait on the FMA latency at every k. The halves sum in another order, so
     the caller chooses them by its batch (``halves``), never by the tile: then the rows
-    can be split between threads anywhere and give the same bits."""
+    can be split between threads anywhere and give the same bits.
+
+    ``pf``: a float pointer, from which the loop's i-th step prefetches the i-th 64-byte
+    line into L2 while i < ``pf_n``; None: no prefetch code in the loop."""
     vec = ir.VectorType(ir.FloatType(), VW)
     i32 = ir.IntType(32)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
@@ -141,10 +144,10 @@ def microkernel(MR, NV, VW):
     ``acc`` true the sums are added to what ``c`` holds (a later block of ``k``). One specialized loop per ``mr``
     (a switch), so a remainder block of rows computes only its rows. ``halves`` true:
     tiles of fewer than ``12 / NV`` rows run the k loop in two halves (:func:`_emit_kernel`;
-    :func:`split_k` says when). Tiles of ``12 / NV`` rows or more with ``pf_n > 0`` run a
-    loop that also prefetches into L2 (``prefetcht1``), at each k < ``pf_n``, the cache line
-    at ``p[pf_off + 16 k]`` (what the caller reads next: :func:`.packed_numba._next_block`);
-    with ``pf_n = 0``, a loop without that code.
+    :func:`split_k` says when). With ``pf_n > 0`` a loop that also prefetches into L2
+    (``prefetcht1``), at its i-th step (k = i, or k = 2i, 2i + 1 in halves) for i < ``pf_n``,
+    the cache line at ``p[pf_off + 16 i]`` (what the caller reads next:
+    :func:`.packed_numba._prefetch_plan`); with ``pf_n = 0``, a loop without that code.
     """
 
     @intrinsic
@@ -179,20 +182,20 @@ def microkernel(MR, NV, VW):
                 builder.position_at_end(block)
                 kernel = functools.partial(_emit_kernel, builder, m, NV, VW, ap, a_off64, lda64,
                                            bpp, p_off64, K64, cp, ldc64, cv64, accb)
-                if m * NV < 12:              # (small tiles: no prefetching variant)
-                    with builder.if_else(halvesb) as (two, one):
-                        with two:
-                            kernel(None, pf_n64, 2)
-                        with one:
-                            kernel(None, pf_n64, 1)
-                else:        # a loop that prefetches, and one without (a k-loop branch cost
-                    # the few-row products up to 0.86x)
-                    with builder.if_else(builder.icmp_unsigned(">", pf_n64, _i64(0))) as (
-                            fetch, plain):
-                        with fetch:
-                            kernel(pf, pf_n64, 1)
-                        with plain:
-                            kernel(None, pf_n64, 1)
+                # A loop that prefetches and one without: a compare in every k step cost
+                # the few-row products (which never prefetch) up to 0.86x.
+                with builder.if_else(builder.icmp_unsigned(">", pf_n64, _i64(0))) as (
+                        fetch, plain):
+                    for prefetch_from, branch in ((pf, fetch), (None, plain)):
+                        with branch:
+                            if m * NV < 12:
+                                with builder.if_else(halvesb) as (two, one):
+                                    with two:
+                                        kernel(prefetch_from, pf_n64, 2)
+                                    with one:
+                                        kernel(prefetch_from, pf_n64, 1)
+                            else:
+                                kernel(prefetch_from, pf_n64, 1)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()

@@ -198,14 +198,28 @@ KC_WIDE, KC_WIDE_ROWS = 512, 32
 @_jit
 def _next_block(u, k0, kb, K, NR, more, un):
     """Where the panel block after (panel ``u``, inputs from ``k0``) starts in the panels
-    (elements), and its cache lines, which the tiles over this block prefetch into L2
-    (spread over them, one a k): the next block of ``u``, else the first of panel ``un``
-    where there is one (``more``), else none (0 lines)."""
+    (elements), and its cache lines: the next block of ``u``, else the first of panel
+    ``un`` where there is one (``more``), else none (0 lines)."""
     if k0 + kb < K:
         return (u * K + k0 + kb) * NR, min(kb, K - k0 - kb) * NR // 16
     if more:
         return un * K * NR, min(kb, K) * NR // 16
     return 0, 0
+
+
+@_jit
+def _prefetch_plan(prefetch, u, k0, kb, K, NR, tiles, more, un):
+    """``(start, per)``: the block's ``tiles`` row tiles prefetch the next block
+    (:func:`_next_block`) into L2, ``per`` lines each, the t-th from ``start + 16 per t``
+    (the last one's may pass the block's end). A tile's loop prefetches one line a step, so
+    at most its k steps (a short block before a long one leaves the rest to the hardware).
+    ``(0, 0)`` where ``prefetch`` is False: products of fewer than ``KC_WIDE_ROWS`` rows,
+    whose panels stay in L2 or L1, and which spent 13 us more a B = 1 GRU call on this
+    arithmetic (session 11)."""
+    if not prefetch:
+        return 0, 0
+    start, lines = _next_block(u, k0, kb, K, NR, more, un)
+    return start, (lines + tiles - 1) // tiles
 
 
 @_jit
@@ -220,10 +234,10 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False
     the ones it evicted first: the product at B = 1, H = 64 took 388 ns a step instead of
     564 (``python bench/packed_parts.py --parts product``). A product of ``KC_WIDE_ROWS``
     rows or more prefetches the next panel block into L2 while its tiles run
-    (:func:`_next_block`): where a thread's panels outgrow its L2 (4 MB at the LSTM's H =
-    512, fused) each block comes from L3 at every step, and the first tile over it waited
-    on those loads (session 11: thread 0's products alone at 100x64x512x512, 152 -> 172
-    GFLOP/s a core, a scratch probe; 169-176 either way at 256, whose panels fit)."""
+    (:func:`_prefetch_plan`): where a thread's panels outgrow its L2 (4 MB at the LSTM's
+    H = 512, fused) each block comes from L3 at every step, and the first tile over it
+    waited on those loads (session 11: thread 0's products alone at 100x64x512x512, 152 ->
+    164-172 GFLOP/s a core, scratch probes; 169-176 either way at 256, whose panels fit)."""
     _, B, K = hs.shape
     h0 = prev * B * K
     U, _, NR = panels.shape
@@ -238,38 +252,32 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False
     # increfs and decrefs (atomic, per tile) depended on the compiling process's string
     # hash seed: 0.83-0.89x at LSTM 200x1x64x64 and 100x64x256x256 with them
     # (``python bench/hashseed.py``).
-    prefetch = r1 - r0 >= KC_WIDE_ROWS    # the next block into L2 (see _next_block)
+    prefetch = r1 - r0 >= KC_WIDE_ROWS    # the next block into L2 (_prefetch_plan)
     tiles = (r1 - r0 + MR - 1) // MR
     if lstm:
         for i in range(u0, u1):
             u = u0 + u1 - 1 - i if backwards else i
             for k0 in range(0, K, kb):
                 kc = min(kb, K - k0)
-                nxt, per = 0, 0          # (no arithmetic here for few rows: a B = 1
-                if prefetch:             # GRU call took 13 us longer with it)
-                    nxt, lines = _next_block(u, k0, kb, K, NR, i + 1 < u1,
-                                             u0 + u1 - 2 - i if backwards else i + 1)
-                    per = (lines + tiles - 1) // tiles
+                nxt, per = _prefetch_plan(prefetch, u, k0, kb, K, NR, tiles, i + 1 < u1,
+                                          u0 + u1 - 2 - i if backwards else i + 1)
                 for b0 in range(r0, r1, MR):
                     _MK_LSTM(min(MR, r1 - b0), hs, h0 + b0 * K + k0, K, panels,
                              (u * K + k0) * NR, kc, a, b0 * ldc + u * PU, ldc, cv,
                              add or k0 > 0, halves, nxt, per)
-                    nxt += per * 16      # (the last tile's may pass the block's end)
+                    nxt += per * 16
     else:
         for i in range(u0, u1):
             u = u0 + u1 - 1 - i if backwards else i
             for k0 in range(0, K, kb):
                 kc = min(kb, K - k0)
-                nxt, per = 0, 0          # (no arithmetic here for few rows: a B = 1
-                if prefetch:             # GRU call took 13 us longer with it)
-                    nxt, lines = _next_block(u, k0, kb, K, NR, i + 1 < u1,
-                                             u0 + u1 - 2 - i if backwards else i + 1)
-                    per = (lines + tiles - 1) // tiles
+                nxt, per = _prefetch_plan(prefetch, u, k0, kb, K, NR, tiles, i + 1 < u1,
+                                          u0 + u1 - 2 - i if backwards else i + 1)
                 for b0 in range(r0, r1, MR):
                     _MK_GRU(min(MR, r1 - b0), hs, h0 + b0 * K + k0, K, panels,
                             (u * K + k0) * NR, kc, a, b0 * ldc + u * PU, ldc, cv,
                             add or k0 > 0, halves, nxt, per)
-                    nxt += per * 16      # (the last tile's may pass the block's end)
+                    nxt += per * 16
 
 
 # The pointwise passes. Inference runs one fused pass per step that stores only the
