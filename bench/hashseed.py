@@ -81,7 +81,7 @@ def _strip_abi_tags(symbol):
     while i < len(symbol):
         if symbol[i] == "B" and symbol[i + 1:i + 2].isdigit():
             j = i + 1
-            while symbol[j].isdigit():
+            while j < len(symbol) and symbol[j].isdigit():
                 j += 1
             i = j + int(symbol[i + 1:j])
             continue

@@ -190,9 +190,9 @@ def test_bias_gradients_sum_a_shared_gate_gradient_once():
     a = np.random.default_rng(0).standard_normal((50, 12)).astype(np.float32)
     other = a.copy()
     other[:, 3] += 1
-    for d_a_h, want in ((a[:, :6], a[:, :6]), (other[:, :6], other[:, :6]),
-                        (a[:, 6:], a[:, 6:])):
+    for d_a_x, d_a_h in ((a[:, :6], a[:, :6]), (a[:, :6], other[:, :6]), (a[:, :6], a[:, 6:]),
+                         (a[:24, :6], a[::2, :6])):      # same start and shape, other rows
         d_b_ih, d_b_hh = np.full(6, np.nan, np.float32), np.full(6, np.nan, np.float32)
-        _bias_grads(a[:, :6], d_a_h, d_b_ih, d_b_hh)
-        np.testing.assert_allclose(d_b_ih, a[:, :6].sum(0), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(d_b_hh, want.sum(0), rtol=1e-5, atol=1e-5)
+        _bias_grads(d_a_x, d_a_h, d_b_ih, d_b_hh)
+        np.testing.assert_allclose(d_b_ih, d_a_x.sum(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(d_b_hh, d_a_h.sum(0), rtol=1e-5, atol=1e-5)
