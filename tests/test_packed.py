@@ -550,6 +550,7 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
     _wait_until_no_other_thread_runs()
     assert pk._rows_for(x, 4, 128, True) == 2
     assert pk._rows_for(x, 3, 128, True) == 2
+    assert pk._rows_for(x, 4, 128, True, training=True) == 0   # a training forward
     assert pk._rows_for(x, 4, 128, False) == 0              # not fused
     assert pk._rows_for(x[:, :2 * pk.ROWS_MIN - 1], 4, 128, True) == 0
     assert pk._rows_for(x, 1, 128, True) == 0        # RNN: 8 x 128 x 256 < ROWS_MIN_WORK
@@ -563,6 +564,7 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
         assert pk._rows_for(x, 4, 128, True) == 0
         monkeypatch.setattr(pk, "rows", True)
         assert pk._rows_for(x, 1, 128, True) == 2
+        assert pk._rows_for(x, 1, 128, True, training=True) == 2   # forced: training too
         assert pk._rows_for(x, 1, 128, False) == 0
     finally:
         stop()
