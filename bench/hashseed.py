@@ -53,27 +53,6 @@ print(" ".join(map(str, out)))
 """
 
 
-def _recurrent_sizes(cache_dir):
-    """Sizes of the ``_recurrent`` functions in the cached object code of cell_thread."""
-    files = glob.glob(os.path.join(cache_dir, "**", "packed_numba.cell_thread-*.nbc"),
-                      recursive=True)
-    sizes = set()
-    for path in files:
-        raw = open(path, "rb").read()
-        for _, arg, _ in pickletools.genops(raw):
-            if isinstance(arg, bytes) and arg[:4] == b"\x7fELF":
-                with tempfile.NamedTemporaryFile(suffix=".o") as f:
-                    f.write(arg)
-                    f.flush()
-                    nm = subprocess.run(["nm", "-S", f.name], capture_output=True,
-                                        text=True).stdout
-                for line in nm.splitlines():
-                    parts = line.split()
-                    if len(parts) == 4 and "10_recurrent" in parts[3] and parts[2] in "Ww":
-                        sizes.add(hex(int(parts[1], 16)))
-    return sorted(sizes)
-
-
 def _strip_abi_tags(symbol):
     """An Itanium-mangled name without its ABI tags (``B<length><chars>``): Numba's carry
     per-process counters, the rest (the function's name and argument types) is stable."""
@@ -109,6 +88,13 @@ def _function_sizes(cache_dir):
                     key = (os.path.basename(path), k, _strip_abi_tags(parts[3]))
                     sizes[key] = sizes.get(key, 0) + int(parts[1], 16)
     return sizes
+
+
+def _recurrent_sizes(cache_dir):
+    """Sizes of the ``_recurrent`` functions (the micro-kernel's loops) in the cached object
+    code of cell_thread."""
+    return sorted({hex(size) for (name, _, symbol), size in _function_sizes(cache_dir).items()
+                   if name.startswith("packed_numba.cell_thread-") and "10_recurrent" in symbol})
 
 
 def audit(seeds):

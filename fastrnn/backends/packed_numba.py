@@ -215,7 +215,8 @@ def _prefetch_plan(prefetch, u, k0, kb, K, NR, tiles, more, un):
     at most its k steps (a short block before a long one leaves the rest to the hardware).
     ``(0, 0)`` where ``prefetch`` is False: products of fewer than ``KC_WIDE_ROWS`` rows,
     whose panels stay in L2 or L1, and which spent 13 us more a B = 1 GRU call on this
-    arithmetic (session 11)."""
+    arithmetic (session 11, the compiled loop timed alone as ``python bench/packed_parts.py
+    --parts overhead`` times its ``cell_thread`` level, in a scratch script)."""
     if not prefetch:
         return 0, 0
     start, lines = _next_block(u, k0, kb, K, NR, more, un)
@@ -236,8 +237,9 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False
     rows or more prefetches the next panel block into L2 while its tiles run
     (:func:`_prefetch_plan`): where a thread's panels outgrow its L2 (4 MB at the LSTM's
     H = 512, fused) each block comes from L3 at every step, and the first tile over it
-    waited on those loads (session 11: thread 0's products alone at 100x64x512x512, 152 ->
-    164-172 GFLOP/s a core, scratch probes; 169-176 either way at 256, whose panels fit)."""
+    waited on those loads (session 11, ``python bench/packed_parts.py --parts split``, thread
+    0's products at 100x64x512x512: LSTM 152 -> 170-194 GFLOP/s a core, GRU 158 ->
+    171-197; ``bench/results/2026-12-05-packed-split-prefetch-session11.txt``)."""
     _, B, K = hs.shape
     h0 = prev * B * K
     U, _, NR = panels.shape
@@ -997,7 +999,7 @@ def _fused_for(x, gates, H, training, fit=None):
     way (:func:`threads_for`, :func:`_rows_for`) and a fused loop projects on one core,
     as an unfused inference does there (``"alone"``, :func:`_projection`). A training
     forward is fused where the hidden-unit split applies (the BLAS having two threads or
-    more), and neither split by rows (:func:`run`) nor fused otherwise: fused and split by
+    more), and neither split by rows (:func:`_rows_for`) nor fused otherwise: fused and split by
     rows, LSTM and GRU 50x16x128x128 ran 0.96x and 0.92x, where fused at 100x64x256x256
     they ran 1.06x and 1.10x (session 10, ``python bench/packed_ab.py --mode training
     --compare HEAD`` on working trees with the rule edited, not kept as commits; with the
