@@ -190,7 +190,8 @@ def split():
         a = pk.aligned_empty((B, NR * U))
         released = np.full(2 * pk.FLAG_STRIDE, pk.RELEASE, np.int64)
         call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (xw, a, released)
-        alone = [_median_s(lambda: pk.cell_thread(*call, tid, 2, False, False, panels_ih), 7)
+        alone = [_median_s(lambda: pk.cell_thread(*call, tid, 2, pk.PROJ_FUSED, False,
+                                                  panels_ih), 7)
                  for tid in (0, 1)]
         PU, Hp = pk._panel_units(gates), U * pk._panel_units(gates)
         u1 = U // 2
@@ -240,7 +241,7 @@ def overhead():
         G = w_ih.shape[0]
         xw = np.empty((1, pk._chunk_steps(T, B, G), B, G), np.float32)
         call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (
-            xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, False, False,
+            xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, pk.PROJ_BLAS, False,
             np.empty((1, 0, NR), np.float32))
         frozen = m.freeze()
         levels = {

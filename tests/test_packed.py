@@ -24,11 +24,12 @@ def _panels(kind, H):
     return -(-H // (pk.VW if GATES[kind] > 1 else pk.RNN_NV * pk.VW))
 
 
-@pytest.fixture(params=[1, 2, 3, "ahead", "fused", "rows"],
+@pytest.fixture(params=[1, 2, 3, "panels", "ahead", "fused", "rows"],
                 ids=lambda p: p if isinstance(p, str) else f"{p}threads")
 def threads(request, monkeypatch):
     """Force the split over ``threads`` (hidden-unit panels), whatever the size, the
-    projection by chunks of steps; "ahead": one thread, its input projection computed
+    projection by chunks of steps (a GEMM each); "panels": one thread, each chunk projected
+    by the micro-kernel from W_ih's panels; "ahead": one thread, its input projection computed
     ahead by another (a ring of two slots where the chunks are short: ``chunk``);
     "fused": the inputs projected step by step by the micro-kernel, split over three
     threads by hidden units; "rows": fused and split by batch rows over up to three
@@ -38,6 +39,7 @@ def threads(request, monkeypatch):
     nthreads = nthreads if isinstance(nthreads, int) else 1
     monkeypatch.setattr(pk, "threads", nthreads)
     monkeypatch.setattr(pk, "ahead", request.param == "ahead")
+    monkeypatch.setattr(pk, "panel_chunks", request.param == "panels")
     monkeypatch.setattr(pk, "rows", request.param == "rows")
     monkeypatch.setattr(pk, "fused", request.param in ("fused", "rows"))
     monkeypatch.setattr(pk, "ROWS_MIN", 1)

@@ -97,13 +97,20 @@ def _panel_units(gates):
     return VW if gates > 1 else RNN_NV * VW
 
 
+@_jit
+def _line_start(buf):
+    """The first element of the float32 ``buf`` on a 64-byte boundary (its address read
+    in compiled code: ``buf.ctypes.data`` from Python took 1.1 us)."""
+    return (-buf.ctypes.data % 64) // 4
+
+
 def aligned_empty(shape):
     """An uninitialized float32 array whose data starts on a 64-byte boundary (NumPy's
     start on 16): the micro-kernel's vector loads and stores then never split a cache
     line (about 5% of its speed)."""
     n = math.prod(shape)              # np.prod: 3 us of a 40 us call at B = 1
     buf = np.empty(n + 16, dtype=np.float32)
-    start = (-buf.ctypes.data % 64) // 4
+    start = _line_start(buf)
     return buf[start:start + n].reshape(shape)
 
 
@@ -614,17 +621,27 @@ def project_ahead(gemm, x2, w_ih, xw, T, reverse, flags):
         c += 1
 
 
+#: How a loop's input projections come (:func:`cell_thread`'s ``proj``): a GEMM per chunk
+#: of steps on the loop's thread (BLAS); computed on another core while the loop runs
+#: (AHEAD, :func:`project_ahead`); each step's by the micro-kernel from W_ih's panels, the
+#: step before (FUSED); each chunk's by the micro-kernel from W_ih's panels, on the loop's
+#: thread, before its steps (PANELS: small one-thread loops, :func:`_projection`).
+PROJ_BLAS, PROJ_AHEAD, PROJ_FUSED, PROJ_PANELS = 0, 1, 2, 3
+
+
 @_jit
 def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, training, hs, cs,
-                out, gates_out, hns, xw, a, flags, tid, nthreads, ahead, by_rows, panels_ih):
+                out, gates_out, hns, xw, a, flags, tid, nthreads, proj, by_rows, panels_ih):
     """The time loop of ``cell``: an LSTM (``LSTM``; ``cs`` its cells, ``b_hn`` and ``hns``
     unused), a reset-after GRU (``GRU``; ``b_hn`` the n gate's recurrent bias, ``hns`` its
     cache of W_hn h + b_hn, ``cs`` unused) or an RNN (``RNN_TANH``, ``RNN_RELU``; ``hs``
     alone), thread ``tid`` of ``nthreads``: the panels (hidden units) ``[U tid /
     nthreads, U (tid + 1) / nthreads)`` of every step, and their
     columns of the input projection, a chunk of ``xw.shape[1]`` steps at a time (each
-    thread projects and reads only its own units, so chunks need no barrier). With
-    ``panels_ih`` non-empty (W_ih packed as ``panels``), a fused loop: each step's inputs
+    thread projects and reads only its own units, so chunks need no barrier), as ``proj``
+    (:data:`PROJ_BLAS`...) says. ``PROJ_PANELS`` (one thread): each chunk projected by the
+    micro-kernel from ``panels_ih`` (W_ih packed as ``panels``) into ``xw``, in the layout
+    of ``a``, before its steps. ``PROJ_FUSED``, a fused loop: each step's inputs
     are projected by the micro-kernel, for the thread's units and rows, into ``xw`` = one
     (1, 1, B, NR U) slot in the layout of ``a`` (no GEMM, no chunks): the first step's
     before the loop, each next step's at the end of the step before, after the thread
@@ -633,7 +650,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     ``[B tid / nthreads, B (tid + 1) / nthreads)`` instead, every unit of them, and no
     barrier at all: rows never meet (the micro-kernel's sums do not depend on where a
     thread's rows start, :func:`._simd.split_k`, so the bits are the one-thread loop's).
-    With ``ahead`` (one thread), :func:`project_ahead` computes the chunks on another core
+    With ``PROJ_AHEAD`` (one thread), :func:`project_ahead` computes the chunks on another core
     into the ring ``xw`` instead, and ``flags`` counts the chunks it and this loop have
     done (one thread only: the counters sit where the split's barrier keeps thread 1's
     step). ``hs``/``cs``
@@ -649,8 +666,10 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     S, Tc = xw.shape[0], xw.shape[1]
     Hp = U * PU
     cv = Hp if gates > 1 else VW          # columns between a panel's vectors in ``a``
-    fused = panels_ih.shape[1] > 0
-    xs = Hp if fused and gates > 1 else 0
+    fused = proj == PROJ_FUSED
+    ahead = proj == PROJ_AHEAD
+    # the projections in the layout of ``a`` (gate stride Hp), from the micro-kernel
+    xs = Hp if (fused or proj == PROJ_PANELS) and gates > 1 else 0
     x3 = x2.reshape(T, B, x2.shape[1])
     if by_rows:
         u0, u1, n0, n1 = 0, U, 0, H
@@ -670,6 +689,11 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         xc = xw[c % S]
         if ahead:
             wait_for(flags, 0, c + 1)
+        elif proj == PROJ_PANELS:
+            rows = x2[t0 * B:(t0 + c1 - c0) * B]
+            _recurrent(panels_ih, rows.reshape(1, rows.shape[0], rows.shape[1]), 0,
+                       xc.reshape(Tc * B, xc.shape[2]), PU, cv, u0, u1, False, 0,
+                       rows.shape[0])
         elif not fused:                # (fused: one step a chunk, projected the step before)
             _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
                      xc.reshape(Tc * B, xw.shape[3])[:(c1 - c0) * B], gates, n0, n1)
@@ -720,10 +744,22 @@ AHEAD_MIN_WORK = 16 << 20
 #: the bench's workers, which pause 0.2 s between rounds, auto measured 0.84-1.01x at the
 #: same points (docs/numba.md).
 ahead = False
+#: Multiply-adds of the input projection (T B G I) up to which a one-thread loop projects
+#: each chunk with the micro-kernel, from W_ih packed as W_hh (``PROJ_PANELS``), instead
+#: of a GEMM: OpenBLAS's GEMM of a small projection (LSTM 200x1x64x64: 200x64x256) runs
+#: far from its peak.
+PANELS_MAX_WORK = 4 << 20
+#: Whether one-thread loops project with the micro-kernel (:func:`_projection`): None
+#: (the default), up to ``PANELS_MAX_WORK``; True, always; False, never (tests, A/B
+#: timings).
+panel_chunks = None
 
 
 def _projection(T, B, I, G, gates, training):
-    """How a one-thread loop gets its input projection: ``"ahead"``, a pool thread
+    """How a one-thread loop gets its input projection: ``"panels"``, the loop computes
+    each chunk before its steps with the micro-kernel (``PROJ_PANELS``), up to
+    ``PANELS_MAX_WORK`` multiply-adds (:data:`panel_chunks`), unless ``ahead`` is True;
+    ``"ahead"``, a pool thread
     computes the chunks on the other core while the loop runs the steps
     (:func:`project_ahead`); ``"blas"``, the loop computes each chunk before its
     steps on the BLAS's threads; ``"alone"``, the same on one BLAS thread. With ``ahead``
@@ -736,6 +772,9 @@ def _projection(T, B, I, G, gates, training):
     such a pool, a training forward projects on it ("blas": its backward wakes it anyway),
     an inference does not ("alone"), so that the pool falls asleep and the next call can
     project ahead again."""
+    if ahead is not True and (panel_chunks or (panel_chunks is None
+                                               and T * B * G * I <= PANELS_MAX_WORK)):
+        return "panels"
     if ahead is not None:
         return "ahead" if ahead else "blas"
     want = _blas_threads()
@@ -816,7 +855,7 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
             _projection(T, B, I, w_ih.shape[0], abs(args[0]), args[5])
     else:
         mode = "split"
-    if mode in ("blas", "alone", "fused"):
+    if mode in ("blas", "alone", "fused", "panels"):
         return _loop(1, mode, x, w_ih, panels, panels_ih, *args)
     if not _pool_loop.acquire(blocking=False):
         return _loop(1, "fused" if panels_ih is not None else "alone", x, w_ih, panels,
@@ -828,16 +867,20 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
 
 
 def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
-    """:func:`_run`'s loop, in the ``mode`` it chose ("blas", "alone", "ahead", "fused",
-    "split", "rows"; the last two fused where ``panels_ih`` is given)."""
+    """:func:`_run`'s loop, in the ``mode`` it chose ("blas", "alone", "ahead", "panels",
+    "fused", "split", "rows"; the last two fused where ``panels_ih`` is given)."""
     T, B, I = x.shape
     U, _, NR = panels.shape
     G = w_ih.shape[0]
     cell, _, _, _, reverse, _ = args[:6]
     gates = abs(cell)
     if panels_ih is not None:         # one step's projection, in the layout of ``a``
-        xw, w_proj = aligned_empty((1, 1, B, NR * U)), w_ih
+        xw, w_proj, proj = aligned_empty((1, 1, B, NR * U)), w_ih, PROJ_FUSED
+    elif mode == "panels":            # a chunk's projections, in the layout of ``a``
+        xw = aligned_empty((1, _chunk_steps(T, B, G), B, NR * U))
+        w_proj, panels_ih, proj = w_ih, packed(w_ih, gates), PROJ_PANELS
     else:
+        proj = PROJ_AHEAD if mode == "ahead" else PROJ_BLAS
         if mode == "ahead":
             Tc = _ahead_chunk(T, B, G)
             slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
@@ -851,20 +894,20 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
     gemm = gemm_for(x.dtype)
     x2 = x.reshape(T * B, I)
     call = (gemm, x2, w_proj, panels) + args + (xw, a, fl)
-    if mode in ("blas", "fused"):
-        cell_thread(*call, 0, 1, False, False, panels_ih)
+    if mode in ("blas", "fused", "panels"):
+        cell_thread(*call, 0, 1, proj, False, panels_ih)
         return
     with _single_threaded_blas():
         if mode == "alone":
-            cell_thread(*call, 0, 1, False, False, panels_ih)
+            cell_thread(*call, 0, 1, proj, False, panels_ih)
             return
         if mode == "ahead":
             jobs = [(project_ahead, gemm, x2, w_ih, xw, T, reverse, fl)]
         else:
-            jobs = ((cell_thread, *call, tid, nthreads, False, mode == "rows", panels_ih)
+            jobs = ((cell_thread, *call, tid, nthreads, proj, mode == "rows", panels_ih)
                     for tid in range(1, nthreads))
-        with_pool(fl, jobs, lambda: cell_thread(*call, 0, nthreads, mode == "ahead",
-                                                mode == "rows", panels_ih))
+        with_pool(fl, jobs, lambda: cell_thread(*call, 0, nthreads, proj, mode == "rows",
+                                                panels_ih))
 
 
 def with_pool(counters, jobs, here):
