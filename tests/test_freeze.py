@@ -69,16 +69,18 @@ def _pack_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("B", [1, 16])
-def test_frozen_weights_are_packed_once_and_dropped_with_the_module(monkeypatch, B):
+@pytest.mark.parametrize("B, projection", [(1, "blas"), (1, "panels"), (16, "fused")])
+def test_frozen_weights_are_packed_once_and_dropped_with_the_module(monkeypatch, B, projection):
     m = fastrnn.GRU(32, 48, backend="numba", seed=0).eval()
     x = np.random.default_rng(0).standard_normal((10, B, 32)).astype(np.float32)
     calls = _pack_calls(monkeypatch)
-    monkeypatch.setattr(pk, "fused", B == 16)
+    monkeypatch.setattr(pk, "fused", projection == "fused")
+    monkeypatch.setattr(pk, "panel_chunks", projection == "panels")
     m(x)
     m(x)
     per_call = len(calls) // 2
-    assert per_call == (2 if B == 16 else 1)       # W_hh, and W_ih where fused
+    # W_hh, and W_ih where the micro-kernel projects (fused, or by chunks from its panels)
+    assert per_call == (1 if projection == "blas" else 2)
     calls.clear()
     frozen = m.freeze()
     before = len(pk._packed)
