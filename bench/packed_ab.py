@@ -4,9 +4,9 @@ the other's idle thread pools (OpenBLAS's spin after a call, and the packed loop
 threads too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
-        [--compare blas|threads|ahead|fused|rows|affinity|frozen|REV] [--pause S]
+        [--compare blas|threads|ahead|fused|panels|rows|affinity|frozen|REV] [--pause S]
         [--mode inference|training] [--cells lstm gru]
-        [--sizes 100x64x512x512,...]
+        [--sizes 100x64x512x512,...] [--calls 9] [--freeze]
 
 ``--compare blas`` (default): the BLAS loops (numba_cpu, ``packed_numba.enabled =
 False``) against the packed loops. ``--compare threads``: the packed loops on one thread
@@ -14,7 +14,9 @@ against two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
 ``MIN_SPLIT_STEP_WORK`` was set from. ``--compare ahead``: one-thread loops (forced) with
 the projection on the BLAS's threads before each chunk against projected ahead on
 another core (``packed_numba.ahead``). ``--compare fused``: the loops never fused against
-always fused (``packed_numba.fused``). ``--compare rows``: the shipped rules against the
+always fused (``packed_numba.fused``). ``--compare panels``: small one-thread loops
+projecting with OpenBLAS's GEMM (``packed_numba.panel_chunks = False``) against the
+micro-kernel from W_ih's panels, as shipped. ``--compare rows``: the shipped rules against the
 batch rows split wherever it can run (``packed_numba.rows = True``, no hidden-unit
 split). ``--compare affinity``: the pool threads left on any CPU (``_current_cpu``
 answers None) against kept off their caller's (``_off_cpu``), best seen with ``--pause
@@ -25,10 +27,13 @@ packed backward. ``--compare REV`` (a git revision): the whole
 package at REV (checked out into a temporary git worktree) against the working tree,
 each as shipped: how session 6's kernel changes were judged.
 
-Per point and round, each variant's process times the layer's inference, or a training
-step (forward and backward; the packed loops run its forward) with ``--mode training``
-(median of 9 after a warm-up call); the table shows the median over rounds and the ratio (above
-1: the second variant is faster).
+Per point and round, each variant's process times the layer's inference (``--freeze``: a
+frozen copy's, as ``fastrnn bench`` times fastrnn), or a training step (forward and
+backward; the packed loops run its forward) with ``--mode training`` (median of
+``--calls``, 9 by default, after a tenth as many warm-up calls, one at least; at B = 1, 9
+calls a process could not resolve a 1.1x gain that 2000 did: session 12); the table shows
+the median over rounds, the ratio (above 1: the second variant is faster) and each
+round's ratio.
 """
 
 import argparse
@@ -45,7 +50,7 @@ from fastrnn.bench import FULL_GRID
 CHILD = r"""
 import json, sys, time
 cell, T, B, I, H, variant, mode = sys.argv[1], *map(int, sys.argv[2:6]), *sys.argv[6:8]
-pause = float(sys.argv[8])
+pause, calls, freeze = float(sys.argv[8]), int(sys.argv[9]), sys.argv[10] == "1"
 if variant.startswith("tree:"):           # a checkout to import fastrnn from, not the install
     sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__]
     sys.path.insert(0, variant[5:])
@@ -59,6 +64,8 @@ elif variant.startswith("ahead "):             # "ahead off" / "ahead on", one t
     packed_numba.threads = 1
 elif variant.startswith("fused "):              # "fused off" / "fused on"
     packed_numba.fused = variant == "fused on"
+elif variant == "panels off":               # small one-thread loops project with a GEMM
+    packed_numba.panel_chunks = False
 elif variant == "rows on":                  # the rows split wherever it can run
     packed_numba.rows = True
     packed_numba.MIN_SPLIT_STEP_WORK = 1 << 62
@@ -72,7 +79,7 @@ elif variant.endswith((" thread", " threads")):    # "1 thread" / "2 threads": s
     packed_numba.MIN_SPLIT_STEP_WORK = 0
 m = fastrnn.make_layer(cell, I, H, backend="numba", seed=0)
 m = m.train() if mode == "training" else m.eval()
-if variant == "frozen":                     # weights packed once (Module.freeze)
+if variant == "frozen" or freeze:           # weights packed once (Module.freeze)
     m = m.freeze()
 x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
 d_out = np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32)
@@ -84,9 +91,10 @@ def step():
         m.backward(d_out)
 
 
-step()
+for _ in range(max(1, calls // 10)):
+    step()
 times = []
-for _ in range(9):
+for _ in range(calls):
     time.sleep(pause)
     t0 = time.perf_counter()
     step()
@@ -98,6 +106,7 @@ print(json.dumps(float(np.median(times))))
 #: ``--compare`` name: the two variants of CHILD it times, in the table's order.
 PAIRS = {"blas": ("blas", "packed"), "threads": ("1 thread", "2 threads"),
          "ahead": ("ahead off", "ahead on"), "fused": ("fused off", "fused on"),
+         "panels": ("panels off", "shipped"),
          "rows": ("shipped", "rows on"), "affinity": ("affinity off", "shipped"),
          "frozen": ("shipped", "frozen"), "bptt": ("bptt off", "shipped")}
 
@@ -113,7 +122,12 @@ def main():
     p.add_argument("--mode", choices=["inference", "training"], default="inference")
     p.add_argument("--cells", nargs="+", default=["lstm", "gru"])
     p.add_argument("--sizes", default=None, help="TxBxIxH,... (default: fastrnn bench's grid)")
+    p.add_argument("--calls", type=int, default=9, help="timed calls per process")
+    p.add_argument("--freeze", action="store_true",
+                   help="time frozen copies (Module.freeze), as fastrnn bench does")
     args = p.parse_args()
+    if args.freeze and args.mode == "training":
+        p.error("--freeze times inference: a frozen module does not train")
     if args.compare == "frozen" and args.mode == "training":
         p.error("--compare frozen times inference: a frozen module does not train")
     if args.compare == "bptt" and args.mode != "training":
@@ -147,13 +161,16 @@ def _compare(args, sizes, first, second, names):
             for r in range(args.rounds):
                 for variant in ((first, second) if r % 2 == 0 else (second, first)):
                     out = subprocess.run([sys.executable, "-c", CHILD, cell, str(T), str(B),
-                                          str(I), str(H), variant, args.mode, str(args.pause)],
+                                          str(I), str(H), variant, args.mode, str(args.pause),
+                                          str(args.calls), str(int(args.freeze))],
                                          capture_output=True,
                                          text=True, check=True, env=env).stdout
                     times[variant].append(json.loads(out.strip().splitlines()[-1]))
             a, b = (float(np.median(times[k])) * 1e3 for k in (first, second))
+            rounds = " ".join(f"{x / y:.2f}" for x, y in zip(times[first], times[second]))
             print(f"{cell:<5} {args.mode} {T}x{B}x{I}x{H}: {names.get(first, first)} {a:9.3f} ms  "
-                  f"{names.get(second, second)} {b:9.3f} ms  speed-up {a / b:5.2f}", flush=True)
+                  f"{names.get(second, second)} {b:9.3f} ms  speed-up {a / b:5.2f}  "
+                  f"(rounds: {rounds})", flush=True)
 
 
 if __name__ == "__main__":
