@@ -14,6 +14,7 @@ from conftest import random_lengths
 pk = pytest.importorskip("fastrnn.backends.packed_numba")
 from fastrnn.backends import numba_cpu as nb  # noqa: E402
 from fastrnn.backends import packed_bptt as pb  # noqa: E402
+import fastrnn  # noqa: E402
 from fastrnn.backends import reference as ref  # noqa: E402
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -305,6 +306,43 @@ def test_the_projection_runs_ahead_only_on_an_idle_core(monkeypatch):
     monkeypatch.setattr(pk, "ahead", None)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 1)
     assert pk._projection(**big, training=False) == "blas"
+
+
+def test_small_projections_come_from_w_ihs_panels(monkeypatch):
+    """A one-thread loop whose input projection has at most ``PANELS_MAX_WORK``
+    multiply-adds projects its chunks with the micro-kernel (``"panels"``), in training too
+    (so that the train and eval forwards agree bitwise), whatever ``ahead`` says but True;
+    ``panel_chunks`` forces it either way; and the loop then runs ``PROJ_PANELS`` with W_ih
+    packed."""
+    small = dict(T=200, B=1, I=64, G=256, gates=4)                 # 3.3M: LSTM 200x1x64x64
+    assert 200 * 256 * 64 <= pk.PANELS_MAX_WORK < 2 * 200 * 256 * 64
+    for ahead in (False, None):
+        monkeypatch.setattr(pk, "ahead", ahead)
+        for training in (False, True):
+            assert pk._projection(**small, training=training) == "panels"
+        assert pk._projection(**{**small, "T": 400}, training=False) != "panels"
+    monkeypatch.setattr(pk, "ahead", True)
+    assert pk._projection(**small, training=False) == "ahead"
+    monkeypatch.setattr(pk, "ahead", False)
+    monkeypatch.setattr(pk, "panel_chunks", False)
+    assert pk._projection(**small, training=False) == "blas"
+    monkeypatch.setattr(pk, "panel_chunks", True)
+    assert pk._projection(**{**small, "T": 400}, training=False) == "panels"
+    # end to end: the loop's projection mode and W_ih's panels
+    monkeypatch.setattr(pk, "panel_chunks", None)
+    seen = []
+    real = pk.cell_thread
+
+    def spy(*args):
+        seen.append((args[-3], args[-1].shape))
+        return real(*args)
+
+    monkeypatch.setattr(pk, "cell_thread", spy)
+    H = 2 * pk.VW
+    m = fastrnn.LSTM(16, H, backend="numba", seed=0).eval().freeze()
+    m(np.ones((5, 1, 16), np.float32))
+    U = H // pk.VW
+    assert seen == [(pk.PROJ_PANELS, (U, 16, 4 * pk.VW))]
 
 
 AVX2_CHILD = """
@@ -702,9 +740,11 @@ def test_a_fused_inference_splits_the_rows_before_the_units(monkeypatch):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("B,I", [(16, 40), (13, 40), (40, 300)])
 def test_threads_do_not_change_the_bits(monkeypatch, kind, B, I):
-    """The hidden-unit split (2 and 3 threads), projecting ahead, the fused loop (one and
+    """The hidden-unit split (2 and 3 threads), projecting ahead, projecting the chunks
+    from W_ih's panels, the fused loop (one and
     three threads) and its rows split (two and three threads, whose rows start inside
-    the micro-kernel's tiles) give the one-thread loop's results bitwise, so that a
+    the micro-kernel's tiles) give the one-thread loop's results (each chunk projected by a
+    GEMM) bitwise, so that a
     call's bits do not depend on the threads it got (README: the same call twice is
     bitwise identical). At 40 rows and 300 inputs one thread's products run in blocks of
     KC_WIDE inputs, a rows split's (fewer than KC_WIDE_ROWS rows each) in blocks of KC."""
@@ -722,10 +762,12 @@ def test_threads_do_not_change_the_bits(monkeypatch, kind, B, I):
     for name, threads, ahead, fused, rows in (
             ("one", 1, False, False, False), ("two", 2, False, False, False),
             ("three", 3, False, False, False), ("ahead", 1, True, False, False),
+            ("panels", 1, False, False, False),
             ("fused", 1, False, True, False), ("fused3", 3, False, True, False),
             ("rows", 1, False, True, True), ("rows2", 1, False, True, True)):
         monkeypatch.setattr(pk, "threads", threads)
         monkeypatch.setattr(pk, "ahead", ahead)
+        monkeypatch.setattr(pk, "panel_chunks", name == "panels")
         monkeypatch.setattr(pk, "fused", fused)
         monkeypatch.setattr(pk, "rows", rows)
         if name == "rows2":
@@ -734,9 +776,15 @@ def test_threads_do_not_change_the_bits(monkeypatch, kind, B, I):
     for name in ("two", "three", "ahead"):
         for got, want in zip(outs[name], outs["one"]):
             np.testing.assert_array_equal(got, want)
-    for name in ("fused", "fused3", "rows", "rows2"):     # fused: the same sums, I < 512
+    # The micro-kernel's projections: the GEMM's sums with I < 512, where its tiles do not
+    # split k (_simd.split_k: with AVX-512, never at these rows; with AVX2's tiles of 2 and
+    # 3 rows, always, and the last bits may differ)
+    for name in ("panels", "fused", "fused3", "rows", "rows2"):
         for got, want in zip(outs[name], outs["one"]):
-            np.testing.assert_array_equal(got, want)
+            if pk.split_k(B, 4, pk.MR_LSTM) or pk.split_k(B, 3, pk.MR_GRU):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])

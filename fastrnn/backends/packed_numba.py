@@ -31,9 +31,12 @@ gates:
   before the step's recurrent product, so there is no GEMM and no chunk buffer; and
   where the packed weights fit a share of a core's L2, the threads split the batch rows
   rather than the units (:func:`_rows_for`): each runs every step for its rows, and they
-  never meet. Otherwise one thread runs the loop, and can leave the other core to the
-  input projection (:func:`project_ahead`, into a ring while the loop runs the steps;
-  opt-in, ``ahead``).
+  never meet. Otherwise one thread runs the loop: a small one (at most
+  ``PANELS_MAX_WORK`` multiply-adds of input projection) projects each chunk of steps with
+  the micro-kernel from W_ih's panels (``PROJ_PANELS``), a larger one with a GEMM, and it
+  can leave the other core to the input projection (:func:`project_ahead`, into a ring
+  while the loop runs the steps; opt-in, ``ahead``). :data:`PROJ_BLAS` and the other three
+  name these ways for :func:`cell_thread`.
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
 API) and the pointwise pass ran on one core after a whole-batch GEMM
@@ -311,7 +314,8 @@ def _xw_offsets(gates, n0, n1, xs):
     owns columns [gates n0, gates n1), gate by gate (:func:`_project`), so gate ``g`` of
     unit ``j`` is column ``X0 + g W + j`` with ``X0 = (gates - 1) n0``, ``W = n1 - n0``.
     With one thread (n0 = 0, n1 = H) that is the plain layout, column g H + j. ``xs``
-    nonzero: the step's projection of a fused loop, in the layout of the scratch ``a``
+    nonzero: the micro-kernel's projections (a fused loop's step, or a ``PROJ_PANELS``
+    chunk), in the layout of the scratch ``a``
     (gate stride ``xs = Hp``): X0 = 0, W = xs."""
     if xs:
         return np.uint64(0), np.uint64(xs)
@@ -324,7 +328,8 @@ def _carry(hs, prev, new, out, t, b, n0, n1):
     the units [n0, n1). Inlined (at Numba's level) into the pointwise blocks: a call to a
     function that takes arrays left the caller's reference counts in place, an atomic
     increment and decrement per array argument at every call (7 of each in
-    ``_lstm_block``), about 70 ns of the LSTM's 280 ns pass at B = 1, H = 64."""
+    ``_lstm_block``), about 110 ns of the LSTM's 300 ns pass at B = 1, H = 64 (``python
+    bench/packed_parts.py --parts pointwise``, before and after: 4.78 -> 3.00 ns a unit)."""
     wide_vectors()
     for j in range(np.uint64(n0), np.uint64(n1)):
         hs[new, b, j] = hs[prev, b, j]
@@ -483,8 +488,9 @@ def describe():
             f"{MR_LSTM} (LSTM) / {MR_GRU} (GRU) rows; split over threads by hidden units from "
             f"{MIN_SPLIT_STEP_WORK} multiply-adds per step while no other thread runs; "
             f"projection ahead on another core {how[ahead]} (packed_numba.ahead); fused "
-            f"projection {how[fused]} (packed_numba.fused); batch rows split {how[rows]} "
-            f"(packed_numba.rows)")
+            f"projection {how[fused]} (packed_numba.fused); small one-thread projections "
+            f"from W_ih's panels {how[panel_chunks]}, up to {PANELS_MAX_WORK} multiply-adds "
+            f"(packed_numba.panel_chunks); batch rows split {how[rows]} (packed_numba.rows)")
 
 
 def _blas_threads():
@@ -604,7 +610,7 @@ def _rows_by_thread(w_ih, gates, U, PU, nthreads):
 
 @_jit
 def project_ahead(gemm, x2, w_ih, xw, T, reverse, flags):
-    """The projector of a one-thread loop (:func:`cell_thread` with ``ahead``), on
+    """The projector of a one-thread loop (:func:`cell_thread` with ``PROJ_AHEAD``), on
     another core: the chunks' input projections, in the loop's order, into the ring of
     ``xw.shape[0]`` slots (chunk ``c`` into slot ``c % slots``). It publishes chunk ``c``
     as ``flags[0] = c + 1`` and reuses a slot once the loop has published
@@ -657,8 +663,8 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     are the state buffers of :func:`.numba_cpu._state_buffers` ((2, B, H) ping-pong in
     inference, (T + 1, B, H) in training); ``gates_out`` (and ``hns``) the cache in
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
-    W_ih with its rows in the threads' order (:func:`_rows_by_thread`; W_ih itself where
-    fused)."""
+    W_ih with its rows in the threads' order (:func:`_rows_by_thread`; W_ih itself with one
+    thread, or where the micro-kernel projects)."""
     T, B, H = out.shape
     U = panels.shape[0]
     gates = abs(cell)
@@ -838,7 +844,7 @@ def _ahead_chunk(T, B, G):
 
 def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
     """``cell_thread(gemm, x2, w_proj, panels, *args, xw, a, flags, tid, nthreads,
-    ahead, by_rows, panels_ih)`` on ``nthreads`` threads, with the chunk and scratch
+    proj, by_rows, panels_ih)`` on ``nthreads`` threads, with the chunk and scratch
     buffers. Fused (``panels_ih`` given), the micro-kernel projects each step, split by
     hidden units or (``by_rows``) by batch rows. Otherwise, with
     one thread the projection runs ahead on another core, or on the BLAS's threads, or
@@ -1014,7 +1020,7 @@ def run(nthreads, cell, x, w_ih, w_hh, bias, b_hn, lengths, reverse, training, h
 
 
 #: Whether the loops project each step's inputs with the micro-kernel, from W_ih packed
-#: as W_hh is (:func:`cell_thread` with ``panels_ih``), instead of a BLAS GEMM per chunk
+#: as W_hh is (:func:`cell_thread` with ``PROJ_FUSED``), instead of a BLAS GEMM per chunk
 #: of steps: None (the default), a forward of ``FUSED_MIN_ROWS`` batch rows whose
 #: shapes make it split (:func:`_fused_for`), unless ``ahead`` is True; True, always;
 #: False, never. The choice depends on the shapes, the mode and the BLAS's thread count
