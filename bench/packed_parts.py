@@ -239,10 +239,17 @@ def overhead():
         panels = pk.pack(w_hh, gates)
         U, _, NR = panels.shape
         G = w_ih.shape[0]
-        xw = np.empty((1, pk._chunk_steps(T, B, G), B, G), np.float32)
+        # the levels below _run in the mode the shipped call takes at this size
+        mode = pk._projection(T, B, I, G, gates, False)
+        assert mode in ("panels", "blas"), mode
+        if mode == "panels":
+            xw = pk.aligned_empty((1, pk._chunk_steps(T, B, G), B, NR * U))
+            proj, panels_ih = pk.PROJ_PANELS, pk.pack(w_ih, gates)
+        else:
+            xw = np.empty((1, pk._chunk_steps(T, B, G), B, G), np.float32)
+            proj, panels_ih = pk.PROJ_BLAS, np.empty((1, 0, NR), np.float32)
         call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (
-            xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, pk.PROJ_BLAS, False,
-            np.empty((1, 0, NR), np.float32))
+            xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, proj, False, panels_ih)
         frozen = m.freeze()
         levels = {
             "layer": lambda: m(x),
@@ -254,7 +261,7 @@ def overhead():
                                       reverse=False, training=False),
             "packed_numba.run": lambda: pk.run(1, code, x, w_ih, w_hh, *args[1:]),
             "_run (W_hh packed)": lambda: pk._run(1, x, w_ih, panels, *args),
-            "_loop": lambda: pk._loop(1, "blas", x, w_ih, panels, None, *args),
+            "_loop": lambda: pk._loop(1, mode, x, w_ih, panels, None, *args),
             "cell_thread": lambda: pk.cell_thread(*call),
         }
         samples = {k: [] for k in levels}

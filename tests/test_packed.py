@@ -463,7 +463,6 @@ def test_the_per_step_passes_keep_no_reference_counts():
 
     import numba
 
-    from fastrnn.backends._numba_math import FASTMATH
     H, B, T, Hp = 32, 2, 3, 32
     f32 = np.float32
     a, bias = np.zeros((B, 4 * Hp), f32), np.zeros(4 * H, f32)
@@ -483,7 +482,8 @@ def test_the_per_step_passes_keep_no_reference_counts():
         pb._gru_units: (gates, hns, hs, 1, 0, d_out, d_h, d_a, d_a, lengths, 0, H),
         pb._rnn_units: (hs, 1, 0, d_out, d_h, d_a, lengths, False, 0, H),
     }
-    options = dict(fastmath=FASTMATH, nogil=True, error_model="numpy")
+    # as the package compiles them (its options but the cache), fresh
+    options = {k: v for k, v in pk._jit.keywords.items() if k != "cache"}
     for dispatcher, args in calls.items():
         # as the package compiles it, but fresh (a cached function has no assembly to show)
         f = numba.njit(**options)(dispatcher.py_func)
