@@ -4,7 +4,7 @@ the other's idle thread pools (OpenBLAS's spin after a call, and the packed loop
 threads too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_ab.py [--rounds 3]
-        [--compare blas|threads|ahead|fused|panels|rows|affinity|frozen|REV] [--pause S]
+        [--compare blas|threads|ahead|fused|panels|rows|affinity|frozen|bptt|REV] [--pause S]
         [--mode inference|training] [--cells lstm gru]
         [--sizes 100x64x512x512,...] [--calls 9] [--freeze]
 
@@ -128,6 +128,11 @@ def main():
     args = p.parse_args()
     if args.freeze and args.mode == "training":
         p.error("--freeze times inference: a frozen module does not train")
+    if args.freeze and args.compare == "frozen":
+        p.error("--compare frozen times an eval-mode module against its frozen copy: "
+                "without --freeze")
+    if args.calls < 1:
+        p.error(f"--calls must be at least 1, got {args.calls}")
     if args.compare == "frozen" and args.mode == "training":
         p.error("--compare frozen times inference: a frozen module does not train")
     if args.compare == "bptt" and args.mode != "training":

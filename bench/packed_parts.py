@@ -21,9 +21,11 @@ behind session 7's choices:
   inference), each level timed alone, interleaved call by call (3000 rounds, medians):
   the layer; its backend kernel through the contract's checks; the raw kernel; the
   packed loop's entry (``packed_numba.run``); the same with ``W_hh`` packed already
-  (``_run``); the loop with its buffers (``_loop``); the compiled loop alone
-  (``cell_thread``, buffers made once). Each difference is one level's cost. Also a
-  frozen copy of the layer (``Module.freeze``: W_hh packed once, no contract checks), and the
+  (``_run``); the loop with its buffers (``_loop``; in the projection mode the call takes,
+  and at this size it packs W_ih at every call); the compiled loop alone
+  (``cell_thread``, buffers and W_ih's panels made once). Each difference is one level's
+  cost. Also a frozen copy of the layer (``Module.freeze``: W_hh and W_ih packed once, no
+  contract checks), and the
   check for other running threads (``_other_threads_running``) that split-size and fused
   calls make;
 * ``malloc``: an LSTM training step at 50x16x128x128 (forward time), in fresh processes,

@@ -847,8 +847,9 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
     proj, by_rows, panels_ih)`` on ``nthreads`` threads, with the chunk and scratch
     buffers. Fused (``panels_ih`` given), the micro-kernel projects each step, split by
     hidden units or (``by_rows``) by batch rows. Otherwise, with
-    one thread the projection runs ahead on another core, or on the BLAS's threads, or
-    on one (:func:`_projection`); with more, split by hidden units,
+    one thread the projection comes from the micro-kernel a chunk at a time (small ones),
+    or runs ahead on another core, or on the BLAS's threads, or on one
+    (:func:`_projection`); with more, split by hidden units,
     each thread projects its share with a single-threaded BLAS (an idle BLAS
     pool would spin on the cores the loop needs). A loop that would use the pool while
     another thread's loop has it runs alone (``_pool_loop``). A thread that fails
