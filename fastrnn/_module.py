@@ -32,6 +32,8 @@ def _check_dtype(dtype) -> np.dtype:
 
 
 def _check_positive_int(name, value):
+    if type(value) is int and value > 0:     # the common case, before the ABC's slow check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)

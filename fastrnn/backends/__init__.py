@@ -67,7 +67,7 @@ the state after it is ``hs[t + 1 - r]``; ``hs[r:T + r]`` are all the
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import NamedTuple
 
@@ -146,11 +146,12 @@ class Backend:
 
     name: str
     module: ModuleType
+    #: The array module of this backend (numpy or cupy): the module's, read once (a
+    #: property here cost every layer call several lookups).
+    xp: ModuleType = field(init=False, repr=False, compare=False)
 
-    @property
-    def xp(self):
-        """The array module of this backend (numpy or cupy)."""
-        return self.module.xp
+    def __post_init__(self):
+        object.__setattr__(self, "xp", self.module.xp)
 
     def kernels(self, cell: str):
         """Return ``(forward, backward)`` for ``cell``, checked at the boundary.

@@ -52,8 +52,11 @@ def unavailable_reason():
 # ----------------------------------------------------------------- helpers
 
 def _full_lengths(lengths, T, B):
-    return np.full(B, T, dtype=np.int64) if lengths is None else lengths.astype(np.int64,
-                                                                                copy=False)
+    if lengths is None:
+        full = np.empty(B, dtype=np.int64)      # (np.full: 0.8 us, twice this)
+        full.fill(T)
+        return full
+    return lengths.astype(np.int64, copy=False)
 
 
 @_jit

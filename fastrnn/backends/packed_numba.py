@@ -173,12 +173,12 @@ def packed(w, gates):
     rows split) a frozen module's call took 1.127 ms against an eval-mode module's 1.237
     (``python bench/packed_ab.py --compare frozen``): the packing, and the other core's
     first reads of panels the caller had just written."""
-    if not immutable(w):
-        return pack(w, gates)
     key = (id(w), gates)
     entry = _packed.get(key)
-    if entry is not None and entry[0]() is w:
+    if entry is not None and entry[0]() is w:   # kept, so immutable: it cannot become writeable
         return entry[1]
+    if not immutable(w):
+        return pack(w, gates)
     panels = pack(w, gates)     # (writeable, as the kernels' other panels: one compiled type)
     _packed[key] = (weakref.ref(w, lambda _, key=key: _packed.pop(key, None)), panels)
     return panels
