@@ -16,13 +16,18 @@ same sources running 0.85-0.89x from one checkout's cache against another's.
 (about a minute a seed), and the sizes of the functions in their cached object code are
 compared across the seeds, function by function (symbols without their ABI tags, which
 carry per-process counters). A function whose size differs between seeds was compiled
-differently: the check session 11 ran over every kernel after session 10's fix.
+differently: the check session 11 ran over every kernel after session 10's fix. For each
+such function the audit also compares its disassembly under each seed with the first
+seed's: the symbols it references (calls, NRT's reference counts, constants) and how many
+instructions of each mnemonic it has.
 """
 
 import argparse
+import collections
 import glob
 import os
 import pickletools
+import re
 import subprocess
 import sys
 import tempfile
@@ -69,25 +74,57 @@ def _strip_abi_tags(symbol):
     return "".join(out)
 
 
-def _function_sizes(cache_dir):
-    """``{(cache file, object index, symbol): size}`` of every function defined in the
-    object code of a Numba cache."""
-    sizes = {}
+def _objects(cache_dir):
+    """``(cache file, object index, ELF bytes)`` of every object in a Numba cache."""
     for path in sorted(glob.glob(os.path.join(cache_dir, "**", "*.nbc"), recursive=True)):
         objects = [arg for _, arg, _ in pickletools.genops(open(path, "rb").read())
                    if isinstance(arg, bytes) and arg[:4] == b"\x7fELF"]
         for k, obj in enumerate(objects):
-            with tempfile.NamedTemporaryFile(suffix=".o") as f:
-                f.write(obj)
-                f.flush()
-                nm = subprocess.run(["nm", "-S", "--defined-only", f.name],
-                                    capture_output=True, text=True, check=True).stdout
-            for line in nm.splitlines():
-                parts = line.split()
-                if len(parts) == 4 and parts[2] in "TtWw":
-                    key = (os.path.basename(path), k, _strip_abi_tags(parts[3]))
-                    sizes[key] = sizes.get(key, 0) + int(parts[1], 16)
+            yield os.path.basename(path), k, obj
+
+
+def _tool(args, obj):
+    """The output of binutils' ``args`` (``nm``, ``objdump``) over the object ``obj``."""
+    with tempfile.NamedTemporaryFile(suffix=".o") as f:
+        f.write(obj)
+        f.flush()
+        return subprocess.run(args + [f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _function_sizes(cache_dir):
+    """``{(cache file, object index, symbol): size}`` of every function defined in the
+    object code of a Numba cache."""
+    sizes = {}
+    for name, k, obj in _objects(cache_dir):
+        for line in _tool(["nm", "-S", "--defined-only"], obj).splitlines():
+            parts = line.split()
+            if len(parts) == 4 and parts[2] in "TtWw":
+                key = (name, k, _strip_abi_tags(parts[3]))
+                sizes[key] = sizes.get(key, 0) + int(parts[1], 16)
     return sizes
+
+
+def _code_profile(cache_dir, key):
+    """``(instructions, relocations)`` of the function ``key`` (as :func:`_function_sizes`
+    names it): how many of each mnemonic its disassembly has, and how many references to
+    each symbol (ABI tags and constant-pool offsets stripped). Two compiles with the same
+    relocations and mnemonics that differ only in moves chose other registers or spills;
+    other differences are another structure (session 10's: NRT calls kept or not)."""
+    name, k, symbol = key
+    obj = next(o for n, i, o in _objects(cache_dir) if (n, i) == (name, k))
+    ops, refs, inside = collections.Counter(), collections.Counter(), False
+    for line in _tool(["objdump", "-dr", "--no-show-raw-insn"], obj).splitlines():
+        label = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if label:
+            inside = _strip_abi_tags(label.group(1)) == symbol
+        elif inside:
+            reloc = re.search(r"R_X86_64_\w+\s+(\S+)", line)
+            if reloc:
+                refs[re.sub(r"\+0x[0-9a-f]+$", "", _strip_abi_tags(reloc.group(1)))] += 1
+            elif "\t" in line:
+                ops[line.split("\t", 1)[1].split()[0]] += 1
+    return ops, refs
 
 
 def _recurrent_sizes(cache_dir):
@@ -100,13 +137,13 @@ def _recurrent_sizes(cache_dir):
 def audit(seeds):
     """Compile every kernel under each seed and report the functions whose machine code
     differs in size between seeds."""
-    sizes = {}
+    sizes, caches = {}, {}
     for seed in seeds:
-        cache = tempfile.mkdtemp(prefix=f"hashseed{seed}_")
-        env = dict(os.environ, PYTHONHASHSEED=str(seed), NUMBA_CACHE_DIR=cache)
+        caches[seed] = tempfile.mkdtemp(prefix=f"hashseed{seed}_")
+        env = dict(os.environ, PYTHONHASHSEED=str(seed), NUMBA_CACHE_DIR=caches[seed])
         subprocess.run([sys.executable, "-c", "import fastrnn; fastrnn.warmup()"], env=env,
                        check=True)
-        sizes[seed] = _function_sizes(cache)
+        sizes[seed] = _function_sizes(caches[seed])
     keys = sorted(set().union(*sizes.values()))
     differ = [k for k in keys if len({sizes[s].get(k) for s in seeds}) > 1]
     print(f"{len(keys)} compiled functions in {len({k[0] for k in keys})} cache files; "
@@ -114,6 +151,16 @@ def audit(seeds):
     for k in differ:
         print(f"  {k[0]} #{k[1]} {k[2][:100]}: "
               + ", ".join(f"seed {s} {sizes[s].get(k)}" for s in seeds), flush=True)
+        base = seeds[0]
+        ops0, refs0 = _code_profile(caches[base], k)
+        for s in seeds[1:]:
+            if sizes[s].get(k) == sizes[base].get(k):
+                continue
+            ops, refs = _code_profile(caches[s], k)
+            ops_diff = {op: (ops0[op], ops[op]) for op in ops0 | ops if ops0[op] != ops[op]}
+            print(f"    seed {s} against seed {base}: relocations "
+                  f"{'the same' if refs == refs0 else 'differ: ' + str(refs ^ refs0)}; "
+                  f"instructions that differ in count {ops_diff}", flush=True)
 
 
 def main():

@@ -35,7 +35,8 @@ behind session 7's choices:
   ``fastrnn.backends._workspace``);
 * ``projection``: a chunk's input projection through the micro-kernel on one thread (W_ih
   packed) against OpenBLAS's GEMM on its threads and on one: the micro-kernel projection
-  of one-thread loops, tried in session 9 and not kept;
+  of one-thread loops, tried in session 9 and not kept, kept in session 12 up to
+  ``packed_numba.PANELS_MAX_WORK`` multiply-adds (``PROJ_PANELS``);
 * ``worker``: a ``fastrnn bench`` worker's LSTM 100x64x256x256 training step, as its first
   request and after its info and verification requests, with glibc's malloc thresholds
   dynamic and fixed (``fastrnn.bench.worker.MALLOC_ENV``, which every worker gets).
@@ -241,16 +242,12 @@ def overhead():
         panels = pk.pack(w_hh, gates)
         U, _, NR = panels.shape
         G = w_ih.shape[0]
-        # the levels below _run in the mode the shipped call takes at this size
+        # the levels below _run in the mode the shipped call takes at this size, with the
+        # buffers _loop makes for it (made once here)
         mode = pk._projection(T, B, I, G, gates, False)
-        assert mode in ("panels", "blas"), mode
-        if mode == "panels":
-            xw = pk.aligned_empty((1, pk._chunk_steps(T, B, G), B, NR * U))
-            proj, panels_ih = pk.PROJ_PANELS, pk.pack(w_ih, gates)
-        else:
-            xw = np.empty((1, pk._chunk_steps(T, B, G), B, G), np.float32)
-            proj, panels_ih = pk.PROJ_BLAS, np.empty((1, 0, NR), np.float32)
-        call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (
+        proj, xw, w_proj, panels_ih = pk._projection_buffers(1, mode, x, w_ih, panels, None,
+                                                             gates)
+        call = (gemm_for(x.dtype), x.reshape(T * B, I), w_proj, panels) + args + (
             xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, proj, False, panels_ih)
         frozen = m.freeze()
         levels = {

@@ -418,25 +418,31 @@ def test_the_pointwise_passes_use_the_widest_vectors():
     cs = np.zeros((2, B, H), np.float32)
     out = np.zeros((T, B, H), np.float32)
     lengths = np.full(B, T, np.int64)
-    # Fresh compilations (a function loaded from Numba's cache has no assembly to show),
-    # with the mark and, as the control, with a no-op in its place.
-    import types
-
+    # with the mark and, as the control, with a no-op in its place
     import numba
-
-    from fastrnn.backends._numba_math import FASTMATH
-    py = pk._lstm_block.py_func
-    no_mark = {**py.__globals__, "wide_vectors": numba.njit(lambda: None)}
-    no_mark["_carry"] = numba.njit(types.FunctionType(pk._carry.py_func.__code__, no_mark))
-    unmarked = types.FunctionType(py.__code__, no_mark)
+    no_mark = numba.njit(lambda: None)
+    unmarked = _fresh(pk._lstm_block, wide_vectors=no_mark,
+                      _carry=_fresh(pk._carry, wide_vectors=no_mark))
     asm = {}
-    for name, fn in (("marked", py), ("unmarked", unmarked)):
-        f = numba.njit(fastmath=FASTMATH)(fn)
+    for name, f in (("marked", _fresh(pk._lstm_block)), ("unmarked", unmarked)):
         f(a, H, xw, 0, 0, bias, cs, cs.copy(), 0, 1, out, 0, lengths, 0, H, 0, B)
         asm[name] = f.inspect_asm(f.signatures[0])
     if "zmm" in asm["unmarked"]:
         pytest.skip("this CPU's LLVM tuning already chooses 512-bit vectors")
     assert "zmm" in asm["marked"]
+
+
+def _fresh(dispatcher, **names):
+    """``dispatcher``'s function compiled anew as the package compiles it (its jit options
+    but the cache: a function loaded from Numba's cache has no assembly to show), with
+    ``names`` in place of the globals of those names its code reads."""
+    import types
+
+    import numba
+    py = dispatcher.py_func
+    if names:
+        py = types.FunctionType(py.__code__, {**py.__globals__, **names})
+    return numba.njit(**{k: v for k, v in pk._jit.keywords.items() if k != "cache"})(py)
 
 
 def _own_code(dispatcher):
@@ -459,10 +465,6 @@ def test_the_per_step_passes_keep_no_reference_counts():
     arrays (``_carry``, ``_store_gate`` before they were inlined) left an atomic increment
     and decrement per array argument at every call, about 110 of the LSTM's 300 ns a step
     at B = 1, H = 64. The control (``_carry`` called, not inlined) has them."""
-    import types
-
-    import numba
-
     H, B, T, Hp = 32, 2, 3, 32
     f32 = np.float32
     a, bias = np.zeros((B, 4 * Hp), f32), np.zeros(4 * H, f32)
@@ -482,17 +484,11 @@ def test_the_per_step_passes_keep_no_reference_counts():
         pb._gru_units: (gates, hns, hs, 1, 0, d_out, d_h, d_a, d_a, lengths, 0, H),
         pb._rnn_units: (hs, 1, 0, d_out, d_h, d_a, lengths, False, 0, H),
     }
-    # as the package compiles them (its options but the cache), fresh
-    options = {k: v for k, v in pk._jit.keywords.items() if k != "cache"}
     for dispatcher, args in calls.items():
-        # as the package compiles it, but fresh (a cached function has no assembly to show)
-        f = numba.njit(**options)(dispatcher.py_func)
+        f = _fresh(dispatcher)
         f(*args)
         assert "NRT_incref" not in _own_code(f), dispatcher.__name__
-    called = {**pk._lstm_block.py_func.__globals__}
-    called["_carry"] = numba.njit(**options)(types.FunctionType(pk._carry.py_func.__code__,
-                                                                  called))
-    f = numba.njit(**options)(types.FunctionType(pk._lstm_block.py_func.__code__, called))
+    f = _fresh(pk._lstm_block, _carry=_fresh(pk._carry))    # _carry called: the control
     f(*calls[pk._lstm_block])
     assert "NRT_incref" in _own_code(f)
 
@@ -515,13 +511,10 @@ def test_wide_products_prefetch_the_next_panel_block():
         start, per = pk._prefetch_plan(True, 2, 0, 128, K, NR, tiles, True, 3)
         lines = 128 * NR // 16
         assert start == (2 * K + 128) * NR and per * tiles >= lines > per * (tiles - 1)
-    import numba
 
-    from fastrnn.backends._numba_math import FASTMATH
     rng = np.random.default_rng(5)
     H, B = 3 * pk.VW, pk.KC_WIDE_ROWS + 5
-    # as the package compiles it, but fresh (a cached function has no assembly to show)
-    f = numba.njit(fastmath=FASTMATH, nogil=True, error_model="numpy")(pk._recurrent.py_func)
+    f = _fresh(pk._recurrent)
     for K in (300, pk.KC_WIDE + 88):                     # one k block, and two
         w = rng.standard_normal((4 * H, K)).astype(np.float32)
         panels = pk.pack(w, 4)

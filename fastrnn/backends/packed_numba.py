@@ -873,29 +873,38 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
         _pool_loop.release()
 
 
+def _projection_buffers(nthreads, mode, x, w_ih, panels, panels_ih, gates):
+    """``(proj, xw, w_proj, panels_ih)`` of a loop in ``mode`` (:func:`_loop`'s): how its
+    input projections come (``PROJ_*``), the buffer they go to, W_ih as the GEMMs read it,
+    and W_ih's panels (an empty placeholder where the micro-kernel does not project).
+    ``panels_ih`` given: a fused loop, one step's projection in the layout of ``a``."""
+    T, B, I = x.shape
+    U, _, NR = panels.shape
+    G = w_ih.shape[0]
+    if panels_ih is not None:
+        return PROJ_FUSED, aligned_empty((1, 1, B, NR * U)), w_ih, panels_ih
+    if mode == "panels":              # a chunk's projections, in the layout of ``a``
+        return (PROJ_PANELS, aligned_empty((1, _chunk_steps(T, B, G), B, NR * U)), w_ih,
+                packed(w_ih, gates))
+    if mode == "ahead":
+        Tc = _ahead_chunk(T, B, G)
+        slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
+    else:
+        Tc, slots = _chunk_steps(T, B, G), 1
+    return (PROJ_AHEAD if mode == "ahead" else PROJ_BLAS,
+            _workspace.empty((slots, Tc, B, G), np.float32),
+            _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads),
+            np.empty((1, 0, NR), dtype=np.float32))
+
+
 def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
     """:func:`_run`'s loop, in the ``mode`` it chose ("blas", "alone", "ahead", "panels",
     "fused", "split", "rows"; the last two fused where ``panels_ih`` is given)."""
     T, B, I = x.shape
     U, _, NR = panels.shape
-    G = w_ih.shape[0]
     cell, _, _, _, reverse, _ = args[:6]
-    gates = abs(cell)
-    if panels_ih is not None:         # one step's projection, in the layout of ``a``
-        xw, w_proj, proj = aligned_empty((1, 1, B, NR * U)), w_ih, PROJ_FUSED
-    elif mode == "panels":            # a chunk's projections, in the layout of ``a``
-        xw = aligned_empty((1, _chunk_steps(T, B, G), B, NR * U))
-        w_proj, panels_ih, proj = w_ih, packed(w_ih, gates), PROJ_PANELS
-    else:
-        proj = PROJ_AHEAD if mode == "ahead" else PROJ_BLAS
-        if mode == "ahead":
-            Tc = _ahead_chunk(T, B, G)
-            slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
-        else:
-            Tc, slots = _chunk_steps(T, B, G), 1
-        xw = _workspace.empty((slots, Tc, B, G), np.float32)
-        w_proj = _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads)
-        panels_ih = np.empty((1, 0, NR), dtype=np.float32)
+    proj, xw, w_proj, panels_ih = _projection_buffers(nthreads, mode, x, w_ih, panels,
+                                                      panels_ih, abs(cell))
     a = aligned_empty((B, NR * U))
     fl = flags(max(nthreads, 2))
     gemm = gemm_for(x.dtype)
