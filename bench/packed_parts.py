@@ -57,6 +57,7 @@ import types
 import numba
 import numpy as np
 
+from fastrnn.backends import _hotpool
 from fastrnn.backends import packed_numba as pk
 from fastrnn.backends._numba_math import FASTMATH
 from fastrnn.bench.worker import time_runs
@@ -194,7 +195,7 @@ def split():
         released = np.full(2 * pk.FLAG_STRIDE, pk.RELEASE, np.int64)
         call = (gemm_for(x.dtype), x.reshape(T * B, I), w_ih, panels) + args + (xw, a, released)
         alone = [_median_s(lambda: pk.cell_thread(*call, tid, 2, pk.PROJ_FUSED, False,
-                                                  panels_ih), 7)
+                                                  panels_ih, _hotpool.tickets, 0), 7)
                  for tid in (0, 1)]
         PU, Hp = pk._panel_units(gates), U * pk._panel_units(gates)
         u1 = U // 2
@@ -248,7 +249,8 @@ def overhead():
         proj, xw, w_proj, panels_ih = pk._projection_buffers(1, mode, x, w_ih, panels, None,
                                                              gates)
         call = (gemm_for(x.dtype), x.reshape(T * B, I), w_proj, panels) + args + (
-            xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, proj, False, panels_ih)
+            xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, proj, False, panels_ih,
+            _hotpool.tickets, 0)
         frozen = m.freeze()
         levels = {
             "layer": lambda: m(x),

@@ -282,59 +282,85 @@ def test_the_split_yields_to_a_running_thread(monkeypatch):
 
 
 def test_the_projection_runs_ahead_only_on_an_idle_core(monkeypatch):
-    """A one-thread loop projects ahead on another core where the BLAS has two threads,
-    the projection is big enough and no other thread runs; next to a running thread, a
-    training forward projects on the BLAS's threads and an inference on one; an RNN,
-    a small projection or a one-thread BLAS never project ahead."""
+    """A one-thread loop whose projection comes from the micro-kernel projects ahead on
+    another core in an inference where the BLAS has two threads, the sequence makes two
+    chunks and no other thread runs; else chunk by chunk on the loop's thread ("panels"),
+    training included. Wide inputs go to the GEMM: on the BLAS's threads, or on one next
+    to a running thread in an inference. ``ahead`` True or False forces it."""
     monkeypatch.setattr(pk, "ahead", None)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
-    big = dict(T=100, B=16, I=128, G=512, gates=4)
-    assert 100 * 16 * 128 * 512 >= pk.AHEAD_MIN_WORK
+    small = dict(T=200, B=1, I=64, G=256, gates=4)                 # LSTM 200x1x64x64
+    wide = dict(T=100, B=4, I=1024, G=512, gates=4)                # I = 8 H, 210M
+    assert wide["T"] * wide["B"] * wide["G"] * wide["I"] > pk.PANELS_MAX_WORK
     _wait_until_no_other_thread_runs()
-    assert pk._projection(**big, training=False) == "ahead"
-    assert pk._projection(**big, training=True) == "ahead"
-    assert pk._projection(**{**big, "gates": 1, "G": 128}, training=False) == "blas"
-    assert pk._projection(**{**big, "T": 10}, training=False) == "blas"
+    assert pk._projection(**small, training=False) == "ahead"
+    assert pk._projection(**small, training=True) == "panels"
+    assert pk._projection(**{**small, "T": 2}, training=False) == "panels"    # one chunk
+    assert pk._projection(**wide, training=False) == "blas"
+    assert pk._projection(**{**wide, "I": 256}, training=False) == "ahead"   # I = 2 H
     stop = _spinning_thread()
     try:
-        assert pk._projection(**big, training=True) == "blas"
-        assert pk._projection(**big, training=False) == "alone"
+        assert pk._projection(**small, training=False) == "panels"
+        assert pk._projection(**wide, training=False) == "alone"
+        assert pk._projection(**wide, training=True) == "blas"
         monkeypatch.setattr(pk, "ahead", True)
-        assert pk._projection(**big, training=False) == "ahead"
+        assert pk._projection(**small, training=False) == "ahead"
+        assert pk._projection(**wide, training=True) == "ahead"
     finally:
         stop()
+    monkeypatch.setattr(pk, "ahead", False)
+    assert pk._projection(**small, training=False) == "panels"
     monkeypatch.setattr(pk, "ahead", None)
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 1)
-    assert pk._projection(**big, training=False) == "blas"
+    assert pk._projection(**small, training=False) == "panels"
+    assert pk._projection(**wide, training=False) == "blas"
+
+
+def test_the_projector_and_the_loop_give_the_same_bits(monkeypatch):
+    """Projected ahead by the worker, in chunks of a few steps, or chunk by chunk on the
+    loop's thread, the micro-kernel sums each projection in the same order: the two
+    modes' outputs are equal bitwise, for a last chunk of one or two rows too (where the
+    k loop in halves would sum otherwise)."""
+    rng = np.random.default_rng(5)
+    for kind, H in (("lstm", 37), ("gru", 37), ("rnn_tanh", 70)):
+        m = fastrnn.make_layer(kind, 6, H, backend="numba", seed=1).eval()
+        for T, B in ((17, 1), (10, 2), (9, 5)):
+            x = rng.standard_normal((T, B, 6)).astype(np.float32)
+            got = {}
+            for mode in ("ahead", "panels"):
+                monkeypatch.setattr(pk, "threads", 1)
+                monkeypatch.setattr(pk, "ahead", mode == "ahead")
+                monkeypatch.setattr(pk, "panel_chunks", True)
+                monkeypatch.setattr(pk, "AHEAD_MIN_ROWS", 1)
+                monkeypatch.setattr(pk, "AHEAD_CHUNKS", 4)
+                got[mode] = m(x)[0]
+            np.testing.assert_array_equal(got["ahead"], got["panels"])
 
 
 def test_small_projections_come_from_w_ihs_panels(monkeypatch):
     """A one-thread loop whose input projection has at most ``PANELS_MAX_WORK``
-    multiply-adds projects its chunks with the micro-kernel (``"panels"``), in training too
-    (so that the train and eval forwards agree bitwise), whatever ``ahead`` says but True;
-    ``panel_chunks`` forces it either way; and the loop then runs ``PROJ_PANELS`` with W_ih
-    packed."""
-    small = dict(T=200, B=1, I=64, G=256, gates=4)                 # 3.3M: LSTM 200x1x64x64
-    assert 200 * 256 * 64 <= pk.PANELS_MAX_WORK < 2 * 200 * 256 * 64
-    for ahead in (False, None):
-        monkeypatch.setattr(pk, "ahead", ahead)
-        for training in (False, True):
-            assert pk._projection(**small, training=training) == "panels"
-        assert pk._projection(**{**small, "T": 400}, training=False) != "panels"
-    monkeypatch.setattr(pk, "ahead", True)
-    assert pk._projection(**small, training=False) == "ahead"
+    multiply-adds, or whose inputs are at most ``AHEAD_MAX_INPUTS`` times its hidden units,
+    projects with the micro-kernel (``"panels"`` or ``"ahead"``), in training too (so that
+    the train and eval forwards agree bitwise); ``panel_chunks`` forces it either way; and
+    the loop then runs ``PROJ_PANELS`` with W_ih packed."""
     monkeypatch.setattr(pk, "ahead", False)
+    small = dict(T=200, B=1, I=256, G=256, gates=4)                # I = 4 H, 13M
+    assert 200 * 256 * 256 > pk.PANELS_MAX_WORK >= 50 * 256 * 256
+    for training in (False, True):
+        assert pk._projection(**small, training=training) == "blas"
+        assert pk._projection(**{**small, "T": 50}, training=training) == "panels"
+        assert pk._projection(**{**small, "I": 128}, training=training) == "panels"
     monkeypatch.setattr(pk, "panel_chunks", False)
-    assert pk._projection(**small, training=False) == "blas"
+    assert pk._projection(**{**small, "T": 50}, training=False) == "blas"
     monkeypatch.setattr(pk, "panel_chunks", True)
-    assert pk._projection(**{**small, "T": 400}, training=False) == "panels"
+    assert pk._projection(**small, training=False) == "panels"
     # end to end: the loop's projection mode and W_ih's panels
     monkeypatch.setattr(pk, "panel_chunks", None)
     seen = []
     real = pk.cell_thread
 
     def spy(*args):
-        seen.append((args[-3], args[-1].shape))
+        seen.append((args[-5], args[-3].shape))
         return real(*args)
 
     monkeypatch.setattr(pk, "cell_thread", spy)
@@ -531,33 +557,6 @@ def test_wide_products_prefetch_the_next_panel_block():
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity")
-def test_pool_threads_run_off_the_callers_cpu():
-    """A pool thread of the split (or the projector) runs its call with the caller's CPU
-    taken out of its affinity, and gets its affinity back after."""
-    import os
-    allowed = os.sched_getaffinity(0)
-    if len(allowed) < 2:
-        pytest.skip("one CPU: there is no other to move to")
-    cpu = min(allowed)
-    seen = []
-
-    def probe():
-        seen.append(os.sched_getaffinity(0))
-
-    counters = pk.flags(2)
-
-    def run_in_pool():
-        before = os.sched_getaffinity(0)
-        pk._off_cpu(cpu, counters, probe)
-        return before, os.sched_getaffinity(0)
-
-    before, after = pk._executor().submit(run_in_pool).result()
-    assert seen == [before - {cpu}]
-    assert after == before
-    assert pk._off_cpu(None, counters, probe) is None and seen[-1] == os.sched_getaffinity(0)
-    assert not counters.any()
-
-
 def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
     """A pool thread that fails sets the loop's counters to RELEASE (so that the loop
     waiting on it runs out instead of hanging) and its error reaches the caller."""
@@ -567,7 +566,7 @@ def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
         raise RuntimeError("pool thread failed")
 
     with pytest.raises(RuntimeError, match="pool thread failed"):
-        pk._off_cpu(None, counters, fail)
+        pk._releasing(counters, fail)
     assert (counters == pk.RELEASE).all()
     # end to end: the projector of a loop that projects ahead fails on its first chunk
     monkeypatch.setattr(pk, "ahead", True)

@@ -141,7 +141,7 @@ def _before_each_thread(monkeypatch, before):
     real = pb.bptt_thread
 
     def thread(*args):
-        before(*args[-2:])
+        before(*args[-4:-2])          # (..., tid, nthreads, go, gen)
         return real(*args)
 
     monkeypatch.setattr(pb, "bptt_thread", thread)

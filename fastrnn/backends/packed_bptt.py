@@ -31,11 +31,11 @@ import functools
 import numba
 import numpy as np
 
-from . import _workspace
+from . import _hotpool, _workspace
 from . import packed_numba as pk
 from ._cblas import gemm_for
 from ._numba_math import FASTMATH, tanh
-from ._simd import arrive, wait_all, wide_vectors
+from ._simd import arrive, store_release, wait_all, wide_vectors
 from .numba_cpu import _bias_grads, _mm, _single_threaded_blas
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
@@ -176,7 +176,7 @@ def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, 
 @_jit
 def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates, hns,
                 d_ax, d_ah, x, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, flags, tid,
-                nthreads):
+                nthreads, go, gen):
     """The backward of ``cell`` (:data:`.packed_numba.LSTM`, ``GRU``, ``RNN_TANH``,
     ``RNN_RELU``), thread ``tid`` of ``nthreads``: the panels ``[U tid / nthreads,
     U (tid + 1) / nthreads)`` of ``panels`` (W_hh^T packed as the RNN's panels) and their
@@ -185,6 +185,8 @@ def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, g
     (B, H). ``d_ax`` and ``d_ah`` are the gates' gradients by the input and the recurrent
     products (one array but for the GRU's n gate); ``hs``, ``cs``, ``gates``, ``hns``
     the forward's cache (numba_cpu's buffers)."""
+    if gen > 0:                 # the pool's jobs start now, this thread off the GIL
+        store_release(go, 0, gen)
     T, B, H = d_out.shape
     U = panels.shape[0]
     PU = pk._panel_units(1)
@@ -235,13 +237,13 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     call = (gemm_for(x.dtype), cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates,
             hns, d_ax, d_ah, x, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, fl)
     if nthreads == 1 or not pk._pool_loop.acquire(blocking=False):
-        bptt_thread(*call, 0, 1)           # (the GEMMs on the BLAS's threads)
+        bptt_thread(*call, 0, 1, _hotpool.tickets, 0)   # (the GEMMs on the BLAS's threads)
     else:
         try:
             with _single_threaded_blas():
-                pk.with_pool(fl, ((bptt_thread, *call, tid, nthreads)
+                pk.with_pool(fl, ((bptt_thread, *call, tid, nthreads, _hotpool.tickets, 0)
                                   for tid in range(1, nthreads)),
-                             lambda: bptt_thread(*call, 0, nthreads))
+                             lambda go, gen: bptt_thread(*call, 0, nthreads, go, gen))
         finally:
             pk._pool_loop.release()
     return (d_x, d_h[:, :H].copy(), d_c if d_c_n is not None else None, d_w_ih, d_w_hh,

@@ -46,7 +46,6 @@ leaves is :mod:`.packed_bptt`'s (or :mod:`.numba_cpu`'s BLAS loops).
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import functools
 import math
@@ -58,7 +57,7 @@ import numba
 import numpy as np
 
 from .._immutable import immutable
-from . import _workspace
+from . import _hotpool, _workspace
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
 from ._simd import (FLAG_STRIDE, arrive, microkernel, split_k, store_release, vector_width,
@@ -234,7 +233,8 @@ def _prefetch_plan(prefetch, u, k0, kb, K, NR, tiles, more, un):
 
 
 @_jit
-def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False):
+def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False,
+               by_batch=True):
     """The product hs[prev] W_hh^T for the units of panels [u0, u1) and the rows [r0, r1)
     into the scratch ``a`` (``add``: added to what ``a`` holds): panel ``u``'s vector ``v``
     at columns ``u PU + v cv`` (gated cells: PU = VW units per panel, gate stride cv = Hp;
@@ -256,7 +256,9 @@ def _recurrent(panels, hs, prev, a, PU, cv, u0, u1, backwards, r0, r1, add=False
     ldc = a.shape[1]
     lstm = NR == 4 * VW               # the LSTM's and the RNN's panels: 4 vectors
     MR = _tile_rows(4 if lstm else 3)
-    halves = split_k(B, NR // VW, MR)     # by the batch, not the tile: see _simd.split_k
+    # by the batch, not the tile (see _simd.split_k); never for a chunk of projections
+    # (``by_batch`` False), whose rows are steps: any chunking then gives the same bits
+    halves = by_batch and split_k(B, NR // VW, MR)
     kb = KC_WIDE if r1 - r0 >= KC_WIDE_ROWS else KC      # (the sums are the same either way:
     #                                    a block adds onto the tile it stored, exactly)
     # One loop nest per kernel, no branch inside: with the branch, the arrays became phi
@@ -455,27 +457,16 @@ threads = None
 enabled = True
 
 
-#: Workers of the packed loops' own pool (the calling thread is one more). Every
-#: thread of a loop must run at once (they meet at every step), so a loop never
-#: asks for more, and the pool is not shared with work that could hold a worker.
+#: Workers a loop may use of the packed loops' own pool (:mod:`._hotpool`; the calling
+#: thread is one more). Every thread of a loop must run at once (they meet at every
+#: step), and the pool is not shared with work that could hold a worker.
 POOL_WORKERS = max(3, (os.cpu_count() or 2) - 1)
-_pool = None
-_pool_lock = threading.Lock()
 #: Held by the one loop of the process that uses the pool (split or projecting ahead).
 #: Another such loop started meanwhile, from another thread of the caller's, runs on its
 #: caller's thread alone instead: two loops whose threads wait on each other could each
 #: hold part of the pool's workers and wait forever for the rest, and two splits over
 #: the same cores would only take turns on them.
 _pool_loop = threading.Lock()
-
-
-def _executor():
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=POOL_WORKERS,
-                                                          thread_name_prefix="fastrnn-packed")
-        return _pool
 
 
 def describe():
@@ -503,15 +494,28 @@ def _other_threads_running():
     ``/proc/self/task/*/stat`` (Linux; elsewhere False). A BLAS or OpenMP pool spins for
     a while after each parallel call (OpenBLAS's for about 0.1 s): a split loop, whose
     threads meet at every step, then shares the cores with it and ran up to 4x slower
-    than alone (docs/numba.md). About 8 us with three threads (``python
-    bench/packed_parts.py --parts overhead``)."""
+    than alone (docs/numba.md). First the count of running tasks of the whole system
+    (``/proc/loadavg``, one read: 5 us on a 2-core KVM guest): where it is this thread and
+    the loops' own workers awake (:func:`._hotpool.awake`), nothing else runs; else each
+    thread's state, 15 us with four threads (``python bench/packed_parts.py --parts
+    overhead``)."""
+    try:
+        fd = os.open("/proc/loadavg", os.O_RDONLY)
+        try:
+            running = int(os.read(fd, 128).split()[3].split(b"/")[0])
+        finally:
+            os.close(fd)
+        if running <= 1 + _hotpool.awake():
+            return False
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return False
-    me = str(threading.get_native_id())
+    mine = {str(i) for i in _hotpool.thread_ids()} | {str(threading.get_native_id())}
     for tid in tids:
-        if tid == me:
+        if tid in mine:        # this thread, and the loops' own workers (spinning, perhaps)
             continue
         try:                 # os.open/read: Python's file objects took 26 us against 15 (a probe)
             fd = os.open(f"/proc/self/task/{tid}/stat", os.O_RDONLY)
@@ -609,20 +613,24 @@ def _rows_by_thread(w_ih, gates, U, PU, nthreads):
 
 
 @_jit
-def project_ahead(gemm, x2, w_ih, xw, T, reverse, flags):
+def project_ahead(panels_ih, x2, xw, T, reverse, flags, PU, cv):
     """The projector of a one-thread loop (:func:`cell_thread` with ``PROJ_AHEAD``), on
-    another core: the chunks' input projections, in the loop's order, into the ring of
-    ``xw.shape[0]`` slots (chunk ``c`` into slot ``c % slots``). It publishes chunk ``c``
-    as ``flags[0] = c + 1`` and reuses a slot once the loop has published
+    another core: the chunks' input projections, in the loop's order, by the micro-kernel
+    from ``panels_ih`` (W_ih packed as W_hh) into the ring of ``xw.shape[0]`` slots (chunk
+    ``c`` into slot ``c % slots``, in the layout of the loop's scratch ``a``). It publishes
+    chunk ``c`` as ``flags[0] = c + 1`` and reuses a slot once the loop has published
     ``flags[FLAG_STRIDE]`` (chunks done) past its last chunk."""
-    S, Tc, B, G = xw.shape
+    S, Tc, B, NU = xw.shape
+    U = panels_ih.shape[0]
     c = 0
     for c0 in range(0, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0
         wait_for(flags, FLAG_STRIDE, c - S + 1)
-        _mm(gemm, x2[t0 * B:(t0 + c1 - c0) * B], False, w_ih, True,
-            xw[c % S].reshape(Tc * B, G)[:(c1 - c0) * B], 0.0)
+        rows = x2[t0 * B:(t0 + c1 - c0) * B]
+        _recurrent(panels_ih, rows.reshape(1, rows.shape[0], rows.shape[1]), 0,
+                   xw[c % S].reshape(Tc * B, NU), PU, cv, 0, U, False, 0, rows.shape[0],
+                   False, False)
         store_release(flags, 0, c + 1)
         c += 1
 
@@ -637,7 +645,8 @@ PROJ_BLAS, PROJ_AHEAD, PROJ_FUSED, PROJ_PANELS = 0, 1, 2, 3
 
 @_jit
 def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, training, hs, cs,
-                out, gates_out, hns, xw, a, flags, tid, nthreads, proj, by_rows, panels_ih):
+                out, gates_out, hns, xw, a, flags, tid, nthreads, proj, by_rows, panels_ih, go,
+                gen):
     """The time loop of ``cell``: an LSTM (``LSTM``; ``cs`` its cells, ``b_hn`` and ``hns``
     unused), a reset-after GRU (``GRU``; ``b_hn`` the n gate's recurrent bias, ``hns`` its
     cache of W_hn h + b_hn, ``cs`` unused) or an RNN (``RNN_TANH``, ``RNN_RELU``; ``hs``
@@ -665,6 +674,8 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
     W_ih with its rows in the threads' order (:func:`_rows_by_thread`; W_ih itself with one
     thread, or where the micro-kernel projects)."""
+    if gen > 0:                 # the pool's jobs start now, this thread off the GIL
+        store_release(go, 0, gen)
     T, B, H = out.shape
     U = panels.shape[0]
     gates = abs(cell)
@@ -675,7 +686,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     fused = proj == PROJ_FUSED
     ahead = proj == PROJ_AHEAD
     # the projections in the layout of ``a`` (gate stride Hp), from the micro-kernel
-    xs = Hp if (fused or proj == PROJ_PANELS) and gates > 1 else 0
+    xs = Hp if (fused or ahead or proj == PROJ_PANELS) and gates > 1 else 0
     x3 = x2.reshape(T, B, x2.shape[1])
     if by_rows:
         u0, u1, n0, n1 = 0, U, 0, H
@@ -699,7 +710,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
             rows = x2[t0 * B:(t0 + c1 - c0) * B]
             _recurrent(panels_ih, rows.reshape(1, rows.shape[0], rows.shape[1]), 0,
                        xc.reshape(Tc * B, xc.shape[2]), PU, cv, u0, u1, False, 0,
-                       rows.shape[0])
+                       rows.shape[0], False, False)
         elif not fused:                # (fused: one step a chunk, projected the step before)
             _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
                      xc.reshape(Tc * B, xw.shape[3])[:(c1 - c0) * B], gates, n0, n1)
@@ -736,60 +747,61 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
 
 #: Chunks of a one-thread loop whose projection runs ahead on another core
 #: (:func:`_projection`): about this many per call, so that the loop waits only for the
-#: first, and at least ``AHEAD_MIN_ROWS`` rows each, so that each is one efficient GEMM.
-AHEAD_CHUNKS, AHEAD_MIN_ROWS = 16, 128
-#: Multiply-adds of the input projection (T B G I) from which it runs ahead: below, the
-#: pool thread's wake-up and the loop's reads of projections another core wrote cost
-#: more than the projection on the BLAS's two threads (0.80-0.91x at 200x1x64x64).
-AHEAD_MIN_WORK = 16 << 20
-#: Whether one-thread loops project ahead on another core: False (the default), never;
-#: None, where :func:`_projection` finds that it pays; True, always (tests, A/B timings).
-#: Off by default because it did not hold up in ``fastrnn bench``'s protocol: timed in
-#: fresh processes, back to back (``python bench/packed_ab.py --compare ahead``, which
-#: forces it on), it gained 1.04-1.15x at 1000x8x32x32 and 50x16x128x128 (LSTM, GRU); in
-#: the bench's workers, which pause 0.2 s between rounds, auto measured 0.84-1.01x at the
-#: same points (docs/numba.md).
-ahead = False
+#: first (a short one), and at least ``AHEAD_MIN_ROWS`` rows each (the micro-kernel's tiles
+#: full). 64 against 16: LSTM 50x16x128x128 1.36 against 1.43 ms (session 13).
+AHEAD_CHUNKS, AHEAD_MIN_ROWS = 64, 8
+#: Slots of the ring the projector fills (it waits for the loop beyond): a few chunks
+#: ahead are enough, and the ring stays in the caches.
+AHEAD_SLOTS = 4
+#: A one-thread loop projects with the micro-kernel (ahead, or a chunk at a time) where
+#: its inputs are at most this many times its hidden units (the projection at most that
+#: many times the recurrent product's work), or the projection has at most
+#: ``PANELS_MAX_WORK`` multiply-adds: then the projector on one core keeps up with the
+#: loop, or nearly. Wider inputs are projected by OpenBLAS's GEMM on its threads.
+AHEAD_MAX_INPUTS = 2
+#: Whether one-thread loops project ahead on another core: None (the default), where
+#: :func:`_projection` finds that they can; True, always; False, never (tests, A/B
+#: timings: ``python bench/packed_ab.py --compare ahead``).
+ahead = None
 #: Multiply-adds of the input projection (T B G I) up to which a one-thread loop projects
-#: each chunk with the micro-kernel, from W_ih packed as W_hh (``PROJ_PANELS``), instead
-#: of a GEMM: OpenBLAS's GEMM of a small projection (LSTM 200x1x64x64: 200x64x256) runs
-#: far from its peak.
+#: with the micro-kernel whatever its inputs: OpenBLAS's GEMM of a small projection (LSTM
+#: 200x1x64x64: 200x64x256) runs far from its peak.
 PANELS_MAX_WORK = 4 << 20
 #: Whether one-thread loops project with the micro-kernel (:func:`_projection`): None
-#: (the default), up to ``PANELS_MAX_WORK``; True, always; False, never (tests, A/B
-#: timings).
+#: (the default), by the shapes; True, always; False, never (tests, A/B timings).
 panel_chunks = None
 
 
 def _projection(T, B, I, G, gates, training):
-    """How a one-thread loop gets its input projection: ``"panels"``, the loop computes
-    each chunk before its steps with the micro-kernel (``PROJ_PANELS``), up to
-    ``PANELS_MAX_WORK`` multiply-adds (:data:`panel_chunks`), unless ``ahead`` is True;
-    ``"ahead"``, a pool thread
-    computes the chunks on the other core while the loop runs the steps
-    (:func:`project_ahead`); ``"blas"``, the loop computes each chunk before its
-    steps on the BLAS's threads; ``"alone"``, the same on one BLAS thread. With ``ahead``
-    None: ahead for a gated cell (the RNN's light steps did not keep ahead of a
-    single-threaded projection: 0.86x at 50x16x128x128 with it forced on) whose projection
-    has ``AHEAD_MIN_WORK`` multiply-adds or more in two chunks or more, where the BLAS has
-    two threads or more (the cores are there) and no other thread of the process is
-    running: a BLAS pool spinning after its last call would share the projector's core
-    (:func:`_other_threads_running`). Next to
-    such a pool, a training forward projects on it ("blas": its backward wakes it anyway),
-    an inference does not ("alone"), so that the pool falls asleep and the next call can
-    project ahead again."""
-    if ahead is not True and (panel_chunks or (panel_chunks is None
-                                               and T * B * G * I <= PANELS_MAX_WORK)):
+    """How a one-thread loop gets its input projection. By the shapes alone (so that the
+    bits do not depend on anything else): from the micro-kernel, with W_ih packed as W_hh,
+    where the inputs are at most ``AHEAD_MAX_INPUTS`` times the hidden units or the
+    projection is small (``PANELS_MAX_WORK``; :data:`panel_chunks` forces it either way),
+    else from OpenBLAS's GEMM. From the micro-kernel: ``"ahead"``, a worker computes the
+    chunks on another core while the loop runs the steps (:func:`project_ahead`), in an
+    inference where the BLAS has two threads or more (the cores are there), the sequence
+    makes two chunks or more, and no other thread runs (:func:`_other_threads_running`: a
+    BLAS pool spinning after its last call would share the projector's core); else
+    ``"panels"``, the loop computes each chunk before its steps (``PROJ_PANELS``). The two
+    give the same bits: the projector's chunks are summed as the loop's (``by_batch``
+    False in :func:`_recurrent`). A training forward takes ``"panels"``: its backward runs
+    OpenBLAS's GEMMs next, beside the worker still spinning. From the GEMM: ``"blas"``,
+    the loop computes each chunk before its steps on the BLAS's threads; ``"alone"``, on
+    one, next to a running thread in an inference (so that the BLAS pool falls asleep).
+    ``ahead`` True: always ``"ahead"``; False: never."""
+    if ahead is True:
+        return "ahead"
+    H = G // gates
+    kernel = panel_chunks if panel_chunks is not None else (
+        I <= AHEAD_MAX_INPUTS * H or T * B * G * I <= PANELS_MAX_WORK)
+    if kernel:
+        if (ahead is None and not training and _blas_threads() >= 2
+                and _ahead_chunk(T, B, G) < T and not _other_threads_running()):
+            return "ahead"
         return "panels"
-    if ahead is not None:
-        return "ahead" if ahead else "blas"
-    want = _blas_threads()
-    if (want < 2 or gates == 1 or T * B * G * I < AHEAD_MIN_WORK
-            or _ahead_chunk(T, B, G) >= T):          # one chunk: nothing to overlap
-        return "blas"
-    if _other_threads_running():
-        return "blas" if training else "alone"
-    return "ahead"
+    if not training and _blas_threads() >= 2 and _other_threads_running():
+        return "alone"
+    return "blas"
 
 
 try:
@@ -806,28 +818,14 @@ def _current_cpu():
     return cpu if cpu >= 0 else None
 
 
-def _off_cpu(cpu, counters, fn, *args):
-    """``fn(*args)`` in a pool thread kept off ``cpu``, the calling thread's, for the call.
-    The loops' threads wait on each other (a barrier per step, or the next projected chunk):
-    a pool thread woken onto its caller's CPU, which the scheduler did after the pool had
-    slept for 0.2 s, shared it with the caller for the whole call (GRU 50x16x128x128: 1.8
-    ms instead of 1.2, every call of a timing taken after a pause). If ``fn`` fails, the
-    loop's ``counters`` are set to ``RELEASE`` before the error goes to the caller."""
-    allowed = None
+def _releasing(counters, fn, *args):
+    """``fn(*args)``; if it fails, the loop's ``counters`` are set to ``RELEASE`` (so that
+    the threads waiting on this one run out) before the error goes on."""
     try:
-        if cpu is not None and hasattr(os, "sched_getaffinity"):
-            allowed = os.sched_getaffinity(0)
-            if allowed - {cpu}:
-                os.sched_setaffinity(0, allowed - {cpu})
-            else:
-                allowed = None
         fn(*args)
     except BaseException:
         counters[:] = RELEASE
         raise
-    finally:
-        if allowed is not None:
-            os.sched_setaffinity(0, allowed)
 
 
 def _chunk_steps(T, B, G):
@@ -886,13 +884,12 @@ def _projection_buffers(nthreads, mode, x, w_ih, panels, panels_ih, gates):
     if mode == "panels":              # a chunk's projections, in the layout of ``a``
         return (PROJ_PANELS, aligned_empty((1, _chunk_steps(T, B, G), B, NR * U)), w_ih,
                 packed(w_ih, gates))
-    if mode == "ahead":
+    if mode == "ahead":               # a ring of chunks, in the layout of ``a``
         Tc = _ahead_chunk(T, B, G)
-        slots = min(-(-T // Tc), max(2, CHUNK_FLOATS // (Tc * B * G)))
-    else:
-        Tc, slots = _chunk_steps(T, B, G), 1
-    return (PROJ_AHEAD if mode == "ahead" else PROJ_BLAS,
-            _workspace.empty((slots, Tc, B, G), np.float32),
+        return (PROJ_AHEAD, aligned_empty((min(-(-T // Tc), AHEAD_SLOTS), Tc, B, NR * U)),
+                w_ih, packed(w_ih, gates))
+    return (PROJ_BLAS,
+            _workspace.empty((1, _chunk_steps(T, B, G), B, G), np.float32),
             _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads),
             np.empty((1, 0, NR), dtype=np.float32))
 
@@ -911,39 +908,41 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
     x2 = x.reshape(T * B, I)
     call = (gemm, x2, w_proj, panels) + args + (xw, a, fl)
     if mode in ("blas", "fused", "panels"):
-        cell_thread(*call, 0, 1, proj, False, panels_ih)
+        cell_thread(*call, 0, 1, proj, False, panels_ih, _hotpool.tickets, 0)
         return
     with _single_threaded_blas():
         if mode == "alone":
-            cell_thread(*call, 0, 1, proj, False, panels_ih)
+            cell_thread(*call, 0, 1, proj, False, panels_ih, _hotpool.tickets, 0)
             return
         if mode == "ahead":
-            jobs = [(project_ahead, gemm, x2, w_ih, xw, T, reverse, fl)]
+            U, cv = panels.shape[0], (NR * U // abs(cell)) if abs(cell) > 1 else VW
+            jobs = [(project_ahead, panels_ih, x2, xw, T, reverse, fl, _panel_units(abs(cell)),
+                     cv)]
         else:
-            jobs = ((cell_thread, *call, tid, nthreads, proj, mode == "rows", panels_ih)
-                    for tid in range(1, nthreads))
-        with_pool(fl, jobs, lambda: cell_thread(*call, 0, nthreads, proj, mode == "rows",
-                                                panels_ih))
+            jobs = ((cell_thread, *call, tid, nthreads, proj, mode == "rows", panels_ih,
+                     _hotpool.tickets, 0) for tid in range(1, nthreads))
+        with_pool(fl, jobs, lambda go, gen: cell_thread(*call, 0, nthreads, proj, mode == "rows",
+                                                        panels_ih, go, gen))
 
 
 def with_pool(counters, jobs, here):
-    """``here()`` on the calling thread while each ``(fn, *args)`` of ``jobs`` runs on the
-    pool, kept off the caller's CPU (:func:`_off_cpu`): the threads of one loop (this
-    module's, and :mod:`.packed_bptt`'s). If anything fails (a job, a submit, ``here``),
-    the loop's ``counters`` are set to ``RELEASE``, so that the threads waiting on the
-    failed one run out; every job started is waited for, and the error raised."""
-    pool, cpu = _executor(), _current_cpu()
-    futures = []
-    try:
-        for job in jobs:
-            futures.append(pool.submit(_off_cpu, cpu, counters, *job))
-        here()
-    except BaseException:
+    """``here(go, gen)`` on the calling thread while each ``(fn, *args)`` of ``jobs`` runs on
+    a worker of :mod:`._hotpool`, kept off the caller's CPU: the threads of one loop (this
+    module's, and :mod:`.packed_bptt`'s). ``here`` passes ``go, gen`` to its compiled loop,
+    which publishes them as it starts (:func:`._hotpool.publish`), so that the workers
+    start while this thread holds no GIL; they are awake for a moment after their last
+    job, so that calls that come back to back pay no thread wake-up (a round trip
+    through a ``concurrent.futures`` pool took 47 us). A pool thread woken onto its
+    caller's CPU, which the scheduler did after the pool had slept for 0.2 s, shared it
+    with the caller for the whole call (GRU 50x16x128x128: 1.8 ms instead of 1.2, every
+    call of a timing taken after a pause): hence ``_current_cpu``. If anything fails (a
+    job, ``here``), the loop's ``counters`` are set to ``RELEASE``, so that the threads
+    waiting on the failed one run out; every job is waited for, and the error raised."""
+    def release():
         counters[:] = RELEASE
-        raise
-    finally:
-        for f in futures:
-            f.result()
+
+    _hotpool.run([functools.partial(_releasing, counters, *job) for job in jobs], here,
+                 _current_cpu(), release)
 
 
 #: Whether fused loops split the batch rows over threads (:func:`cell_thread` with

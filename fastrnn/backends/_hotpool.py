@@ -1,0 +1,232 @@
+"""Worker threads that stay awake for a moment after each job: the pool of the packed
+loops' threads (:func:`.packed_numba.with_pool`).
+
+Why: a thread blocked on a lock or a condition takes tens of microseconds to run again
+once woken, where the CPUs are virtual most of all: a no-op job's round trip through a
+``concurrent.futures`` pool took 47 us on a 2-core KVM guest, against a B = 1 LSTM call of
+about 240 us, and the projector of a loop that projects ahead on the other core
+(:func:`.packed_numba.project_ahead`) cost more to start than it saved. So a worker here,
+after its job, spins on its job counter in compiled code (without the GIL) for
+:data:`spin_us` microseconds before it sleeps; a job posted meanwhile starts within a
+microsecond or so. A loop's calls from a timing loop, or the forward and backward of a
+training step, come back to back and find it awake.
+
+The spin is short on purpose: a pool that spins long after its last call (OpenBLAS's for
+about 0.1 s, OpenMP's and ONNX Runtime's by default) takes a core from whatever runs next
+in the process (docs/numba.md). Set :data:`spin_us` (or ``FASTRNN_SPIN_US`` before the
+import) to 0 for workers that sleep at once.
+
+A worker runs one job at a time, posted by one caller at a time (the packed loops take
+:data:`.packed_numba._pool_loop` first); :func:`thread_ids` lets the loops' check for
+other running threads (:func:`.packed_numba._other_threads_running`) leave its spinning
+workers out.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._simd import FLAG_STRIDE, arrive, load_acquire, store_release, wait_for
+
+#: Microseconds a worker spins for its next job before it sleeps.
+spin_us = float(os.environ.get("FASTRNN_SPIN_US", "300"))
+
+
+@intrinsic
+def _monotonic_ns(typingctx):
+    """CLOCK_MONOTONIC in nanoseconds, from libc's ``clock_gettime`` (a vDSO call on
+    Linux, tens of nanoseconds)."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        timespec = ir.LiteralStructType([i64, i64])
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32), timespec.as_pointer()]),
+            "clock_gettime")
+        ts = cgutils.alloca_once(builder, timespec)
+        builder.call(fn, [ir.Constant(ir.IntType(32), 1), ts])     # CLOCK_MONOTONIC
+        sec = builder.load(builder.gep(ts, [ir.Constant(ir.IntType(32), 0),
+                                            ir.Constant(ir.IntType(32), 0)]))
+        nsec = builder.load(builder.gep(ts, [ir.Constant(ir.IntType(32), 0),
+                                             ir.Constant(ir.IntType(32), 1)]))
+        return builder.add(builder.mul(sec, ir.Constant(i64, 1_000_000_000)), nsec)
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def spin_until(flags, i, value, ns):
+    """Whether ``flags[i]`` reached ``value`` (read with acquire) within ``ns``
+    nanoseconds of spinning."""
+    if load_acquire(flags, i) >= value:
+        return True
+    deadline = _monotonic_ns() + ns
+    n = 0
+    while load_acquire(flags, i) < value:
+        n += 1
+        if n % 64 == 0 and _monotonic_ns() > deadline:
+            return False
+    return True
+
+
+#: The workers' shared ticket: a caller publishes a generation of jobs as
+#: ``tickets[0] = gen`` (:func:`publish`), from compiled code where it can (see
+#: :func:`run`).
+tickets = np.zeros(FLAG_STRIDE, np.int64)
+_generation = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def publish(go, gen):
+    """``go[0] = gen`` with release (``gen`` 0: nothing): what a loop's first thread calls
+    as it starts, with the GIL released (:func:`run`)."""
+    if gen > 0:
+        store_release(go, 0, gen)
+
+
+class Worker:
+    """A daemon thread that runs the job assigned to it for a generation once the
+    generation is published, then spins for the next (:data:`spin_us`), then sleeps."""
+
+    def __init__(self, index):
+        self.done = np.zeros(FLAG_STRIDE, np.int64)    # [0]: the last generation it ran
+        self.next = (0, None, None)                    # (generation, job, caller's CPU)
+        self.error = None
+        self.asleep = False
+        self.wake = threading.Event()
+        self.off = self.allowed = None     # the CPU out of its affinity, and the rest
+        self.thread = threading.Thread(target=self._main, name=f"fastrnn-packed-{index}",
+                                       daemon=True)
+        self.thread.start()
+
+    def assign(self, gen, job, cpu):
+        """Run ``job()`` once generation ``gen`` is published, off ``cpu`` (the caller's,
+        None: anywhere)."""
+        self.next = (gen, job, cpu)
+        if self.asleep:                # (_main: it sets ``asleep``, then looks again)
+            self.wake.set()
+
+    def join(self, gen):
+        """Wait until generation ``gen``'s job has run; its error, or None."""
+        wait_for(self.done, 0, gen)
+        error, self.error = self.error, None
+        return error
+
+    def _pin_off(self, cpu):
+        """Keep this thread off ``cpu`` (the caller's): the loops' threads wait on each
+        other, and a pool thread woken onto its caller's CPU shared it for the whole call
+        (:func:`.packed_numba.with_pool`). Set once and kept while the callers stay on that
+        CPU: setting and restoring it at every job cost 7 us of a B = 1 call."""
+        if cpu is None or cpu == self.off or self.allowed is None:
+            return
+        if self.allowed - {cpu}:
+            os.sched_setaffinity(0, self.allowed - {cpu})
+            self.off = cpu
+
+    def _main(self):
+        self.allowed = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+        seen = 0
+        while True:
+            if not spin_until(tickets, 0, seen + 1, int(spin_us * 1e3)):
+                # Asleep, then look again for a job assigned: an assign() that came
+                # before this look sees ``asleep`` and wakes it. (Its generation is
+                # published later, from compiled code, which cannot wake it: never sleep
+                # with a job assigned.)
+                self.asleep = True
+                if self.next[0] <= seen:
+                    self.wake.wait()
+                self.wake.clear()
+                self.asleep = False
+                continue
+            seen = current(tickets)
+            gen, job, cpu = self.next
+            if gen != seen:                    # a generation without a job for this one
+                continue
+            self.next = (0, None, None)
+            try:
+                self._pin_off(cpu)
+                job()
+            except BaseException as exc:       # the caller's join() raises it
+                self.error = exc
+            arrive(self.done, 0, gen)
+
+
+@numba.njit(cache=True, nogil=True)
+def current(go):
+    """``go[0]``, read with acquire."""
+    return load_acquire(go, 0)
+
+
+_workers: list[Worker] = []
+_lock = threading.Lock()
+
+
+def worker(i):
+    """The ``i``-th worker, started on first use."""
+    with _lock:
+        while len(_workers) <= i:
+            _workers.append(Worker(len(_workers)))
+        return _workers[i]
+
+
+def awake():
+    """How many workers are awake (spinning for a job, or running one)."""
+    return sum(not w.asleep for w in _workers)
+
+
+def thread_ids():
+    """The native thread ids of the workers started so far."""
+    return {w.thread.native_id for w in _workers}
+
+
+def run(jobs, here, cpu=None, on_error=None):
+    """``here(tickets, gen)`` on the calling thread while each job of ``jobs`` (callables)
+    runs on a worker, off ``cpu``; the jobs start once ``gen`` is published: ``here``
+    should call :func:`publish` ``(tickets, gen)`` from compiled code, with the GIL
+    released, so that the workers, taking the GIL to start their jobs, never wait for it
+    (a thread that waits for the GIL sleeps, and wakes tens of microseconds late); where it
+    has not, it is published after ``here`` returns. Every job is waited for; a job's
+    error, or ``here``'s, is raised (``on_error()`` called first, for ``here``'s: it must
+    let the jobs end)."""
+    global _generation
+    _generation += 1
+    gen = _generation
+    assigned = []
+    try:
+        for job in jobs:
+            w = worker(len(assigned))
+            w.assign(gen, job, cpu)
+            assigned.append(w)
+        here(tickets, gen)
+    except BaseException:
+        if on_error is not None:
+            on_error()
+        publish(tickets, gen)
+        for w in assigned:
+            w.join(gen)
+        raise
+    publish(tickets, gen)
+    errors = [e for e in [w.join(gen) for w in assigned] if e is not None]
+    if errors:
+        raise errors[0]
+
+
+def _forget_workers():
+    """In a forked child: the parent's workers do not exist there."""
+    global _lock
+    _workers.clear()
+    tickets[:] = 0
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)

@@ -1,0 +1,131 @@
+"""The packed loops' worker pool (fastrnn/backends/_hotpool.py): jobs start when their
+generation is published, from compiled code or after ``here``; a sleeping worker is
+woken; errors reach the caller; the workers stay off the caller's CPU, out of the check
+for other running threads, and out of a forked child."""
+
+import os
+import threading
+import time
+
+import numba
+import numpy as np
+import pytest
+
+from fastrnn.backends import _hotpool, packed_numba as pk
+
+
+@numba.njit(nogil=True)
+def _publish_then_wait(go, gen, seen):
+    """A loop's first thread: publish, then wait (off the GIL) for the job to run."""
+    _hotpool.publish(go, gen)
+    while _hotpool.current(seen) < 1:
+        pass
+
+
+def _until_asleep(w, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not w.asleep:
+        assert time.monotonic() < end, "the worker never slept"
+        time.sleep(0.001)
+
+
+def test_jobs_start_when_their_generation_is_published(monkeypatch):
+    """``here`` publishing from compiled code starts the job while it waits; a worker
+    asleep (no spin) is woken by its assignment, every time (a lost wake-up would hang
+    here, the job assigned but published where nothing can wake the worker)."""
+    for spin in (1000.0, 0.0):
+        monkeypatch.setattr(_hotpool, "spin_us", spin)
+        for i in range(50):
+            seen = np.zeros(1, np.int64)
+            ran = []
+
+            def job(seen=seen, ran=ran):
+                ran.append(threading.get_native_id())
+                seen[0] = 1
+
+            if spin == 0.0 and i % 10 == 0:
+                _until_asleep(_hotpool.worker(0))
+            _hotpool.run([job], lambda go, gen, seen=seen: _publish_then_wait(go, gen, seen))
+            assert len(ran) == 1 and ran[0] != threading.get_native_id()
+
+
+def test_a_here_that_never_publishes_still_gets_its_jobs_run():
+    ran = []
+    _hotpool.run([lambda: ran.append(1), lambda: ran.append(2)], lambda go, gen: None)
+    assert sorted(ran) == [1, 2]
+
+
+def test_errors_reach_the_caller():
+    """A job's error is raised after every job has ended; ``here``'s error calls
+    ``on_error`` (which must let the jobs end) and is raised."""
+    ran = []
+
+    def fail():
+        raise ValueError("job failed")
+
+    with pytest.raises(ValueError, match="job failed"):
+        _hotpool.run([fail, lambda: ran.append(1)], lambda go, gen: None)
+    assert ran == [1]
+    released = []
+
+    def here(go, gen):
+        raise KeyError("here failed")
+
+    with pytest.raises(KeyError, match="here failed"):
+        _hotpool.run([lambda: ran.append(2)], here, on_error=lambda: released.append(1))
+    assert released == [1] and ran == [1, 2]
+    _hotpool.run([lambda: ran.append(3)], lambda go, gen: None)    # the pool still works
+    assert ran[-1] == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity")
+def test_workers_run_off_the_callers_cpu():
+    """A job runs with the caller's CPU out of its worker's affinity (kept while the
+    caller stays there), and with none taken out where the caller's CPU is unknown."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: there is no other to move to")
+    seen = []
+    for cpu in sorted(allowed)[:2]:
+        _hotpool.run([lambda: seen.append(os.sched_getaffinity(0))], lambda go, gen: None,
+                     cpu)
+        assert seen[-1] == allowed - {cpu}
+        assert _hotpool.worker(0).off == cpu
+    _hotpool.run([lambda: seen.append(os.sched_getaffinity(0))], lambda go, gen: None, None)
+    assert seen[-1] == allowed - {cpu}                   # unknown: left as it was
+
+
+def test_spinning_workers_are_not_other_running_threads(monkeypatch):
+    """A worker spinning for its next job is this module's own: the loops' check for
+    other running threads (which sends split loops to the BLAS loops) leaves it out."""
+    monkeypatch.setattr(_hotpool, "spin_us", 2e6)
+    _hotpool.run([lambda: None], lambda go, gen: None)
+    w = _hotpool.worker(0)
+    assert not w.asleep
+    end = time.monotonic() + 10
+    while pk._other_threads_running():          # an earlier test's BLAS pool may spin
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    assert not w.asleep                         # still spinning, and not counted
+    monkeypatch.setattr(_hotpool, "spin_us", 0.0)
+    _hotpool.run([lambda: None], lambda go, gen: None)
+    _until_asleep(w)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_starts_its_own_workers():
+    _hotpool.run([lambda: None], lambda go, gen: None)          # the parent has a worker
+    pid = os.fork()
+    if pid == 0:                                                # the child
+        code = 1
+        try:
+            ran = []
+            t = threading.Thread(target=lambda: _hotpool.run(
+                [lambda: ran.append(1)], lambda go, gen: None), daemon=True)
+            t.start()
+            t.join(20)
+            code = 0 if ran == [1] else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
