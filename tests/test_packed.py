@@ -296,6 +296,8 @@ def test_the_projection_runs_ahead_only_on_an_idle_core(monkeypatch):
     assert pk._projection(**small, training=False) == "ahead"
     assert pk._projection(**small, training=True) == "panels"
     assert pk._projection(**{**small, "T": 2}, training=False) == "panels"    # one chunk
+    assert 200 * 256 * 16 < pk.AHEAD_MIN_WORK
+    assert pk._projection(**{**small, "I": 16}, training=False) == "panels"   # too small
     assert pk._projection(**wide, training=False) == "blas"
     assert pk._projection(**{**wide, "I": 256}, training=False) == "ahead"   # I = 2 H
     stop = _spinning_thread()

@@ -750,6 +750,11 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
 #: first (a short one), and at least ``AHEAD_MIN_ROWS`` rows each (the micro-kernel's tiles
 #: full). 64 against 16: LSTM 50x16x128x128 1.36 against 1.43 ms (session 13).
 AHEAD_CHUNKS, AHEAD_MIN_ROWS = 64, 8
+#: Multiply-adds of the input projection (T B G I) from which it runs ahead: below, the
+#: projection saved less than the worker's start and the check for other running threads
+#: cost (about 20 us a call; the RNN at 200x1x64x64, 0.8M: 0.81x of the loop projecting
+#: its one chunk itself; ``python bench/packed_ab.py --compare ahead``).
+AHEAD_MIN_WORK = 2 << 20
 #: Slots of the ring the projector fills (it waits for the loop beyond): a few chunks
 #: ahead are enough, and the ring stays in the caches.
 AHEAD_SLOTS = 4
@@ -779,8 +784,9 @@ def _projection(T, B, I, G, gates, training):
     projection is small (``PANELS_MAX_WORK``; :data:`panel_chunks` forces it either way),
     else from OpenBLAS's GEMM. From the micro-kernel: ``"ahead"``, a worker computes the
     chunks on another core while the loop runs the steps (:func:`project_ahead`), in an
-    inference where the BLAS has two threads or more (the cores are there), the sequence
-    makes two chunks or more, and no other thread runs (:func:`_other_threads_running`: a
+    inference of ``AHEAD_MIN_WORK`` multiply-adds of projection or more, where the BLAS has
+    two threads or more (the cores are there), the sequence makes two chunks or more, and
+    no other thread runs (:func:`_other_threads_running`: a
     BLAS pool spinning after its last call would share the projector's core); else
     ``"panels"``, the loop computes each chunk before its steps (``PROJ_PANELS``). The two
     give the same bits: the projector's chunks are summed as the loop's (``by_batch``
@@ -795,8 +801,9 @@ def _projection(T, B, I, G, gates, training):
     kernel = panel_chunks if panel_chunks is not None else (
         I <= AHEAD_MAX_INPUTS * H or T * B * G * I <= PANELS_MAX_WORK)
     if kernel:
-        if (ahead is None and not training and _blas_threads() >= 2
-                and _ahead_chunk(T, B, G) < T and not _other_threads_running()):
+        if (ahead is None and not training and T * B * G * I >= AHEAD_MIN_WORK
+                and _blas_threads() >= 2 and _ahead_chunk(T, B, G) < T
+                and not _other_threads_running()):
             return "ahead"
         return "panels"
     if not training and _blas_threads() >= 2 and _other_threads_running():
@@ -910,19 +917,26 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
     if mode in ("blas", "fused", "panels"):
         cell_thread(*call, 0, 1, proj, False, panels_ih, _hotpool.tickets, 0)
         return
-    with _single_threaded_blas():
-        if mode == "alone":
+    if mode == "alone":
+        with _single_threaded_blas():
             cell_thread(*call, 0, 1, proj, False, panels_ih, _hotpool.tickets, 0)
-            return
-        if mode == "ahead":
-            U, cv = panels.shape[0], (NR * U // abs(cell)) if abs(cell) > 1 else VW
-            jobs = [(project_ahead, panels_ih, x2, xw, T, reverse, fl, _panel_units(abs(cell)),
-                     cv)]
-        else:
-            jobs = ((cell_thread, *call, tid, nthreads, proj, mode == "rows", panels_ih,
-                     _hotpool.tickets, 0) for tid in range(1, nthreads))
-        with_pool(fl, jobs, lambda go, gen: cell_thread(*call, 0, nthreads, proj, mode == "rows",
-                                                        panels_ih, go, gen))
+        return
+    if mode == "ahead":
+        cv = NR * U // abs(cell) if abs(cell) > 1 else VW
+        jobs = [(project_ahead, panels_ih, x2, xw, T, reverse, fl, _panel_units(abs(cell)),
+                 cv)]
+    else:
+        jobs = [(cell_thread, *call, tid, nthreads, proj, mode == "rows", panels_ih,
+                 _hotpool.tickets, 0) for tid in range(1, nthreads)]
+
+    def here(go, gen):
+        cell_thread(*call, 0, nthreads, proj, mode == "rows", panels_ih, go, gen)
+
+    if mode == "ahead" or panels_ih is not None:      # no BLAS call on any thread
+        with_pool(fl, jobs, here)
+    else:                             # each thread's GEMMs on one BLAS thread
+        with _single_threaded_blas():
+            with_pool(fl, jobs, here)
 
 
 def with_pool(counters, jobs, here):
