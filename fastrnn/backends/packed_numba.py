@@ -478,10 +478,12 @@ def describe():
     return (f"{state} for float32 LSTM/GRU/RNN forwards; {VW}-lane vectors ({isa}), tiles of "
             f"{MR_LSTM} (LSTM) / {MR_GRU} (GRU) rows; split over threads by hidden units from "
             f"{MIN_SPLIT_STEP_WORK} multiply-adds per step while no other thread runs; "
-            f"projection ahead on another core {how[ahead]} (packed_numba.ahead); fused "
-            f"projection {how[fused]} (packed_numba.fused); small one-thread projections "
-            f"from W_ih's panels {how[panel_chunks]}, up to {PANELS_MAX_WORK} multiply-adds "
-            f"(packed_numba.panel_chunks); batch rows split {how[rows]} (packed_numba.rows)")
+            f"projection ahead on another core {how[ahead]}, from {AHEAD_MIN_WORK} "
+            f"multiply-adds (packed_numba.ahead); fused "
+            f"projection {how[fused]} (packed_numba.fused); one-thread projections from "
+            f"W_ih's panels {how[panel_chunks]}: inputs at most {AHEAD_MAX_INPUTS} H, or up to "
+            f"{PANELS_MAX_WORK} multiply-adds (packed_numba.panel_chunks); batch rows split {how[rows]} (packed_numba.rows); "
+            f"pool workers spin {_hotpool.spin_us:g} us after a job (FASTRNN_SPIN_US)")
 
 
 def _blas_threads():
