@@ -482,7 +482,8 @@ def describe():
             f"multiply-adds (packed_numba.ahead); fused "
             f"projection {how[fused]} (packed_numba.fused); one-thread projections from "
             f"W_ih's panels {how[panel_chunks]}: inputs at most {AHEAD_MAX_INPUTS} H, or up to "
-            f"{PANELS_MAX_WORK} multiply-adds (packed_numba.panel_chunks); batch rows split {how[rows]} (packed_numba.rows); "
+            f"{PANELS_MAX_WORK} multiply-adds (packed_numba.panel_chunks); batch rows split "
+            f"{how[rows]} (packed_numba.rows); "
             f"pool workers spin {_hotpool.spin_us:g} us after a job (FASTRNN_SPIN_US)")
 
 
