@@ -8,24 +8,25 @@ threads too).
         [--mode inference|training] [--cells lstm gru]
         [--sizes 100x64x512x512,...] [--calls 9] [--freeze]
 
-``--compare blas`` (default): the BLAS loops (numba_cpu, ``packed_numba.enabled =
-False``) against the packed loops. ``--compare threads``: the packed loops on one thread
-against two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
-``MIN_SPLIT_STEP_WORK`` was set from. ``--compare ahead``: one-thread loops (forced) with
-the projection on the BLAS's threads before each chunk against projected ahead on
-another core (``packed_numba.ahead``). ``--compare fused``: the loops never fused against
-always fused (``packed_numba.fused``). ``--compare panels``: small one-thread loops
-projecting with OpenBLAS's GEMM (``packed_numba.panel_chunks = False``) against the
-micro-kernel from W_ih's panels, as shipped. ``--compare rows``: the shipped rules against the
-batch rows split wherever it can run (``packed_numba.rows = True``, no hidden-unit
-split). ``--compare affinity``: the pool threads left on any CPU (``_current_cpu``
-answers None) against kept off their caller's (``_off_cpu``), best seen with ``--pause
-0.2``. ``--compare frozen``: an eval-mode layer (weights packed at every call) against
-its frozen copy (``Module.freeze``: packed once). ``--compare bptt`` (with ``--mode
-training``): numba_cpu's backward loops (``packed_bptt.enabled = False``) against the
-packed backward. ``--compare REV`` (a git revision): the whole
-package at REV (checked out into a temporary git worktree) against the working tree,
-each as shipped: how session 6's kernel changes were judged.
+``--compare blas`` (default): the BLAS loops (numba_cpu, ``packed_numba.enabled = False``)
+against the packed loops. ``--compare threads``: the packed loops on one thread against
+two, the split forced at every size (``MIN_SPLIT_STEP_WORK = 0``): what
+``MIN_SPLIT_STEP_WORK`` was set from. ``--compare ahead``: one-thread loops (forced) never
+projecting ahead (``packed_numba.ahead = False``: each chunk before its steps, on the
+loop's thread by the micro-kernel or on the BLAS's threads, by the shapes) against always
+projected ahead on another core by the micro-kernel (``True``). ``--compare fused``: the
+loops never fused against always fused (``packed_numba.fused``). ``--compare panels``:
+one-thread loops projecting with OpenBLAS's GEMM (``packed_numba.panel_chunks = False``)
+against the micro-kernel from W_ih's panels where the shapes choose it, as shipped.
+``--compare rows``: the shipped rules against the batch rows split wherever it can run
+(``packed_numba.rows = True``, no hidden-unit split). ``--compare affinity``: the pool
+threads left on any CPU (``_current_cpu`` answers None) against kept off their caller's
+(``_hotpool.Worker._pin_off``), best seen with ``--pause 0.2``. ``--compare frozen``: an
+eval-mode layer (weights packed at every call) against its frozen copy (``Module.freeze``:
+packed once). ``--compare bptt`` (with ``--mode training``): numba_cpu's backward loops
+(``packed_bptt.enabled = False``) against the packed backward. ``--compare REV`` (a git
+revision): the whole package at REV (checked out into a temporary git worktree) against
+the working tree, each as shipped: how session 6's kernel changes were judged.
 
 Per point and round, each variant's process times the layer's inference (``--freeze``: a
 frozen copy's, as ``fastrnn bench`` times fastrnn), or a training step (forward and

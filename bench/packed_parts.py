@@ -244,9 +244,12 @@ def overhead():
         U, _, NR = panels.shape
         G = w_ih.shape[0]
         # the levels below _run in the mode the shipped call takes at this size, with the
-        # buffers _loop makes for it (made once here)
+        # buffers _loop makes for it (made once here); the compiled loop alone projecting
+        # its chunks itself where the call projects ahead (the same loop, but for the
+        # projector on the other core, which it would wait for here)
         mode = pk._projection(T, B, I, G, gates, False)
-        proj, xw, w_proj, panels_ih = pk._projection_buffers(1, mode, x, w_ih, panels, None,
+        alone = "panels" if mode == "ahead" else mode
+        proj, xw, w_proj, panels_ih = pk._projection_buffers(1, alone, x, w_ih, panels, None,
                                                              gates)
         call = (gemm_for(x.dtype), x.reshape(T * B, I), w_proj, panels) + args + (
             xw, pk.aligned_empty((B, NR * U)), pk.flags(2), 0, 1, proj, False, panels_ih,

@@ -3,6 +3,7 @@ generation is published, from compiled code or after ``here``; a sleeping worker
 woken; errors reach the caller; the workers stay off the caller's CPU, out of the check
 for other running threads, and out of a forked child."""
 
+import faulthandler
 import os
 import threading
 import time
@@ -18,8 +19,17 @@ from fastrnn.backends import _hotpool, packed_numba as pk
 def _publish_then_wait(go, gen, seen):
     """A loop's first thread: publish, then wait (off the GIL) for the job to run."""
     _hotpool.publish(go, gen)
-    while _hotpool.current(seen) < 1:
+    while _hotpool.read(seen, 0) < 1:
         pass
+
+
+@pytest.fixture(autouse=True)
+def _no_hang():
+    """A lost wake-up or a join that never ends spins in compiled code, where pytest
+    cannot interrupt it: dump the threads and fail the run instead."""
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _until_asleep(w, timeout=10.0):
@@ -98,18 +108,36 @@ def test_workers_run_off_the_callers_cpu():
 def test_spinning_workers_are_not_other_running_threads(monkeypatch):
     """A worker spinning for its next job is this module's own: the loops' check for
     other running threads (which sends split loops to the BLAS loops) leaves it out."""
-    monkeypatch.setattr(_hotpool, "spin_us", 2e6)
+    monkeypatch.setattr(_hotpool, "spin_us", 60e6)
     _hotpool.run([lambda: None], lambda go, gen: None)
     w = _hotpool.worker(0)
-    assert not w.asleep
     end = time.monotonic() + 10
     while pk._other_threads_running():          # an earlier test's BLAS pool may spin
         assert time.monotonic() < end
         time.sleep(0.05)
-    assert not w.asleep                         # still spinning, and not counted
+    assert _hotpool.awake() >= 1 and not w.asleep   # still spinning, and not counted
     monkeypatch.setattr(_hotpool, "spin_us", 0.0)
     _hotpool.run([lambda: None], lambda go, gen: None)
     _until_asleep(w)
+    assert _hotpool.awake() == 0
+
+
+def test_a_skipped_join_leaves_no_stale_error_or_job():
+    """A job's error belongs to its generation: a caller that never joined it (an
+    interrupt between joins) does not hand it to the next call, whose job still runs."""
+    w = _hotpool.worker(0)
+
+    def fail():
+        raise ValueError("old")
+
+    w.assign(10**9, fail, None)          # a generation far ahead: published below
+    _hotpool.publish(_hotpool.tickets, 10**9)
+    w.join(10**9)                        # (its error left in place, as if never joined)
+    w.error = (10**9 - 1, ValueError("stale"))
+    ran = []
+    _hotpool._generation = 10**9
+    _hotpool.run([lambda: ran.append(1)], lambda go, gen: None)
+    assert ran == [1]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")

@@ -322,21 +322,41 @@ def test_the_projector_and_the_loop_give_the_same_bits(monkeypatch):
     """Projected ahead by the worker, in chunks of a few steps, or chunk by chunk on the
     loop's thread, the micro-kernel sums each projection in the same order: the two
     modes' outputs are equal bitwise, for a last chunk of one or two rows too (where the
-    k loop in halves would sum otherwise)."""
+    k loop in halves would sum otherwise), and with inputs wide enough for several blocks
+    of k (chunks under and over ``KC_WIDE_ROWS`` rows take blocks of different sizes). A
+    loop that chose to project ahead but finds the pool taken projects its chunks itself,
+    with the same bits."""
     rng = np.random.default_rng(5)
-    for kind, H in (("lstm", 37), ("gru", 37), ("rnn_tanh", 70)):
-        m = fastrnn.make_layer(kind, 6, H, backend="numba", seed=1).eval()
-        for T, B in ((17, 1), (10, 2), (9, 5)):
-            x = rng.standard_normal((T, B, 6)).astype(np.float32)
+    modes = []
+    real = pk._loop
+
+    def spy(nthreads, mode, *args):
+        modes.append(mode)
+        return real(nthreads, mode, *args)
+
+    monkeypatch.setattr(pk, "_loop", spy)
+    monkeypatch.setattr(pk, "threads", 1)
+    monkeypatch.setattr(pk, "panel_chunks", True)
+    monkeypatch.setattr(pk, "AHEAD_MIN_ROWS", 1)
+    monkeypatch.setattr(pk, "AHEAD_CHUNKS", 4)
+    monkeypatch.setattr(pk, "fused", False)
+    for kind, I, H in (("lstm", 6, 37), ("gru", 6, 37), ("rnn_tanh", 6, 70),
+                       ("lstm", 300, 20)):
+        m = fastrnn.make_layer(kind, I, H, backend="numba", seed=1).eval()
+        for T, B in ((17, 1), (10, 2), (9, 5), (12, 8)):
+            x = rng.standard_normal((T, B, I)).astype(np.float32)
             got = {}
-            for mode in ("ahead", "panels"):
-                monkeypatch.setattr(pk, "threads", 1)
-                monkeypatch.setattr(pk, "ahead", mode == "ahead")
-                monkeypatch.setattr(pk, "panel_chunks", True)
-                monkeypatch.setattr(pk, "AHEAD_MIN_ROWS", 1)
-                monkeypatch.setattr(pk, "AHEAD_CHUNKS", 4)
-                got[mode] = m(x)[0]
+            for mode in ("ahead", "panels", "taken"):
+                monkeypatch.setattr(pk, "ahead", mode != "panels")
+                del modes[:]
+                if mode == "taken":
+                    with pk._pool_loop:
+                        got[mode] = m(x)[0]
+                else:
+                    got[mode] = m(x)[0]
+                assert modes == [{"taken": "panels"}.get(mode, mode)]
             np.testing.assert_array_equal(got["ahead"], got["panels"])
+            np.testing.assert_array_equal(got["taken"], got["panels"])
 
 
 def test_small_projections_come_from_w_ihs_panels(monkeypatch):
@@ -558,7 +578,6 @@ def test_wide_products_prefetch_the_next_panel_block():
     assert "prefetcht1" in f.inspect_asm(f.signatures[0])
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity")
 def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
     """A pool thread that fails sets the loop's counters to RELEASE (so that the loop
     waiting on it runs out instead of hanging) and its error reaches the caller."""

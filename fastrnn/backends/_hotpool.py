@@ -24,6 +24,7 @@ workers out.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 
@@ -63,19 +64,35 @@ def _monotonic_ns(typingctx):
     return sig, codegen
 
 
+#: Where a worker's ``state`` holds the generation assigned to it, the last one it ran,
+#: and 1 while it spins for a job (each on its own cache line).
+ASSIGNED, DONE, SPINNING = 0, FLAG_STRIDE, 2 * FLAG_STRIDE
+
+
 @numba.njit(cache=True, nogil=True)
-def spin_until(flags, i, value, ns):
-    """Whether ``flags[i]`` reached ``value`` (read with acquire) within ``ns``
-    nanoseconds of spinning."""
-    if load_acquire(flags, i) >= value:
-        return True
+def wait_job(go, state, done, ns):
+    """The generation assigned to a worker (``state[ASSIGNED]``, past ``done``) once it is
+    published (``go[0]``), or 0 after ``ns`` nanoseconds of spinning. The worker is marked
+    spinning meanwhile (:func:`awake`). A generation published without a job for this
+    worker keeps it here, in compiled code, off the GIL."""
+    store_release(state, SPINNING, 1)
     deadline = _monotonic_ns() + ns
     n = 0
-    while load_acquire(flags, i) < value:
+    while True:
+        assigned = load_acquire(state, ASSIGNED)
+        if assigned > done and load_acquire(go, 0) >= assigned:
+            store_release(state, SPINNING, 0)
+            return assigned
         n += 1
         if n % 64 == 0 and _monotonic_ns() > deadline:
-            return False
-    return True
+            store_release(state, SPINNING, 0)
+            return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def read(state, i):
+    """``state[i]``, read with acquire."""
+    return load_acquire(state, i)
 
 
 #: The workers' shared ticket: a caller publishes a generation of jobs as
@@ -98,10 +115,11 @@ class Worker:
     generation is published, then spins for the next (:data:`spin_us`), then sleeps."""
 
     def __init__(self, index):
-        self.done = np.zeros(FLAG_STRIDE, np.int64)    # [0]: the last generation it ran
+        self.state = np.zeros(3 * FLAG_STRIDE, np.int64)
+        self.lock = threading.Lock()
         self.next = (0, None, None)                    # (generation, job, caller's CPU)
-        self.error = None
-        self.asleep = False
+        self.error = (0, None)                         # (generation, its job's error)
+        self.asleep = self.stopping = False
         self.wake = threading.Event()
         self.off = self.allowed = None     # the CPU out of its affinity, and the rest
         self.thread = threading.Thread(target=self._main, name=f"fastrnn-packed-{index}",
@@ -111,15 +129,21 @@ class Worker:
     def assign(self, gen, job, cpu):
         """Run ``job()`` once generation ``gen`` is published, off ``cpu`` (the caller's,
         None: anywhere)."""
-        self.next = (gen, job, cpu)
+        with self.lock:
+            self.next = (gen, job, cpu)
+        arrive(self.state, 0, gen)     # state[ASSIGNED], after the job (release)
         if self.asleep:                # (_main: it sets ``asleep``, then looks again)
             self.wake.set()
 
     def join(self, gen):
-        """Wait until generation ``gen``'s job has run; its error, or None."""
-        wait_for(self.done, 0, gen)
-        error, self.error = self.error, None
-        return error
+        """Wait until generation ``gen``'s job (or a later one) has run; its error, or
+        None."""
+        wait_for(self.state, DONE, gen)
+        with self.lock:
+            failed, error = self.error
+            if failed <= gen:
+                self.error = (0, None)
+        return error if failed == gen else None
 
     def _pin_off(self, cpu):
         """Keep this thread off ``cpu`` (the caller's): the loops' threads wait on each
@@ -134,36 +158,34 @@ class Worker:
 
     def _main(self):
         self.allowed = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
-        seen = 0
-        while True:
-            if not spin_until(tickets, 0, seen + 1, int(spin_us * 1e3)):
+        done = 0
+        while not self.stopping:
+            gen = wait_job(tickets, self.state, done, int(spin_us * 1e3))
+            if gen == 0:
                 # Asleep, then look again for a job assigned: an assign() that came
                 # before this look sees ``asleep`` and wakes it. (Its generation is
                 # published later, from compiled code, which cannot wake it: never sleep
                 # with a job assigned.)
                 self.asleep = True
-                if self.next[0] <= seen:
+                if read(self.state, ASSIGNED) <= done and not self.stopping:
                     self.wake.wait()
                 self.wake.clear()
                 self.asleep = False
                 continue
-            seen = current(tickets)
-            gen, job, cpu = self.next
-            if gen != seen:                    # a generation without a job for this one
-                continue
-            self.next = (0, None, None)
+            with self.lock:
+                assigned, job, cpu = self.next
+                if assigned != gen:            # a later assignment (a join skipped):
+                    continue                   # it waits for its own publication
+                self.next = (0, None, None)
             try:
                 self._pin_off(cpu)
                 job()
-            except BaseException as exc:       # the caller's join() raises it
-                self.error = exc
-            arrive(self.done, 0, gen)
-
-
-@numba.njit(cache=True, nogil=True)
-def current(go):
-    """``go[0]``, read with acquire."""
-    return load_acquire(go, 0)
+            except BaseException as exc:       # the caller's join() returns it
+                with self.lock:
+                    self.error = (gen, exc)
+            job = None                         # the call's buffers go back to the pool now
+            done = gen
+            arrive(self.state, 1, gen)         # state[DONE]
 
 
 _workers: list[Worker] = []
@@ -179,8 +201,8 @@ def worker(i):
 
 
 def awake():
-    """How many workers are awake (spinning for a job, or running one)."""
-    return sum(not w.asleep for w in _workers)
+    """How many workers are spinning for a job right now (runnable, if not running)."""
+    return sum(int(w.state[SPINNING]) for w in _workers)
 
 
 def thread_ids():
@@ -228,5 +250,16 @@ def _forget_workers():
     _lock = threading.Lock()
 
 
+def _stop_workers():
+    """At exit: the workers leave their loops (a daemon thread coming back from compiled
+    code while the interpreter finalizes is a known way to crash at exit)."""
+    for w in list(_workers):
+        w.stopping = True
+        w.wake.set()
+    for w in list(_workers):
+        w.thread.join(1.0)
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_workers)
+atexit.register(_stop_workers)

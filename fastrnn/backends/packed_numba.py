@@ -31,11 +31,13 @@ gates:
   before the step's recurrent product, so there is no GEMM and no chunk buffer; and
   where the packed weights fit a share of a core's L2, the threads split the batch rows
   rather than the units (:func:`_rows_for`): each runs every step for its rows, and they
-  never meet. Otherwise one thread runs the loop: a small one (at most
-  ``PANELS_MAX_WORK`` multiply-adds of input projection) projects each chunk of steps with
-  the micro-kernel from W_ih's panels (``PROJ_PANELS``), a larger one with a GEMM, and it
-  can leave the other core to the input projection (:func:`project_ahead`, into a ring
-  while the loop runs the steps; opt-in, ``ahead``). :data:`PROJ_BLAS` and the other three
+  never meet. Otherwise one thread runs the loop (:func:`_projection`): where its inputs
+  are at most ``AHEAD_MAX_INPUTS`` times its hidden units or its projection is small
+  (``PANELS_MAX_WORK``), the micro-kernel projects from W_ih's panels, on another core
+  while the loop runs the steps (:func:`project_ahead`, a worker of :mod:`._hotpool`, into
+  a ring: an inference of ``AHEAD_MIN_WORK`` or more next to no running thread), else a
+  chunk of steps at a time before them on the loop's thread (``PROJ_PANELS``), with the
+  same bits; wider inputs are projected with a GEMM. :data:`PROJ_BLAS` and the other three
   name these ways for :func:`cell_thread`.
 
 What it replaces: OpenBLAS packs ``W_hh`` anew at every call (it has no packed
@@ -469,9 +471,19 @@ POOL_WORKERS = max(3, (os.cpu_count() or 2) - 1)
 _pool_loop = threading.Lock()
 
 
+def _new_pool_lock():
+    """In a forked child: a lock held by another thread of the parent would stay held."""
+    global _pool_loop
+    _pool_loop = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_pool_lock)
+
+
 def describe():
     """One line for ``fastrnn info``: the vector width chosen for this CPU, when the
-    loops split over threads, and whether the opt-in modes are on."""
+    loops split over threads, and how the modes' switches are set."""
     isa = "AVX-512F" if VW == 16 else "no AVX-512F: AVX2 or older"
     state = "on" if enabled else "off (packed_numba.enabled)"
     how = {False: "off", None: "where it pays", True: "always"}
@@ -872,9 +884,9 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
         mode = "split"
     if mode in ("blas", "alone", "fused", "panels"):
         return _loop(1, mode, x, w_ih, panels, panels_ih, *args)
-    if not _pool_loop.acquire(blocking=False):
-        return _loop(1, "fused" if panels_ih is not None else "alone", x, w_ih, panels,
-                     panels_ih, *args)
+    if not _pool_loop.acquire(blocking=False):     # alone, with the chosen mode's bits
+        alone = "fused" if panels_ih is not None else "panels" if mode == "ahead" else "alone"
+        return _loop(1, alone, x, w_ih, panels, panels_ih, *args)
     try:
         return _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args)
     finally:
