@@ -130,14 +130,80 @@ def test_a_skipped_join_leaves_no_stale_error_or_job():
     def fail():
         raise ValueError("old")
 
-    w.assign(10**9, fail, None)          # a generation far ahead: published below
-    _hotpool.publish(_hotpool.tickets, 10**9)
-    w.join(10**9)                        # (its error left in place, as if never joined)
-    w.error = (10**9 - 1, ValueError("stale"))
+    with _hotpool._run_lock:
+        _hotpool._generation += 1
+        gen = _hotpool._generation
+        w.assign(gen, fail, None)
+        _hotpool.publish(_hotpool.tickets, gen)
+        end = time.monotonic() + 10
+        while _hotpool.read(w.state, _hotpool.DONE) < gen:     # ran, never joined
+            assert time.monotonic() < end
+            time.sleep(0.001)
+    assert w.error[0] == gen
     ran = []
-    _hotpool._generation = 10**9
     _hotpool.run([lambda: ran.append(1)], lambda go, gen: None)
-    assert ran == [1]
+    assert ran == [1] and w.error == (0, None)
+
+
+def test_no_job_starts_before_its_generation_is_published(monkeypatch):
+    """A worker spinning for a job does not start the one assigned to it until ``here``
+    publishes its generation."""
+    monkeypatch.setattr(_hotpool, "spin_us", 1e6)
+    for _ in range(5):
+        ran, before = [], []
+
+        def here(go, gen, ran=ran, before=before):
+            time.sleep(0.02)
+            before.append(list(ran))
+            _hotpool.publish(go, gen)
+
+        _hotpool.run([lambda ran=ran: ran.append(1)], here)
+        assert before == [[]] and ran == [1]
+
+
+def test_a_worker_running_a_job_is_not_counted_as_spinning(monkeypatch):
+    """``awake()`` counts the workers spinning for a job (the flag set in compiled code):
+    not one running a job, nor one asleep."""
+    monkeypatch.setattr(_hotpool, "spin_us", 60e6)
+    w = _hotpool.worker(0)
+    during = []
+    _hotpool.run([lambda: during.append(int(w.state[_hotpool.SPINNING]))], lambda go, gen: None)
+    assert during == [0]
+    end = time.monotonic() + 10
+    while not w.state[_hotpool.SPINNING]:        # spinning for the next job now
+        assert time.monotonic() < end
+        time.sleep(0.001)
+    assert _hotpool.awake() >= 1
+    monkeypatch.setattr(_hotpool, "spin_us", 0.0)
+    _hotpool.run([lambda: None], lambda go, gen: None)
+    _until_asleep(w)
+    assert not w.state[_hotpool.SPINNING]
+
+
+def test_the_spin_setting_is_checked_and_the_pool_stops_at_exit():
+    """``FASTRNN_SPIN_US`` must be a number of microseconds (named in the error); after
+    the workers stop at exit, a loop that would split runs on its caller's thread, right."""
+    import subprocess
+    import sys
+    env = {**os.environ, "FASTRNN_SPIN_US": "soon"}
+    bad = subprocess.run([sys.executable, "-c", "import fastrnn.backends._hotpool"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FASTRNN_SPIN_US" in bad.stderr
+    code = """
+import numpy as np, fastrnn
+from fastrnn.backends import _hotpool, packed_numba as pk
+pk.threads, pk.MIN_SPLIT_STEP_WORK = 2, 0
+m = fastrnn.make_layer("lstm", 8, 2 * pk.VW, backend="numba", seed=0).eval()
+x = np.random.default_rng(0).standard_normal((6, 4, 8)).astype(np.float32)
+want = m(x)[0]
+_hotpool._stop_workers()
+assert not _hotpool.available()
+np.testing.assert_array_equal(m(x)[0], want)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")

@@ -38,7 +38,14 @@ from numba.extending import intrinsic
 from ._simd import FLAG_STRIDE, arrive, load_acquire, store_release, wait_for
 
 #: Microseconds a worker spins for its next job before it sleeps.
-spin_us = float(os.environ.get("FASTRNN_SPIN_US", "300"))
+spin_us = os.environ.get("FASTRNN_SPIN_US", "300")
+try:
+    spin_us = float(spin_us)
+    if not 0 <= spin_us <= 3.6e9:
+        raise ValueError
+except ValueError:
+    raise ValueError(f"FASTRNN_SPIN_US must be a number of microseconds from 0 to 3.6e9, "
+                     f"got {spin_us!r}") from None
 
 
 @intrinsic
@@ -153,14 +160,17 @@ class Worker:
         if cpu is None or cpu == self.off or self.allowed is None:
             return
         if self.allowed - {cpu}:
-            os.sched_setaffinity(0, self.allowed - {cpu})
-            self.off = cpu
+            try:
+                os.sched_setaffinity(0, self.allowed - {cpu})
+                self.off = cpu
+            except OSError:            # (the CPUs allowed changed): run wherever it is
+                self.allowed = None
 
     def _main(self):
         self.allowed = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
         done = 0
         while not self.stopping:
-            gen = wait_job(tickets, self.state, done, int(spin_us * 1e3))
+            gen = wait_job(tickets, self.state, done, _spin_ns())
             if gen == 0:
                 # Asleep, then look again for a job assigned: an assign() that came
                 # before this look sees ``asleep`` and wakes it. (Its generation is
@@ -188,15 +198,36 @@ class Worker:
             arrive(self.state, 1, gen)         # state[DONE]
 
 
+def _spin_ns():
+    """:data:`spin_us` in nanoseconds, within [0, one hour] (anything else: 0)."""
+    try:
+        return int(min(max(float(spin_us), 0.0), 3.6e9) * 1e3)
+    except (TypeError, ValueError):
+        return 0
+
+
 _workers: list[Worker] = []
 _lock = threading.Lock()
+#: One caller of :func:`run` at a time (the loops take ``packed_numba._pool_loop`` first:
+#: this one makes the generations and their publication safe for any caller).
+_run_lock = threading.Lock()
+#: True once the workers have stopped at exit: callers must not use the pool then
+#: (:func:`available`).
+stopped = False
+
+
+def available():
+    """Whether the pool can take jobs (not after its workers stopped at exit)."""
+    return not stopped
 
 
 def worker(i):
-    """The ``i``-th worker, started on first use."""
+    """The ``i``-th worker, started on first use (again, where its thread has died)."""
     with _lock:
         while len(_workers) <= i:
             _workers.append(Worker(len(_workers)))
+        if not _workers[i].thread.is_alive():
+            _workers[i] = Worker(i)
         return _workers[i]
 
 
@@ -219,7 +250,14 @@ def run(jobs, here, cpu=None, on_error=None):
     has not, it is published after ``here`` returns. Every job is waited for; a job's
     error, or ``here``'s, is raised (``on_error()`` called first, for ``here``'s: it must
     let the jobs end)."""
+    with _run_lock:
+        _run(jobs, here, cpu, on_error)
+
+
+def _run(jobs, here, cpu, on_error):
     global _generation
+    if stopped:
+        raise RuntimeError("fastrnn's worker pool has stopped (the interpreter is exiting)")
     _generation += 1
     gen = _generation
     assigned = []
@@ -252,7 +290,10 @@ def _forget_workers():
 
 def _stop_workers():
     """At exit: the workers leave their loops (a daemon thread coming back from compiled
-    code while the interpreter finalizes is a known way to crash at exit)."""
+    code while the interpreter finalizes is a known way to crash at exit); later calls run
+    on their caller's thread alone (:func:`available`)."""
+    global stopped
+    stopped = True
     for w in list(_workers):
         w.stopping = True
         w.wake.set()

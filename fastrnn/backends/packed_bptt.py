@@ -236,7 +236,7 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     fl = pk.flags(max(nthreads, 2))
     call = (gemm_for(x.dtype), cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates,
             hns, d_ax, d_ah, x, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, fl)
-    if nthreads == 1 or not pk._pool_loop.acquire(blocking=False):
+    if nthreads == 1 or not _hotpool.available() or not pk._pool_loop.acquire(blocking=False):
         bptt_thread(*call, 0, 1, _hotpool.tickets, 0)   # (the GEMMs on the BLAS's threads)
     else:
         try:

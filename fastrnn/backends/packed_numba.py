@@ -884,7 +884,8 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
         mode = "split"
     if mode in ("blas", "alone", "fused", "panels"):
         return _loop(1, mode, x, w_ih, panels, panels_ih, *args)
-    if not _pool_loop.acquire(blocking=False):     # alone, with the chosen mode's bits
+    if not _hotpool.available() or not _pool_loop.acquire(blocking=False):
+        # alone, with the chosen mode's bits
         alone = "fused" if panels_ih is not None else "panels" if mode == "ahead" else "alone"
         return _loop(1, alone, x, w_ih, panels, panels_ih, *args)
     try:
