@@ -515,12 +515,13 @@ def _other_threads_running():
     thread's state, 15 us with four threads (``python bench/packed_parts.py --parts
     overhead``)."""
     try:
-        fd = os.open("/proc/loadavg", os.O_RDONLY)
-        try:
+        ours = _hotpool.awake()        # before and after the read: the smaller count, so
+        fd = os.open("/proc/loadavg", os.O_RDONLY)   # that a worker woken meanwhile (by
+        try:                                         # another caller) hides nothing
             running = int(os.read(fd, 128).split()[3].split(b"/")[0])
         finally:
             os.close(fd)
-        if running <= 1 + _hotpool.awake():
+        if running <= 1 + min(ours, _hotpool.awake()):
             return False
     except (OSError, ValueError, IndexError):
         pass
