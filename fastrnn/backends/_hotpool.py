@@ -35,17 +35,19 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._simd import FLAG_STRIDE, arrive, load_acquire, store_release, wait_for
+from ._simd import FLAG_STRIDE, load_acquire, store_release, wait_for
 
+#: The longest spin :data:`spin_us` may ask for (an hour).
+MAX_SPIN_US = 3.6e9
 #: Microseconds a worker spins for its next job before it sleeps.
 spin_us = os.environ.get("FASTRNN_SPIN_US", "300")
 try:
     spin_us = float(spin_us)
-    if not 0 <= spin_us <= 3.6e9:
+    if not 0 <= spin_us <= MAX_SPIN_US:
         raise ValueError
 except ValueError:
-    raise ValueError(f"FASTRNN_SPIN_US must be a number of microseconds from 0 to 3.6e9, "
-                     f"got {spin_us!r}") from None
+    raise ValueError(f"FASTRNN_SPIN_US must be a number of microseconds from 0 to "
+                     f"{MAX_SPIN_US:g}, got {spin_us!r}") from None
 
 
 @intrinsic
@@ -102,6 +104,12 @@ def read(state, i):
     return load_acquire(state, i)
 
 
+@numba.njit(cache=True, nogil=True)
+def write(state, i, value):
+    """``state[i] = value``, written with release."""
+    store_release(state, i, value)
+
+
 #: The workers' shared ticket: a caller publishes a generation of jobs as
 #: ``tickets[0] = gen`` (:func:`publish`), from compiled code where it can (see
 #: :func:`run`).
@@ -138,7 +146,7 @@ class Worker:
         None: anywhere)."""
         with self.lock:
             self.next = (gen, job, cpu)
-        arrive(self.state, 0, gen)     # state[ASSIGNED], after the job (release)
+        write(self.state, ASSIGNED, gen)   # after the job (release)
         if self.asleep:                # (_main: it sets ``asleep``, then looks again)
             self.wake.set()
 
@@ -195,13 +203,13 @@ class Worker:
                     self.error = (gen, exc)
             job = None                         # the call's buffers go back to the pool now
             done = gen
-            arrive(self.state, 1, gen)         # state[DONE]
+            write(self.state, DONE, gen)
 
 
 def _spin_ns():
-    """:data:`spin_us` in nanoseconds, within [0, one hour] (anything else: 0)."""
+    """:data:`spin_us` in nanoseconds, within [0, ``MAX_SPIN_US``] (anything else: 0)."""
     try:
-        return int(min(max(float(spin_us), 0.0), 3.6e9) * 1e3)
+        return int(min(max(float(spin_us), 0.0), MAX_SPIN_US) * 1e3)
     except (TypeError, ValueError):
         return 0
 

@@ -35,7 +35,7 @@ from . import _hotpool, _workspace
 from . import packed_numba as pk
 from ._cblas import gemm_for
 from ._numba_math import FASTMATH, tanh
-from ._simd import arrive, store_release, wait_all, wide_vectors
+from ._simd import arrive, wait_all, wide_vectors
 from .numba_cpu import _bias_grads, _mm, _single_threaded_blas
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
@@ -185,8 +185,7 @@ def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, g
     (B, H). ``d_ax`` and ``d_ah`` are the gates' gradients by the input and the recurrent
     products (one array but for the GRU's n gate); ``hs``, ``cs``, ``gates``, ``hns``
     the forward's cache (numba_cpu's buffers)."""
-    if gen > 0:                 # the pool's jobs start now, this thread off the GIL
-        store_release(go, 0, gen)
+    _hotpool.publish(go, gen)   # the pool's jobs start now, this thread off the GIL
     T, B, H = d_out.shape
     U = panels.shape[0]
     PU = pk._panel_units(1)
@@ -236,7 +235,7 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     fl = pk.flags(max(nthreads, 2))
     call = (gemm_for(x.dtype), cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates,
             hns, d_ax, d_ah, x, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, fl)
-    if nthreads == 1 or not _hotpool.available() or not pk._pool_loop.acquire(blocking=False):
+    if nthreads == 1 or not pk.take_pool():
         bptt_thread(*call, 0, 1, _hotpool.tickets, 0)   # (the GEMMs on the BLAS's threads)
     else:
         try:

@@ -471,6 +471,12 @@ POOL_WORKERS = max(3, (os.cpu_count() or 2) - 1)
 _pool_loop = threading.Lock()
 
 
+def take_pool():
+    """Whether this loop may use the pool: it is running (not stopped at exit) and no
+    other loop holds it (``_pool_loop``, then held: the caller releases it)."""
+    return _hotpool.available() and _pool_loop.acquire(blocking=False)
+
+
 def _new_pool_lock():
     """In a forked child: a lock held by another thread of the parent would stay held."""
     global _pool_loop
@@ -629,24 +635,43 @@ def _rows_by_thread(w_ih, gates, U, PU, nthreads):
 
 
 @_jit
-def project_ahead(panels_ih, x2, xw, T, reverse, flags, PU, cv):
+def _layout(U, gates):
+    """``(PU, Hp, cv)`` of a loop over ``U`` panels: units a panel, the padded hidden size
+    (the gate stride of the scratch ``a``), and the columns between a panel's vectors in
+    ``a`` (Hp for the gated cells, whose vectors are gates; VW for the RNN's)."""
+    PU = _panel_units(gates)
+    return PU, U * PU, U * PU if gates > 1 else VW
+
+
+@_jit
+def _project_chunk(panels_ih, x2, t0, steps, B, xc, gates, u0, u1):
+    """The projections of the ``steps`` steps from ``t0`` (rows of ``x2``) for the panels
+    [u0, u1) of ``panels_ih`` (W_ih packed as W_hh), by the micro-kernel, into the chunk
+    slot ``xc`` in the layout of the scratch ``a``; its k loop never in halves, so that any
+    chunking gives the same bits (``by_batch`` False)."""
+    PU, _, cv = _layout(panels_ih.shape[0], gates)
+    rows = x2[t0 * B:(t0 + steps) * B]
+    _recurrent(panels_ih, rows.reshape(1, rows.shape[0], rows.shape[1]), 0,
+               xc.reshape(xc.shape[0] * B, xc.shape[2]), PU, cv, u0, u1, False, 0,
+               rows.shape[0], False, False)
+
+
+@_jit
+def project_ahead(panels_ih, x2, xw, T, reverse, flags, gates):
     """The projector of a one-thread loop (:func:`cell_thread` with ``PROJ_AHEAD``), on
     another core: the chunks' input projections, in the loop's order, by the micro-kernel
     from ``panels_ih`` (W_ih packed as W_hh) into the ring of ``xw.shape[0]`` slots (chunk
     ``c`` into slot ``c % slots``, in the layout of the loop's scratch ``a``). It publishes
     chunk ``c`` as ``flags[0] = c + 1`` and reuses a slot once the loop has published
     ``flags[FLAG_STRIDE]`` (chunks done) past its last chunk."""
-    S, Tc, B, NU = xw.shape
-    U = panels_ih.shape[0]
+    S, Tc, B, _ = xw.shape
     c = 0
     for c0 in range(0, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0
         wait_for(flags, FLAG_STRIDE, c - S + 1)
-        rows = x2[t0 * B:(t0 + c1 - c0) * B]
-        _recurrent(panels_ih, rows.reshape(1, rows.shape[0], rows.shape[1]), 0,
-                   xw[c % S].reshape(Tc * B, NU), PU, cv, 0, U, False, 0, rows.shape[0],
-                   False, False)
+        _project_chunk(panels_ih, x2, t0, c1 - c0, B, xw[c % S], gates, 0,
+                       panels_ih.shape[0])
         store_release(flags, 0, c + 1)
         c += 1
 
@@ -690,15 +715,12 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
     W_ih with its rows in the threads' order (:func:`_rows_by_thread`; W_ih itself with one
     thread, or where the micro-kernel projects)."""
-    if gen > 0:                 # the pool's jobs start now, this thread off the GIL
-        store_release(go, 0, gen)
+    _hotpool.publish(go, gen)   # the pool's jobs start now, this thread off the GIL
     T, B, H = out.shape
     U = panels.shape[0]
     gates = abs(cell)
-    PU = _panel_units(gates)
+    PU, Hp, cv = _layout(U, gates)
     S, Tc = xw.shape[0], xw.shape[1]
-    Hp = U * PU
-    cv = Hp if gates > 1 else VW          # columns between a panel's vectors in ``a``
     fused = proj == PROJ_FUSED
     ahead = proj == PROJ_AHEAD
     # the projections in the layout of ``a`` (gate stride Hp), from the micro-kernel
@@ -723,10 +745,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         if ahead:
             wait_for(flags, 0, c + 1)
         elif proj == PROJ_PANELS:
-            rows = x2[t0 * B:(t0 + c1 - c0) * B]
-            _recurrent(panels_ih, rows.reshape(1, rows.shape[0], rows.shape[1]), 0,
-                       xc.reshape(Tc * B, xc.shape[2]), PU, cv, u0, u1, False, 0,
-                       rows.shape[0], False, False)
+            _project_chunk(panels_ih, x2, t0, c1 - c0, B, xc, gates, u0, u1)
         elif not fused:                # (fused: one step a chunk, projected the step before)
             _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
                      xc.reshape(Tc * B, xw.shape[3])[:(c1 - c0) * B], gates, n0, n1)
@@ -885,8 +904,7 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
         mode = "split"
     if mode in ("blas", "alone", "fused", "panels"):
         return _loop(1, mode, x, w_ih, panels, panels_ih, *args)
-    if not _hotpool.available() or not _pool_loop.acquire(blocking=False):
-        # alone, with the chosen mode's bits
+    if not take_pool():               # alone, with the chosen mode's bits
         alone = "fused" if panels_ih is not None else "panels" if mode == "ahead" else "alone"
         return _loop(1, alone, x, w_ih, panels, panels_ih, *args)
     try:
@@ -939,9 +957,7 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
             cell_thread(*call, 0, 1, proj, False, panels_ih, _hotpool.tickets, 0)
         return
     if mode == "ahead":
-        cv = NR * U // abs(cell) if abs(cell) > 1 else VW
-        jobs = [(project_ahead, panels_ih, x2, xw, T, reverse, fl, _panel_units(abs(cell)),
-                 cv)]
+        jobs = [(project_ahead, panels_ih, x2, xw, T, reverse, fl, abs(cell))]
     else:
         jobs = [(cell_thread, *call, tid, nthreads, proj, mode == "rows", panels_ih,
                  _hotpool.tickets, 0) for tid in range(1, nthreads)]
