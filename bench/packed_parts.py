@@ -41,8 +41,12 @@ behind session 7's choices:
   request and after its info and verification requests, with glibc's malloc thresholds
   dynamic and fixed (``fastrnn.bench.worker.MALLOC_ENV``, which every worker gets).
 
+* ``pool``: a no-op job's round trip through the loops' worker pool and through a
+  ``concurrent.futures`` pool, and a frozen LSTM 2x1x64x64 call projecting ahead against
+  projecting its chunk itself (session 13's change).
+
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
-        [--parts pointwise product gc split overhead malloc projection worker]
+        [--parts pointwise product gc split overhead malloc projection worker pool]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -325,6 +329,50 @@ def malloc():
               flush=True)
 
 
+def pool():
+    """A one-store job's round trip through the loops' pool
+    (:mod:`fastrnn.backends._hotpool`, published from compiled code that then waits off the
+    GIL for the job, as a loop's first thread does) and through a
+    ``concurrent.futures`` pool (what the loops used before session 13); then a frozen
+    LSTM at T = 2, B = 1, 64x64 (almost nothing but fixed costs), projecting ahead
+    against projecting its chunk itself: the cost of starting and ending the projector."""
+    import concurrent.futures
+    import fastrnn
+    from fastrnn.backends import _hotpool
+
+    flag = np.zeros(1, np.int64)
+
+    def job():
+        flag[0] = 1
+
+    @numba.njit(nogil=True)
+    def here(go, gen, flag):
+        """A loop's first thread: publish, then wait off the GIL until the job has run."""
+        _hotpool.publish(go, gen)
+        while _hotpool.read(flag, 0) == 0:
+            pass
+
+    def hot():
+        flag[0] = 0
+        _hotpool.run([job], lambda go, gen: here(go, gen, flag))
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    round_trips = {"hot pool": hot,
+                   "concurrent.futures": lambda: executor.submit(job).result()}
+    print("pool: no-op job round trip, us: " + ", ".join(
+        f"{name} {_median_s(f, 3000) * 1e6:.1f}" for name, f in round_trips.items()))
+    executor.shutdown()
+    m = fastrnn.make_layer("lstm", 64, 64, backend="numba", seed=0).eval().freeze()
+    x = np.random.default_rng(0).standard_normal((2, 1, 64)).astype(np.float32)
+    times = {}
+    for mode, ahead in (("ahead", True), ("on its thread", False)) * 2:
+        pk.ahead, pk.threads = ahead, 1
+        times.setdefault(mode, []).append(_median_s(lambda: m(x), 3000))
+    pk.ahead, pk.threads = None, None
+    print("pool: frozen LSTM 2x1x64x64, us: " + ", ".join(
+        f"projecting {name} {min(t) * 1e6:.1f}" for name, t in times.items()))
+
+
 def projection():
     from threadpoolctl import threadpool_limits
 
@@ -387,7 +435,7 @@ def worker():
 
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
          "overhead": overhead, "malloc": malloc, "projection": projection,
-         "worker": worker}
+         "worker": worker, "pool": pool}
 
 
 def main():
