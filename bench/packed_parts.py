@@ -43,10 +43,22 @@ behind session 7's choices:
 
 * ``pool``: a no-op job's round trip through the loops' worker pool and through a
   ``concurrent.futures`` pool, and a frozen LSTM 2x1x64x64 call projecting ahead against
-  projecting its chunk itself (session 13's change).
+  projecting its chunk itself (session 13's change);
+* ``training``: a training step's forward and backward timed apart (LSTM, GRU, RNN at
+  100x64x512x512, 100x64x256x256 and 50x16x128x128), with the GFLOP/s of each half's
+  products, and OpenBLAS's GEMMs of the backward's whole-sequence ``d_W_ih`` and ``d_x``
+  on its threads (the rate of the large GEMMs on this machine);
+* ``epochs``: an RNN 50x16x128x128 training step, in 40 windows of one second each,
+  alternately with the BLAS on its threads and on one (``threadpoolctl``): on the 2-core
+  KVM guest of session 14, the forward (one thread) ran 1.7x slower for tens of seconds at
+  a time, in the windows where the other core had work (OpenBLAS's spinning pool, or the
+  loops' workers), never with nothing there. Two virtual CPUs that the host puts on one
+  core's two hardware threads for a while would do this: the source of the +-25% between
+  runs minutes apart.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
-        [--parts pointwise product gc split overhead malloc projection worker pool]
+        [--parts pointwise product gc split overhead malloc projection worker pool
+         training epochs]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -433,9 +445,81 @@ def worker():
                   f" {out.strip()}", flush=True)
 
 
+def _training_model(cell, T, B, I, H):
+    from fastrnn.bench import engines
+    from fastrnn.bench.cases import Case
+    case = Case(cell, T, B, I, H, "float32")
+    x, d_out, _ = engines.inputs(case)
+    _, model = engines.fastrnn_runner(case, "numba", "training", x, d_out)
+    return model, x, d_out
+
+
+def _halves(model, x, d_out, seconds):
+    """Medians of a training step's forward and backward, timed call by call for about
+    ``seconds``."""
+    f, b = [], []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(f) < 3:
+        t0 = time.perf_counter()
+        model(x)
+        t1 = time.perf_counter()
+        model.backward(d_out)
+        f.append(t1 - t0)
+        b.append(time.perf_counter() - t1)
+    return float(np.median(f)), float(np.median(b))
+
+
+def training():
+    from fastrnn.backends import cell_kind
+    for T, B, I, H in ((100, 64, 512, 512), (100, 64, 256, 256), (50, 16, 128, 128)):
+        for cell in ("lstm", "gru", "rnn_tanh"):
+            model, x, d_out = _training_model(cell, T, B, I, H)
+            for _ in range(3):
+                model(x)
+                model.backward(d_out)
+            fwd, bwd = _halves(model, x, d_out, 3.0)
+            G = cell_kind(cell).gates * H
+            flop = 2 * T * B * G * (I + H)            # the forward's products
+            # the backward's whole-sequence GEMMs, by OpenBLAS on its threads
+            rng = np.random.default_rng(0)
+            d_a = rng.standard_normal((T * B, G)).astype(np.float32)
+            xs = rng.standard_normal((T * B, I)).astype(np.float32)
+            w = rng.standard_normal((G, I)).astype(np.float32)
+            gemm = _median_s(lambda: (d_a.T @ xs, d_a @ w), 7)
+            print(f"training {cell} {T}x{B}x{I}x{H}, ms: step {(fwd + bwd) * 1e3:.2f} "
+                  f"({3 * flop / (fwd + bwd) / 1e9:.0f} GFLOP/s), forward {fwd * 1e3:.2f} "
+                  f"({flop / fwd / 1e9:.0f}), backward {bwd * 1e3:.2f} "
+                  f"({2 * flop / bwd / 1e9:.0f}); OpenBLAS's d_W_ih and d_x GEMMs "
+                  f"{gemm * 1e3:.2f} ({4 * T * B * G * I / gemm / 1e9:.0f} GFLOP/s)",
+                  flush=True)
+
+
+def epochs():
+    from threadpoolctl import threadpool_limits
+    model, x, d_out = _training_model("rnn_tanh", 50, 16, 128, 128)
+    for _ in range(5):
+        model(x)
+        model.backward(d_out)
+    rows = []
+    for _ in range(40):
+        shared = _halves(model, x, d_out, 1.0)
+        with threadpool_limits(1, user_api="blas"):
+            alone = _halves(model, x, d_out, 1.0)
+        rows.append(shared + alone)
+        print("epochs rnn_tanh 50x16x128x128 training, ms forward+backward: BLAS on "
+              f"{pk._blas_threads()} threads {shared[0] * 1e3:.2f}+{shared[1] * 1e3:.2f}, on "
+              f"one {alone[0] * 1e3:.2f}+{alone[1] * 1e3:.2f}", flush=True)
+    rows = np.array(rows)
+    for name, col in (("BLAS's threads", 0), ("one BLAS thread", 2)):
+        f = rows[:, col]
+        print(f"epochs {name}: forward from {f.min() * 1e3:.2f} to {f.max() * 1e3:.2f} ms; "
+              f"{int(np.sum(f > 1.3 * f.min()))} of {len(f)} windows over 1.3x the fastest",
+              flush=True)
+
+
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
          "overhead": overhead, "malloc": malloc, "projection": projection,
-         "worker": worker, "pool": pool}
+         "worker": worker, "pool": pool, "training": training, "epochs": epochs}
 
 
 def main():
