@@ -45,20 +45,25 @@ behind session 7's choices:
   ``concurrent.futures`` pool, and a frozen LSTM 2x1x64x64 call projecting ahead against
   projecting its chunk itself (session 13's change);
 * ``training``: a training step's forward and backward timed apart (LSTM, GRU, RNN at
-  100x64x512x512, 100x64x256x256 and 50x16x128x128), with the GFLOP/s of each half's
-  products, and OpenBLAS's GEMMs of the backward's whole-sequence ``d_W_ih`` and ``d_x``
-  on its threads (the rate of the large GEMMs on this machine);
+  100x64x512x512, 100x64x256x256 and 50x16x128x128, each in a fresh process with
+  ``fastrnn bench``'s malloc settings), with the GFLOP/s of each half's products, and
+  OpenBLAS's GEMMs of the backward's whole-sequence ``d_W_ih`` and ``d_x`` on its threads
+  (the rate of the large GEMMs on this machine);
 * ``epochs``: an RNN 50x16x128x128 training step, in 40 windows of one second each,
   alternately with the BLAS on its threads and on one (``threadpoolctl``): on the 2-core
   KVM guest of session 14, the forward (one thread) ran 1.7x slower for tens of seconds at
   a time, in the windows where the other core had work (OpenBLAS's spinning pool, or the
   loops' workers), never with nothing there. Two virtual CPUs that the host puts on one
   core's two hardware threads for a while would do this: the source of the +-25% between
-  runs minutes apart.
+  runs minutes apart;
+* ``dx``: a split backward's ``d_x`` by the micro-kernel against OpenBLAS's GEMM
+  (``packed_bptt.micro_input_grads``), the backward timed call by call in one process,
+  the two alternating (both see the same noise): LSTM, GRU, RNN at 100x64x256x256 and
+  100x64x512x512.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
         [--parts pointwise product gc split overhead malloc projection worker pool
-         training epochs]
+         training epochs dx]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -469,29 +474,44 @@ def _halves(model, x, d_out, seconds):
     return float(np.median(f)), float(np.median(b))
 
 
+_TRAINING_CHILD = r"""
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from packed_parts import _halves, _median_s, _training_model
+from fastrnn.backends import cell_kind
+cell, T, B, I, H = sys.argv[2], *map(int, sys.argv[3:])
+model, x, d_out = _training_model(cell, T, B, I, H)
+for _ in range(3):
+    model(x)
+    model.backward(d_out)
+fwd, bwd = _halves(model, x, d_out, 3.0)
+G = cell_kind(cell).gates * H
+flop = 2 * T * B * G * (I + H)            # the forward's products
+# the backward's whole-sequence GEMMs, by OpenBLAS on its threads
+rng = np.random.default_rng(0)
+d_a = rng.standard_normal((T * B, G)).astype(np.float32)
+xs = rng.standard_normal((T * B, I)).astype(np.float32)
+w = rng.standard_normal((G, I)).astype(np.float32)
+gemm = _median_s(lambda: (d_a.T @ xs, d_a @ w), 7)
+print(f"training {cell} {T}x{B}x{I}x{H}, ms: step {(fwd + bwd) * 1e3:.2f} "
+      f"({3 * flop / (fwd + bwd) / 1e9:.0f} GFLOP/s), forward {fwd * 1e3:.2f} "
+      f"({flop / fwd / 1e9:.0f}), backward {bwd * 1e3:.2f} "
+      f"({2 * flop / bwd / 1e9:.0f}); OpenBLAS's d_W_ih and d_x GEMMs "
+      f"{gemm * 1e3:.2f} ({4 * T * B * G * I / gemm / 1e9:.0f} GFLOP/s)", flush=True)
+"""
+
+
 def training():
-    from fastrnn.backends import cell_kind
+    import os
+
+    from fastrnn.bench.worker import MALLOC_ENV
+    env = dict(os.environ, **MALLOC_ENV)        # as fastrnn bench's workers run
+    here = os.path.dirname(os.path.abspath(__file__))
     for T, B, I, H in ((100, 64, 512, 512), (100, 64, 256, 256), (50, 16, 128, 128)):
         for cell in ("lstm", "gru", "rnn_tanh"):
-            model, x, d_out = _training_model(cell, T, B, I, H)
-            for _ in range(3):
-                model(x)
-                model.backward(d_out)
-            fwd, bwd = _halves(model, x, d_out, 3.0)
-            G = cell_kind(cell).gates * H
-            flop = 2 * T * B * G * (I + H)            # the forward's products
-            # the backward's whole-sequence GEMMs, by OpenBLAS on its threads
-            rng = np.random.default_rng(0)
-            d_a = rng.standard_normal((T * B, G)).astype(np.float32)
-            xs = rng.standard_normal((T * B, I)).astype(np.float32)
-            w = rng.standard_normal((G, I)).astype(np.float32)
-            gemm = _median_s(lambda: (d_a.T @ xs, d_a @ w), 7)
-            print(f"training {cell} {T}x{B}x{I}x{H}, ms: step {(fwd + bwd) * 1e3:.2f} "
-                  f"({3 * flop / (fwd + bwd) / 1e9:.0f} GFLOP/s), forward {fwd * 1e3:.2f} "
-                  f"({flop / fwd / 1e9:.0f}), backward {bwd * 1e3:.2f} "
-                  f"({2 * flop / bwd / 1e9:.0f}); OpenBLAS's d_W_ih and d_x GEMMs "
-                  f"{gemm * 1e3:.2f} ({4 * T * B * G * I / gemm / 1e9:.0f} GFLOP/s)",
-                  flush=True)
+            subprocess.run([sys.executable, "-c", _TRAINING_CHILD, here, cell, str(T), str(B),
+                            str(I), str(H)], check=True, env=env)
 
 
 def epochs():
@@ -517,9 +537,34 @@ def epochs():
               flush=True)
 
 
+def dx():
+    from fastrnn.backends import packed_bptt as pb
+    for T, B, I, H, calls in ((100, 64, 256, 256, 40), (100, 64, 512, 512, 16)):
+        for cell in ("lstm", "gru", "rnn_tanh"):
+            model, x, d_out = _training_model(cell, T, B, I, H)
+            for _ in range(2):
+                model(x)
+                model.backward(d_out)
+            times = {True: [], False: []}
+            try:
+                for i in range(calls):
+                    pb.micro_input_grads = micro = i % 2 == 0
+                    model(x)
+                    t0 = time.perf_counter()
+                    model.backward(d_out)
+                    times[micro].append(time.perf_counter() - t0)
+            finally:
+                pb.micro_input_grads = True
+            blas, micro = np.array(times[False]), np.array(times[True])
+            print(f"dx {cell} {T}x{B}x{I}x{H} backward, ms: d_x by OpenBLAS "
+                  f"{np.median(blas) * 1e3:.2f}, by the micro-kernel {np.median(micro) * 1e3:.2f};"
+                  f" speed-up, median of the pairs {np.median(blas / micro):.3f}", flush=True)
+
+
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
          "overhead": overhead, "malloc": malloc, "projection": projection,
-         "worker": worker, "pool": pool, "training": training, "epochs": epochs}
+         "worker": worker, "pool": pool, "training": training, "epochs": epochs,
+         "dx": dx}
 
 
 def main():

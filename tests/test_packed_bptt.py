@@ -92,6 +92,35 @@ def test_packed_backward_matches_the_float64_reference(monkeypatch, kind, B, H, 
             np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", list(GATES))
+@pytest.mark.parametrize("B,I", [(7, PU), (13, 2 * PU)])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_split_backward_input_gradients_from_the_micro_kernel(monkeypatch, kind, B, I,
+                                                              threads, reverse):
+    """Inputs of whole panels of units, split over threads: ``d_x`` comes from the
+    micro-kernel (W_ih packed by ``pack_t``; T B rows not a multiple of its tiles or of
+    ``DX_ROWS``, split between threads anywhere), and every gradient matches the float64 reference."""
+    monkeypatch.setattr(pk, "threads", threads)
+    packed_shapes = []
+    real_pack_t = pk.pack_t
+    monkeypatch.setattr(pk, "pack_t", lambda w: packed_shapes.append(w.shape) or real_pack_t(w))
+    rng = np.random.default_rng(B * 100 + I)
+    T, H = 11, 3 * PU - 5
+    x, states, w = _case(kind, B, H, True, rng, T, I)
+    lengths = random_lengths(rng, T, B)
+    d_out = rng.standard_normal((T, B, H))
+    d_states = [rng.standard_normal((B, H)) for _ in states]
+    f32 = lambda a: None if a is None else a.astype(np.float32)  # noqa: E731
+    got = _train(nb, kind, f32(x), [f32(s) for s in states], [f32(a) for a in w], lengths,
+                 reverse, f32(d_out), [f32(d) for d in d_states])
+    want = _train(ref, kind, x, states, w, lengths, reverse, d_out, d_states)
+    assert (GATES[kind] * H, I) in packed_shapes           # W_ih packed for d_x
+    for g, e in zip(got, want):
+        if g is not None:
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
 def test_which_backwards_take_the_packed_loop(monkeypatch):
     """float32 only, from one panel's units (H < PU: numba_cpu's loops), not disabled,
     not with the LSTM's projection or the reset-before GRU, and numba_cpu's loops while

@@ -44,6 +44,9 @@ _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
 #: Whether float32 backwards of the cells the packed forward runs take these loops:
 #: False sends them to numba_cpu's BLAS loops (for A/B timings).
 enabled = True
+#: Whether a split backward computes ``d_x`` with the micro-kernel (where the inputs are
+#: whole panels of units) rather than OpenBLAS's GEMM: False for A/B timings.
+micro_input_grads = True
 
 
 def threads_for(x, gates, H):
@@ -155,12 +158,31 @@ def _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, lengths, n0, n1):
                     d_ah[t, b, G0 + j] = 0
 
 
+#: Rows of ``d_x`` per call of the micro-kernel (:func:`_input_grads`): the rows' block of
+#: ``d_a`` (256 KB at G = 1024) stays in L2 while every panel of ``W_ih`` passes over it.
+DX_ROWS = 64
+
+
 @_jit
-def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, tid,
-           nthreads):
+def _input_grads(panels, d_a, d_x, r0, r1):
+    """``d_x[r0:r1] = d_a[r0:r1] W_ih`` by the micro-kernel, ``panels`` being ``W_ih``
+    packed as ``W_hh`` is for the step's product (:func:`.packed_numba.pack_t`), in blocks
+    of ``DX_ROWS`` rows."""
+    TB, G = d_a.shape
+    a3 = d_a.reshape(1, TB, G)
+    for c in range(r0, r1, DX_ROWS):
+        pk._recurrent(panels, a3, 0, d_x, pk._panel_units(1), pk.VW, 0, panels.shape[0], False,
+                      c, min(r1, c + DX_ROWS))
+
+
+@_jit
+def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, panels_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh,
+           has_bias, tid, nthreads):
     """The thread's share of the whole-sequence GEMMs (numba_cpu's ``_param_grads``): the
     rows ``[G tid / nthreads, G (tid + 1) / nthreads)`` of ``d_w_ih``, ``d_w_hh`` and the
-    biases, and its share of the rows of ``d_x``. Every column of ``d_ax`` and ``d_ah`` is
+    biases, and its share of the rows of ``d_x`` (from ``panels_ih``, ``W_ih`` packed for
+    the micro-kernel, where given: a split backward whose inputs are whole panels of units;
+    else OpenBLAS's GEMM). Every column of ``d_ax`` and ``d_ah`` is
     final once the threads have passed the last step's barrier (the last product writes
     ``d_h`` alone)."""
     G, R = d_w_ih.shape[0], x2.shape[0]
@@ -168,15 +190,18 @@ def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, 
     r0, r1 = R * tid // nthreads, R * (tid + 1) // nthreads
     _mm(gemm, d_ax[:, c0:c1], True, x2, False, d_w_ih[c0:c1], 0.0)
     _mm(gemm, d_ah[:, c0:c1], True, h2, False, d_w_hh[c0:c1], 0.0)
-    _mm(gemm, d_ax[r0:r1], False, w_ih, False, d_x[r0:r1], 0.0)
+    if panels_ih.shape[0] > 0:        # the micro-kernel: 112 GFLOP/s a core, OpenBLAS 99
+        _input_grads(panels_ih, d_ax, d_x, r0, r1)
+    else:
+        _mm(gemm, d_ax[r0:r1], False, w_ih, False, d_x[r0:r1], 0.0)
     if has_bias:
         _bias_grads(d_ax[:, c0:c1], d_ah[:, c0:c1], d_b_ih[c0:c1], d_b_hh[c0:c1])
 
 
 @_jit
 def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates, hns,
-                d_ax, d_ah, x, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, flags, tid,
-                nthreads, go, gen):
+                d_ax, d_ah, x, w_ih, panels_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias,
+                flags, tid, nthreads, go, gen):
     """The backward of ``cell`` (:data:`.packed_numba.LSTM`, ``GRU``, ``RNN_TANH``,
     ``RNN_RELU``), thread ``tid`` of ``nthreads``: the panels ``[U tid / nthreads,
     U (tid + 1) / nthreads)`` of ``panels`` (W_hh^T packed as the RNN's panels) and their
@@ -206,7 +231,7 @@ def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, g
         pk._recurrent(panels, d_ah, t, d_h, PU, pk.VW, u0, u1, k % 2 == 1, 0, B, True)
     TB = T * B
     _grads(gemm, d_ax.reshape(TB, d_ax.shape[2]), d_ah.reshape(TB, d_ah.shape[2]),
-           x.reshape(TB, x.shape[2]), hs[r:T + r].reshape(TB, hs.shape[2]), w_ih,
+           x.reshape(TB, x.shape[2]), hs[r:T + r].reshape(TB, hs.shape[2]), w_ih, panels_ih,
            d_x.reshape(TB, x.shape[2]), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, tid, nthreads)
 
 
@@ -233,11 +258,17 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     d_b_ih = np.empty(G if has_bias else 0, dtype)
     d_b_hh = np.empty(G if has_bias else 0, dtype)
     fl = pk.flags(max(nthreads, 2))
-    call = (gemm_for(x.dtype), cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates,
-            hns, d_ax, d_ah, x, w_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, fl)
-    if nthreads == 1 or not pk.take_pool():
-        bptt_thread(*call, 0, 1, _hotpool.tickets, 0)   # (the GEMMs on the BLAS's threads)
+    head = (gemm_for(x.dtype), cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates,
+            hns, d_ax, d_ah, x, w_ih)
+    tail = (d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, fl)
+    none = np.empty((0, 0, pk._panel_units(1)), np.float32)
+    if nthreads == 1 or not pk.take_pool():      # (the GEMMs on the BLAS's threads)
+        bptt_thread(*head, none, *tail, 0, 1, _hotpool.tickets, 0)
     else:
+        # d_x by the micro-kernel (112 GFLOP/s a core, OpenBLAS 93-99 at these shapes),
+        # where the inputs are whole panels of units
+        micro = micro_input_grads and I % pk._panel_units(1) == 0
+        call = head + (pk.pack_t(w_ih) if micro else none,) + tail
         try:
             with _single_threaded_blas():
                 pk.with_pool(fl, ((bptt_thread, *call, tid, nthreads, _hotpool.tickets, 0)
