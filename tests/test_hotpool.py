@@ -207,9 +207,40 @@ print("ok")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
-def test_a_forked_child_starts_its_own_workers():
+@pytest.mark.parametrize("held", [False, True])
+def test_a_forked_child_starts_its_own_workers(held):
+    """``held``: the fork comes while another thread of the parent runs a loop on the
+    workers (their locks held): the child's loops must not wait for that thread, which
+    does not exist there."""
     _hotpool.run([lambda: None], lambda go, gen: None)          # the parent has a worker
-    pid = os.fork()
+    locks = [_hotpool._run_lock, _hotpool._loop_lock] if held else []
+    for lock in locks:
+        lock.acquire()
+    pid = None
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            for lock in locks:
+                lock.release()
+    if pid == 0:                                                # the child
+        code = 1
+        try:
+            ran = []
+
+            def loop():
+                assert _hotpool.take()
+                try:
+                    _hotpool.run([lambda: ran.append(1)], lambda go, gen: None)
+                finally:
+                    _hotpool.release()
+
+            t = threading.Thread(target=loop, daemon=True)
+            t.start()
+            t.join(20)
+            code = 0 if ran == [1] else 1
+        finally:
+            os._exit(code)
     if pid == 0:                                                # the child
         code = 1
         try:

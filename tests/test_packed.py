@@ -12,6 +12,7 @@ import pytest
 from conftest import random_lengths
 
 pk = pytest.importorskip("fastrnn.backends.packed_numba")
+from fastrnn.backends import _hotpool  # noqa: E402
 from fastrnn.backends import numba_cpu as nb  # noqa: E402
 from fastrnn.backends import packed_bptt as pb  # noqa: E402
 import fastrnn  # noqa: E402
@@ -350,7 +351,7 @@ def test_the_projector_and_the_loop_give_the_same_bits(monkeypatch):
                 monkeypatch.setattr(pk, "ahead", mode != "panels")
                 del modes[:]
                 if mode == "taken":
-                    with pk._pool_loop:
+                    with _hotpool._loop_lock:
                         got[mode] = m(x)[0]
                 else:
                     got[mode] = m(x)[0]
@@ -624,7 +625,7 @@ def test_loops_that_need_the_pool_at_once_take_turns(monkeypatch):
     w_ih, w_hh = (0.3 * rng.standard_normal((4 * H, n)).astype(np.float32) for n in (I, H))
     want = ref.lstm_forward(x.astype(np.float64), h0, h0, w_ih, w_hh, None, None,
                             training=False)[0]
-    with pk._pool_loop:                            # another thread's loop has the pool
+    with _hotpool._loop_lock:                            # another thread's loop has the pool
         got = nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)[0]
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     assert modes == [(1, "alone")]

@@ -10,6 +10,7 @@ import pytest
 from conftest import random_lengths
 
 pk = pytest.importorskip("fastrnn.backends.packed_numba")
+from fastrnn.backends import _hotpool  # noqa: E402
 from fastrnn.backends import numba_cpu as nb  # noqa: E402
 from fastrnn.backends import packed_bptt as pb  # noqa: E402
 from fastrnn.backends import reference as ref  # noqa: E402
@@ -190,7 +191,7 @@ def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
     d = np.ones((3, 2 * PU), np.float32)
     with pytest.raises(RuntimeError, match="pool thread failed"):
         nb.lstm_backward(np.ones((4, 3, 2 * PU), np.float32), d, d, res[-1])
-    assert not pk._pool_loop.locked()
+    assert not _hotpool._loop_lock.locked()
 
 
 def test_a_split_finding_the_pool_taken_runs_alone(monkeypatch):
@@ -204,7 +205,7 @@ def test_a_split_finding_the_pool_taken_runs_alone(monkeypatch):
     split = nb.gru_backward(d_out, d_h, res[-1])
     assert sorted(seen) == [(0, 2), (1, 2)]
     seen.clear()
-    with pk._pool_loop:
+    with _hotpool._loop_lock:
         alone = nb.gru_backward(d_out, d_h, res[-1])
     assert seen == [(0, 1)]
     for a, b in zip(split, alone):

@@ -17,7 +17,7 @@ in the process (docs/numba.md). Set :data:`spin_us` (or ``FASTRNN_SPIN_US`` befo
 import) to 0 for workers that sleep at once.
 
 A worker runs one job at a time, posted by one caller at a time (the packed loops take
-:data:`.packed_numba._pool_loop` first); :func:`thread_ids` lets the loops' check for
+:func:`take` first); :func:`thread_ids` lets the loops' check for
 other running threads (:func:`.packed_numba._other_threads_running`) leave its spinning
 workers out.
 """
@@ -216,9 +216,11 @@ def _spin_ns():
 
 _workers: list[Worker] = []
 _lock = threading.Lock()
-#: One caller of :func:`run` at a time (the loops take ``packed_numba._pool_loop`` first:
+#: One caller of :func:`run` at a time (the loops take the workers first, :func:`take`:
 #: this one makes the generations and their publication safe for any caller).
 _run_lock = threading.Lock()
+#: Held by the loop that has the workers (:func:`take`, :func:`release`).
+_loop_lock = threading.Lock()
 #: True once the workers have stopped at exit: callers must not use the pool then
 #: (:func:`available`).
 stopped = False
@@ -227,6 +229,19 @@ stopped = False
 def available():
     """Whether the pool can take jobs (not after its workers stopped at exit)."""
     return not stopped
+
+
+def take():
+    """Whether the calling loop may use the workers: they run (not stopped at exit) and no
+    other loop has them. True: they are this loop's until it calls :func:`release`. A loop
+    that finds them taken runs on its caller's thread alone: two loops' threads would only
+    take turns on the same cores."""
+    return available() and _loop_lock.acquire(blocking=False)
+
+
+def release():
+    """The workers, which :func:`take` gave this loop, back to the next loop."""
+    _loop_lock.release()
 
 
 def worker(i):
@@ -289,11 +304,13 @@ def _run(jobs, here, cpu, on_error):
 
 
 def _forget_workers():
-    """In a forked child: the parent's workers do not exist there."""
-    global _lock
+    """In a forked child: the parent's workers do not exist there, and its locks are free
+    (a thread of the parent may have held one at the fork: the child would wait for it
+    forever)."""
+    global _lock, _run_lock, _loop_lock
     _workers.clear()
     tickets[:] = 0
-    _lock = threading.Lock()
+    _lock, _run_lock, _loop_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
 
 def _stop_workers():

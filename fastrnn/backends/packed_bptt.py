@@ -262,7 +262,7 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
             hns, d_ax, d_ah, x, w_ih)
     tail = (d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, fl)
     none = np.empty((0, 0, pk._panel_units(1)), np.float32)
-    if nthreads == 1 or not pk.take_pool():      # (the GEMMs on the BLAS's threads)
+    if nthreads == 1 or not _hotpool.take():      # (the GEMMs on the BLAS's threads)
         bptt_thread(*head, none, *tail, 0, 1, _hotpool.tickets, 0)
     else:
         # d_x by the micro-kernel (112 GFLOP/s a core, OpenBLAS 93-99 at these shapes),
@@ -275,6 +275,6 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
                                   for tid in range(1, nthreads)),
                              lambda go, gen: bptt_thread(*call, 0, nthreads, go, gen))
         finally:
-            pk._pool_loop.release()
+            _hotpool.release()
     return (d_x, d_h[:, :H].copy(), d_c if d_c_n is not None else None, d_w_ih, d_w_hh,
             d_b_ih if has_bias else None, d_b_hh if has_bias else None)

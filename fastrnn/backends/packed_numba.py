@@ -452,39 +452,20 @@ MIN_SPLIT_STEP_WORK = 3 << 20
 #: timings), it forces that split, or none with 1; a fused loop can then still split the
 #: rows (:func:`run`; ``rows = False`` keeps one thread).
 threads = None
+#: Workers a loop may use of the packed loops' own pool (:mod:`._hotpool`; the calling
+#: thread is one more). Every thread of a loop must run at once (they meet at every
+#: step), and the pool is not shared with work that could hold a worker. One loop of the
+#: process uses the pool at a time (:func:`._hotpool.take`): another such loop started
+#: meanwhile, from another thread of the caller's, runs on its caller's thread alone:
+#: two loops whose threads wait on each other could each hold part of the pool's workers
+#: and wait forever for the rest, and two splits over the same cores would only take
+#: turns on them.
+POOL_WORKERS = max(3, (os.cpu_count() or 2) - 1)
 
 
 #: False sends every call to numba_cpu's BLAS loops (for A/B timings:
 #: ``python bench/packed_ab.py``).
 enabled = True
-
-
-#: Workers a loop may use of the packed loops' own pool (:mod:`._hotpool`; the calling
-#: thread is one more). Every thread of a loop must run at once (they meet at every
-#: step), and the pool is not shared with work that could hold a worker.
-POOL_WORKERS = max(3, (os.cpu_count() or 2) - 1)
-#: Held by the one loop of the process that uses the pool (split or projecting ahead).
-#: Another such loop started meanwhile, from another thread of the caller's, runs on its
-#: caller's thread alone instead: two loops whose threads wait on each other could each
-#: hold part of the pool's workers and wait forever for the rest, and two splits over
-#: the same cores would only take turns on them.
-_pool_loop = threading.Lock()
-
-
-def take_pool():
-    """Whether this loop may use the pool: it is running (not stopped at exit) and no
-    other loop holds it (``_pool_loop``, then held: the caller releases it)."""
-    return _hotpool.available() and _pool_loop.acquire(blocking=False)
-
-
-def _new_pool_lock():
-    """In a forked child: a lock held by another thread of the parent would stay held."""
-    global _pool_loop
-    _pool_loop = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_pool_lock)
 
 
 def describe():
@@ -892,7 +873,7 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
     (:func:`_projection`); with more, split by hidden units,
     each thread projects its share with a single-threaded BLAS (an idle BLAS
     pool would spin on the cores the loop needs). A loop that would use the pool while
-    another thread's loop has it runs alone (``_pool_loop``). A thread that fails
+    another thread's loop has it runs alone (:func:`._hotpool.take`). A thread that fails
     releases the others (``RELEASE``) and its error is raised here."""
     T, B, I = x.shape
     if by_rows:
@@ -904,13 +885,13 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
         mode = "split"
     if mode in ("blas", "alone", "fused", "panels"):
         return _loop(1, mode, x, w_ih, panels, panels_ih, *args)
-    if not take_pool():               # alone, with the chosen mode's bits
+    if not _hotpool.take():               # alone, with the chosen mode's bits
         alone = "fused" if panels_ih is not None else "panels" if mode == "ahead" else "alone"
         return _loop(1, alone, x, w_ih, panels, panels_ih, *args)
     try:
         return _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args)
     finally:
-        _pool_loop.release()
+        _hotpool.release()
 
 
 def _projection_buffers(nthreads, mode, x, w_ih, panels, panels_ih, gates):
