@@ -51,15 +51,16 @@ behind session 7's choices:
   (the rate of the large GEMMs on this machine);
 * ``epochs``: an RNN 50x16x128x128 training step, in 40 windows of one second each,
   alternately with the BLAS on its threads and on one (``threadpoolctl``): on the 2-core
-  KVM guest of session 14, the forward (one thread) ran 1.7x slower for tens of seconds at
-  a time, in the windows where the other core had work (OpenBLAS's spinning pool, or the
-  loops' workers), never with nothing there. Two virtual CPUs that the host puts on one
-  core's two hardware threads for a while would do this: the source of the +-25% between
-  runs minutes apart;
+  KVM guest of session 14, the forward (one thread) ran up to 1.8x slower in some windows
+  where OpenBLAS's pool spun on the other core, never with nothing there (scratch runs
+  that timed one way throughout saw such slow windows in stretches of 10-30 s). Two
+  virtual CPUs that the host puts on one core's two hardware threads for a while would do
+  this: the source of the +-25% between runs minutes apart;
 * ``dx``: a split backward's ``d_x`` by the micro-kernel against OpenBLAS's GEMM
   (``packed_bptt.micro_input_grads``), the backward timed call by call in one process,
-  the two alternating (both see the same noise): LSTM, GRU, RNN at 100x64x256x256 and
-  100x64x512x512.
+  the two alternating ABBA (both see the same noise), with the thread counts the backwards
+  ran on: LSTM, GRU, RNN at 100x64x256x256 and 100x64x512x512; and the product alone at
+  the LSTM's shapes, one thread's half of the rows, in GFLOP/s a core.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
         [--parts pointwise product gc split overhead malloc projection worker pool
@@ -506,7 +507,9 @@ def training():
     import os
 
     from fastrnn.bench.worker import MALLOC_ENV
-    env = dict(os.environ, **MALLOC_ENV)        # as fastrnn bench's workers run
+    env = dict(os.environ)                      # as fastrnn bench's workers run
+    for key, value in MALLOC_ENV.items():
+        env.setdefault(key, value)
     here = os.path.dirname(os.path.abspath(__file__))
     for T, B, I, H in ((100, 64, 512, 512), (100, 64, 256, 256), (50, 16, 128, 128)):
         for cell in ("lstm", "gru", "rnn_tanh"):
@@ -538,6 +541,8 @@ def epochs():
 
 
 def dx():
+    from threadpoolctl import threadpool_limits
+
     from fastrnn.backends import packed_bptt as pb
     for T, B, I, H, calls in ((100, 64, 256, 256, 40), (100, 64, 512, 512, 16)):
         for cell in ("lstm", "gru", "rnn_tanh"):
@@ -546,19 +551,45 @@ def dx():
                 model(x)
                 model.backward(d_out)
             times = {True: [], False: []}
+            threads = []
+            real_run = pb.run
+
+            def spy(nthreads, *args):
+                threads.append(nthreads)
+                return real_run(nthreads, *args)
+
+            pb.run = spy
             try:
-                for i in range(calls):
-                    pb.micro_input_grads = micro = i % 2 == 0
+                for i in range(calls):          # ABBA: neither way always runs first
+                    pb.micro_input_grads = micro = i % 4 in (0, 3)
                     model(x)
                     t0 = time.perf_counter()
                     model.backward(d_out)
                     times[micro].append(time.perf_counter() - t0)
             finally:
                 pb.micro_input_grads = True
+                pb.run = real_run
             blas, micro = np.array(times[False]), np.array(times[True])
-            print(f"dx {cell} {T}x{B}x{I}x{H} backward, ms: d_x by OpenBLAS "
-                  f"{np.median(blas) * 1e3:.2f}, by the micro-kernel {np.median(micro) * 1e3:.2f};"
-                  f" speed-up, median of the pairs {np.median(blas / micro):.3f}", flush=True)
+            pairs = blas / micro
+            print(f"dx {cell} {T}x{B}x{I}x{H} backward on {sorted(set(threads))} threads, ms: "
+                  f"d_x by OpenBLAS {np.median(blas) * 1e3:.2f}, by the micro-kernel "
+                  f"{np.median(micro) * 1e3:.2f}; speed-up, median of the pairs "
+                  f"{np.median(pairs):.3f}", flush=True)
+        # the product alone, one thread's half of the rows: d_a (T B, G) times W_ih (G, I)
+        G = 4 * H
+        rng = np.random.default_rng(0)
+        d_a = rng.standard_normal((T * B, G)).astype(np.float32)
+        w = rng.standard_normal((G, I)).astype(np.float32)
+        panels = pk.pack_t(w)
+        d_x = pk.aligned_empty((T * B, I))
+        half = T * B // 2
+        micro_s = _median_s(lambda: pb._input_grads(panels, d_a, d_x, 0, half), 9)
+        with threadpool_limits(1, user_api="blas"):
+            blas_s = _median_s(lambda: np.matmul(d_a[:half], w, out=d_x[:half]), 9)
+        flop = 2 * half * G * I
+        print(f"dx product {half}x{G}x{I} (LSTM's d_x, one thread's half), GFLOP/s a core: "
+              f"micro-kernel {flop / micro_s / 1e9:.0f}, OpenBLAS on one thread "
+              f"{flop / blas_s / 1e9:.0f}", flush=True)
 
 
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,

@@ -74,9 +74,15 @@ def test_packed_backward_matches_the_float64_reference(monkeypatch, kind, B, H, 
     """Forced to ``threads`` (at most one a panel of PU units), lengths from 0 to T."""
     monkeypatch.setattr(pk, "threads", threads)
     calls = _spy(monkeypatch)
-    rng = np.random.default_rng(B * 1000 + H)
-    T = 6
-    x, states, w = _case(kind, B, H, bias, rng, T)
+    _against_the_reference(kind, B, H, bias, np.random.default_rng(B * 1000 + H), 6, 5,
+                           reverse)
+    assert calls == [min(threads, -(-H // PU))], calls
+
+
+def _against_the_reference(kind, B, H, bias, rng, T, I, reverse):
+    """A random case's float32 training step (forward and backward) on this backend against
+    the float64 reference's, lengths from 0 to T: every gradient within 1e-4."""
+    x, states, w = _case(kind, B, H, bias, rng, T, I)
     lengths = random_lengths(rng, T, B)
     d_out = rng.standard_normal((T, B, H))
     d_states = [rng.standard_normal((B, H)) for _ in states]
@@ -84,7 +90,6 @@ def test_packed_backward_matches_the_float64_reference(monkeypatch, kind, B, H, 
     got = _train(nb, kind, f32(x), [f32(s) for s in states], [f32(a) for a in w], lengths,
                  reverse, f32(d_out), [f32(d) for d in d_states])
     want = _train(ref, kind, x, states, w, lengths, reverse, d_out, d_states)
-    assert calls == [min(threads, -(-H // PU))], calls
     assert len(got) == len(want)
     for g, e in zip(got, want):
         assert (g is None) == (e is None)
@@ -101,25 +106,43 @@ def test_split_backward_input_gradients_from_the_micro_kernel(monkeypatch, kind,
                                                               threads, reverse):
     """Inputs of whole panels of units, split over threads: ``d_x`` comes from the
     micro-kernel (W_ih packed by ``pack_t``; T B rows not a multiple of its tiles or of
-    ``DX_ROWS``, split between threads anywhere), and every gradient matches the float64 reference."""
+    ``DX_ROWS``, split between threads anywhere), and every gradient matches the float64
+    reference's."""
     monkeypatch.setattr(pk, "threads", threads)
     packed_shapes = []
     real_pack_t = pk.pack_t
     monkeypatch.setattr(pk, "pack_t", lambda w: packed_shapes.append(w.shape) or real_pack_t(w))
-    rng = np.random.default_rng(B * 100 + I)
-    T, H = 11, 3 * PU - 5
-    x, states, w = _case(kind, B, H, True, rng, T, I)
-    lengths = random_lengths(rng, T, B)
-    d_out = rng.standard_normal((T, B, H))
-    d_states = [rng.standard_normal((B, H)) for _ in states]
-    f32 = lambda a: None if a is None else a.astype(np.float32)  # noqa: E731
-    got = _train(nb, kind, f32(x), [f32(s) for s in states], [f32(a) for a in w], lengths,
-                 reverse, f32(d_out), [f32(d) for d in d_states])
-    want = _train(ref, kind, x, states, w, lengths, reverse, d_out, d_states)
+    H = 3 * PU - 5
+    _against_the_reference(kind, B, H, True, np.random.default_rng(B * 100 + I), 11, I, reverse)
     assert (GATES[kind] * H, I) in packed_shapes           # W_ih packed for d_x
-    for g, e in zip(got, want):
-        if g is not None:
-            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("r0,r1", [(0, 77), (5, 70), (33, 34), (40, 40)])
+def test_input_grads_product_writes_its_rows_only(r0, r1):
+    """``_input_grads`` alone: rows [r0, r1) of ``d_a W_ih`` (blocks of ``DX_ROWS`` from r0,
+    partial tiles), every other row of ``d_x`` untouched."""
+    rng = np.random.default_rng(r0 * 100 + r1)
+    G, I = 3 * PU + 16, 2 * PU
+    d_a = rng.standard_normal((77, G)).astype(np.float32)
+    w = rng.standard_normal((G, I)).astype(np.float32)
+    d_x = np.full((77, I), np.nan, np.float32)
+    pb._input_grads(pk.pack_t(w), d_a, d_x, r0, r1)
+    np.testing.assert_allclose(d_x[r0:r1], d_a[r0:r1].astype(np.float64) @ w, rtol=1e-5,
+                               atol=1e-4)
+    assert np.isnan(d_x[:r0]).all() and np.isnan(d_x[r1:]).all()
+
+
+def test_input_grads_flag_off_keeps_the_gemm(monkeypatch):
+    """``micro_input_grads`` False: a split backward leaves W_ih unpacked (OpenBLAS's GEMM
+    for ``d_x``), with the same gradients."""
+    monkeypatch.setattr(pk, "threads", 2)
+    monkeypatch.setattr(pb, "micro_input_grads", False)
+    packed_shapes = []
+    real_pack_t = pk.pack_t
+    monkeypatch.setattr(pk, "pack_t", lambda w: packed_shapes.append(w.shape) or real_pack_t(w))
+    H = 2 * PU
+    _against_the_reference("lstm", 7, H, True, np.random.default_rng(3), 5, PU, False)
+    assert packed_shapes == [(4 * H, H)]                    # W_hh only
 
 
 def test_which_backwards_take_the_packed_loop(monkeypatch):

@@ -190,7 +190,7 @@ def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, panels_ih, d_x, d_w_ih, d_w_hh, d_b_i
     r0, r1 = R * tid // nthreads, R * (tid + 1) // nthreads
     _mm(gemm, d_ax[:, c0:c1], True, x2, False, d_w_ih[c0:c1], 0.0)
     _mm(gemm, d_ah[:, c0:c1], True, h2, False, d_w_hh[c0:c1], 0.0)
-    if panels_ih.shape[0] > 0:        # the micro-kernel: 112 GFLOP/s a core, OpenBLAS 99
+    if panels_ih.shape[0] > 0:        # the micro-kernel (faster: packed_parts.py --parts dx)
         _input_grads(panels_ih, d_ax, d_x, r0, r1)
     else:
         _mm(gemm, d_ax[r0:r1], False, w_ih, False, d_x[r0:r1], 0.0)
@@ -265,11 +265,12 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     if nthreads == 1 or not _hotpool.take():      # (the GEMMs on the BLAS's threads)
         bptt_thread(*head, none, *tail, 0, 1, _hotpool.tickets, 0)
     else:
-        # d_x by the micro-kernel (112 GFLOP/s a core, OpenBLAS 93-99 at these shapes),
-        # where the inputs are whole panels of units
-        micro = micro_input_grads and I % pk._panel_units(1) == 0
-        call = head + (pk.pack_t(w_ih) if micro else none,) + tail
-        try:
+        try:                          # (from here on the pool is this call's: released below)
+            # d_x by the micro-kernel (``python bench/packed_parts.py --parts dx``) where
+            # the inputs are whole panels of units; its last bits differ from the GEMM's,
+            # which a one-thread backward uses
+            micro = micro_input_grads and I % pk._panel_units(1) == 0
+            call = head + (pk.pack_t(w_ih) if micro else none,) + tail
             with _single_threaded_blas():
                 pk.with_pool(fl, ((bptt_thread, *call, tid, nthreads, _hotpool.tickets, 0)
                                   for tid in range(1, nthreads)),
