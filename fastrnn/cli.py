@@ -175,7 +175,7 @@ def cmd_bench(args) -> int:
     result = runner.run(names + peers, args.cells, sizes, args.modes, args.dtype, repeats,
                         budget, args.threads, args.protocol, args.keep_blas_env,
                         progress=lambda work: tqdm(work, desc="bench", unit="point"),
-                        variants=args.variants)
+                        variants=args.variants, passes=args.passes)
     blas = next((p for e in result.engines.values() for p in e.get("blas", [])
                  if p["user_api"] == "blas"), None)
     if blas:
@@ -232,6 +232,10 @@ def build_parser():
     b.add_argument("--sizes", type=parse_sizes, help="TxBxIxH,... e.g. 100x64x256x256")
     b.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     b.add_argument("--repeats", type=positive_int, help="timed runs per contender (median taken)")
+    b.add_argument("--passes", type=positive_int, default=1,
+                   help="time the whole grid this many times over, each pass with --repeats "
+                        "runs; a row's median pools every pass (this machine kind runs slow "
+                        "for seconds at a time: passes spread that over the grid)")
     b.add_argument("--threads", type=positive_int, default=None,
                    help="threads of every engine (default: cores)")
     b.add_argument("--no-torch", action="store_true", help="time no peer (same as --vs '')")

@@ -85,6 +85,31 @@ def test_bench_writes_rows_with_the_documented_fields(tmp_path, capsys):
     assert "median ms" in capsys.readouterr().out
 
 
+def test_bench_passes_pool_their_samples(tmp_path, monkeypatch):
+    """``--passes 2``: the grid is timed twice over, each point's engines in a rotating
+    order, and a row's median comes from both passes' samples."""
+    from fastrnn.bench import runner
+    asked = []
+    real_ask = runner.LocalWorker.ask
+
+    def ask(self, op, **request):
+        if op == "time":
+            asked.append((self.name, request["case"]["cell"], request["mode"]))
+        return real_ask(self, op, **request)
+
+    monkeypatch.setattr(runner.LocalWorker, "ask", ask)
+    path = tmp_path / "run.json"
+    code = cli.main(["bench", "--sizes", "3x2x3x4", "--cells", "rnn_tanh", "gru",
+                     "--repeats", "2", "--passes", "2", "--backends", CPU_BACKENDS[0],
+                     "--modes", "inference", "--no-torch", "--protocol", "inprocess",
+                     "--json", str(path)])
+    assert code == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 2                              # one row a point, not one a pass
+    assert all(r["samples"] == 4 for r in rows)        # 2 rounds of 1 run, twice
+    assert len(asked) == 8 and asked[:4] == asked[4:]  # the grid, then the grid again
+
+
 def test_bench_reports_an_absent_peer(tmp_path, capsys, monkeypatch):
     from fastrnn.bench import engines
     monkeypatch.setattr(engines.JaxEngine, "requires", ("a_module_that_is_not_there",))

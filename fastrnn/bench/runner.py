@@ -130,9 +130,12 @@ ROUNDS = 3
 
 
 def run(names, cells, sizes, modes, dtype, repeats, budget_s, threads, protocol="subprocess",
-        keep_blas_env=False, progress=None, log=print, variants=()) -> Result:
+        keep_blas_env=False, progress=None, log=print, variants=(), passes=1) -> Result:
     """Verify every engine of ``names``, then time the grid (``cells`` x ``sizes``, and
-    each of ``variants`` x ``sizes``). Returns a :class:`Result`."""
+    each of ``variants`` x ``sizes``) ``passes`` times over: an engine's row at a point is
+    the median of its samples from every pass (:data:`ROUNDS` spreads a noisy spell of the
+    machine over the engines within a point; passes spread one that lasts longer than a
+    point over the grid). Returns a :class:`Result`."""
     from .cases import VARIANTS
     kinds = list(cells) + [f"{VARIANTS[v]}:{v}" for v in variants]
     make = ProcessWorker if protocol == "subprocess" else LocalWorker
@@ -193,37 +196,44 @@ def run(names, cells, sizes, modes, dtype, repeats, budget_s, threads, protocol=
             log(f"verify {name + label:<13} ({which}) vs float64 reference: max rel err "
                 f"{worst:.1e} -> "
                 + ("ok" if not bad else f"FAILED for {', '.join(bad)}: not timed there"))
-        # The grid: at each point the engines take turns, in a rotating order.
+        # The grid, ``passes`` times over: at each point the engines take turns, in a
+        # rotating order; each engine's samples of a point pool over the passes.
         cases = [Case(c, T, B, I, H, dtype) for c in cells for (T, B, I, H) in sizes]
         cases += [Case(VARIANTS[v], T, B, I, H, dtype, v) for v in variants
                   for (T, B, I, H) in sizes]
         work = [(case, mode) for case in cases for mode in modes]
         order = list(workers)
         rounds = min(ROUNDS, repeats)
-        for k, (case, mode) in enumerate(progress(work) if progress else work):
-            turn = order[k % len(order):] + order[:k % len(order)] if order else []
-            turn = [name for name in turn
+        pooled, failed = {}, set()      # (point, engine) -> samples; the engines that failed
+        visits = [(p, k) for p in range(passes) for k in range(len(work))]
+        for p, k in (progress(visits) if progress else visits):
+            case, mode = work[k]
+            shift = (k + p) % len(order) if order else 0
+            turn = [name for name in order[shift:] + order[:shift]
                     if result.verified.get((name, case.kind, mode), (False,))[0]
+                    and (k, name) not in failed
                     # the reference is the oracle, not a contender, at large sizes
                     and not (name == "numpy" and case.T * case.B * case.H * case.I > 5e8)]
-            samples = {name: [] for name in turn}
             for r in range(rounds):
                 for name in (turn if r % 2 == 0 else turn[::-1]):
-                    if name not in samples:
+                    if (k, name) in failed:
                         continue
                     try:
                         with _alone(workers, name):
-                            samples[name] += workers[name].ask(
+                            pooled.setdefault((k, name), []).extend(workers[name].ask(
                                 op="time", case=case.as_dict(), mode=mode,
                                 repeats=-(-repeats // rounds),
                                 budget_s=None if budget_s is None else
-                                budget_s / rounds)["samples"]
+                                budget_s / rounds)["samples"])
                     except WorkerError as exc:
                         result.not_timed.setdefault(name, f"{case.label()} {mode}: {exc}")
                         log(f"{name} failed at {case.label()} {mode}: {exc}")
-                        del samples[name]
-            for name, s in samples.items():
-                result.rows.append(_row(name, case, mode, s, result.engines[name]["precision"]))
+                        failed.add((k, name))
+        for k, (case, mode) in enumerate(work):
+            for name in order:
+                if (k, name) in pooled and (k, name) not in failed:
+                    result.rows.append(_row(name, case, mode, pooled[(k, name)],
+                                            result.engines[name]["precision"]))
     finally:
         for w in workers.values():
             w.close()
