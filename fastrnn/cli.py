@@ -234,8 +234,9 @@ def build_parser():
     b.add_argument("--repeats", type=positive_int, help="timed runs per contender (median taken)")
     b.add_argument("--passes", type=positive_int, default=1,
                    help="time the whole grid this many times over, each pass with --repeats "
-                        "runs; a row's median pools every pass (this machine kind runs slow "
-                        "for seconds at a time: passes spread that over the grid)")
+                        "runs (about N times the run time); a row's median pools every pass, "
+                        "so that a machine that runs slow for seconds at a time spreads that "
+                        "over the grid")
     b.add_argument("--threads", type=positive_int, default=None,
                    help="threads of every engine (default: cores)")
     b.add_argument("--no-torch", action="store_true", help="time no peer (same as --vs '')")

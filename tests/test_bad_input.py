@@ -613,6 +613,7 @@ def test_tbptt_accepts_numpy_integer_size():
 CLI_ARGS = [
     (["bench", "--repeats", "0"], "--repeats: expected a positive integer"),
     (["bench", "--repeats", "two"], "--repeats: expected a positive integer"),
+    (["bench", "--passes", "0"], "--passes: expected a positive integer"),
     (["bench", "--threads", "-1"], "--threads: expected a positive integer"),
     (["bench", "--vs", "tensorflow"], "--vs takes peers from"),
     (["bench", "--protocol", "threads"], "--protocol: invalid choice"),

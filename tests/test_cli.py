@@ -110,6 +110,34 @@ def test_bench_passes_pool_their_samples(tmp_path, monkeypatch):
     assert len(asked) == 8 and asked[:4] == asked[4:]  # the grid, then the grid again
 
 
+def test_bench_passes_rotate_and_drop_a_point_that_fails_in_any_pass(monkeypatch):
+    """Two engines, two passes: each point's first engine differs between the passes, and
+    an engine that fails at a point in the second pass gets no row there (its first pass's
+    samples too), keeps its other rows, and is reported."""
+    from fastrnn.bench import runner
+    engines_ = [CPU_BACKENDS[0], "torch"]
+    visits = []
+    real_ask = runner.LocalWorker.ask
+
+    def ask(self, op, **request):
+        if op == "time":
+            visits.append((self.name, request["case"]["cell"]))
+            if self.name == "torch" and request["case"]["cell"] == "gru" and len(visits) > 4:
+                raise runner.WorkerError("failed on purpose")
+        return real_ask(self, op, **request)
+
+    monkeypatch.setattr(runner.LocalWorker, "ask", ask)
+    result = runner.run(engines_, ["rnn_tanh", "gru"], [(3, 2, 3, 4)], ["inference"],
+                        "float32", 1, None, 1, "inprocess", log=lambda *a: None, passes=2)
+    # 1 repeat: one round a point, so a visit is one ask per engine
+    first = [visits[i][0] for i in range(0, len(visits), 2)]
+    assert first[:2] != first[2:]                     # the leaders rotate between passes
+    rows = {(r["backend"], r["cell"]) for r in result.rows}
+    assert ("torch", "gru") not in rows
+    assert {("torch", "rnn_tanh"), (engines_[0], "gru"), (engines_[0], "rnn_tanh")} <= rows
+    assert "failed on purpose" in result.not_timed["torch"]
+
+
 def test_bench_reports_an_absent_peer(tmp_path, capsys, monkeypatch):
     from fastrnn.bench import engines
     monkeypatch.setattr(engines.JaxEngine, "requires", ("a_module_that_is_not_there",))
