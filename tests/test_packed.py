@@ -603,6 +603,35 @@ def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
         nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_split_projects_on_one_blas_thread_each(monkeypatch, fused):
+    """A split whose threads project with GEMMs runs them with the BLAS single-threaded
+    (two threads' GEMMs would otherwise share one OpenBLAS pool); a fused split, which
+    calls no BLAS, leaves the BLAS's threads alone."""
+    import contextlib
+    entered = []
+
+    @contextlib.contextmanager
+    def spy():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(pk, "_single_threaded_blas", spy)
+    monkeypatch.setattr(pk, "threads", 2)
+    monkeypatch.setattr(pk, "fused", fused)
+    monkeypatch.setattr(pk, "rows", False)
+    rng = np.random.default_rng(4)
+    T, B, H = 3, 4, 2 * pk.VW
+    x = rng.standard_normal((T, B, H)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    w_ih, w_hh = (0.3 * rng.standard_normal((4 * H, H)).astype(np.float32) for _ in range(2))
+    got = nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)[0]
+    want = ref.lstm_forward(x.astype(np.float64), h0, h0, w_ih, w_hh, None, None,
+                            training=False)[0]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert entered == ([] if fused else [True])
+
+
 def test_loops_that_need_the_pool_at_once_take_turns(monkeypatch):
     """Split loops started from several threads at once: one has the pool at a time, the
     others run alone on their callers' threads (none waits for a worker that another

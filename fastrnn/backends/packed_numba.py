@@ -48,6 +48,7 @@ leaves is :mod:`.packed_bptt`'s (or :mod:`.numba_cpu`'s BLAS loops).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -764,7 +765,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
 #: Chunks of a one-thread loop whose projection runs ahead on another core
 #: (:func:`_projection`): about this many per call, so that the loop waits only for the
 #: first (a short one), and at least ``AHEAD_MIN_ROWS`` rows each (the micro-kernel's tiles
-#: full). 64 against 16: LSTM 50x16x128x128 1.36 against 1.43 ms (session 13).
+#: full). 64 against 16: LSTM 50x16x128x128 1.36 against 1.43 ms (session 13, scratch).
 AHEAD_CHUNKS, AHEAD_MIN_ROWS = 64, 8
 #: Multiply-adds of the input projection (T B G I) from which it runs ahead: below, the
 #: projection saved less than the worker's start and the check for other running threads
@@ -946,11 +947,10 @@ def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):
     def here(go, gen):
         cell_thread(*call, 0, nthreads, proj, mode == "rows", panels_ih, go, gen)
 
-    if mode == "ahead" or panels_ih is not None:      # no BLAS call on any thread
+    # each thread's GEMMs on one BLAS thread; projections by the micro-kernel (ahead,
+    # fused) call no BLAS
+    with _single_threaded_blas() if proj == PROJ_BLAS else contextlib.nullcontext():
         with_pool(fl, jobs, here)
-    else:                             # each thread's GEMMs on one BLAS thread
-        with _single_threaded_blas():
-            with_pool(fl, jobs, here)
 
 
 def with_pool(counters, jobs, here):
