@@ -55,7 +55,8 @@ behind session 7's choices:
   where OpenBLAS's pool spun on the other core, never with nothing there (scratch runs
   that timed one way throughout saw such slow windows in stretches of 10-30 s). Two
   virtual CPUs that the host puts on one core's two hardware threads for a while would do
-  this: the source of the +-25% between runs minutes apart;
+  this, and would explain the spread between runs minutes apart (every engine 1.17-1.38x
+  slower, geometric means, in one of session 14's runs than in session 13's);
 * ``dx``: a split backward's ``d_x`` by the micro-kernel against OpenBLAS's GEMM
   (``packed_bptt.micro_input_grads``), the backward timed call by call in one process,
   the two alternating ABBA (both see the same noise), with the thread counts the backwards

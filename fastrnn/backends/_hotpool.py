@@ -4,7 +4,7 @@ loops' threads (:func:`.packed_numba.with_pool`).
 Why: a thread blocked on a lock or a condition takes tens of microseconds to run again
 once woken, where the CPUs are virtual most of all: a no-op job's round trip through a
 ``concurrent.futures`` pool took 47 us on a 2-core KVM guest, against a B = 1 LSTM call of
-about 240 us, and the projector of a loop that projects ahead on the other core
+about 240 us (scratch probes), and the projector of a loop that projects ahead on the other core
 (:func:`.packed_numba.project_ahead`) cost more to start than it saved. So a worker here,
 after its job, spins on its job counter in compiled code (without the GIL) for
 :data:`spin_us` microseconds before it sleeps; a job posted meanwhile starts within a
@@ -164,7 +164,7 @@ class Worker:
         """Keep this thread off ``cpu`` (the caller's): the loops' threads wait on each
         other, and a pool thread woken onto its caller's CPU shared it for the whole call
         (:func:`.packed_numba.with_pool`). Set once and kept while the callers stay on that
-        CPU: setting and restoring it at every job cost 7 us of a B = 1 call."""
+        CPU: setting and restoring it at every job cost 7 us of a B = 1 call (a scratch probe)."""
         if cpu is None or cpu == self.off or self.allowed is None:
             return
         if self.allowed - {cpu}:
