@@ -357,7 +357,6 @@ def pool():
     against projecting its chunk itself: the cost of starting and ending the projector."""
     import concurrent.futures
     import fastrnn
-    from fastrnn.backends import _hotpool
 
     flag = np.zeros(1, np.int64)
 
@@ -508,7 +507,7 @@ def training():
     import os
 
     from fastrnn.bench.worker import MALLOC_ENV
-    env = dict(os.environ)                      # as fastrnn bench's workers run
+    env = dict(os.environ)                      # fastrnn bench's malloc settings
     for key, value in MALLOC_ENV.items():
         env.setdefault(key, value)
     here = os.path.dirname(os.path.abspath(__file__))

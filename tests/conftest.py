@@ -63,6 +63,18 @@ def backend(request):
     return request.param
 
 
+def wait_until_no_other_thread_runs(timeout=10.0):
+    """Until the packed loops' check for other running threads finds none: an earlier
+    test's BLAS call may have left OpenBLAS's pool spinning (~0.1 s)."""
+    import time
+
+    from fastrnn.backends import packed_numba
+    end = time.monotonic() + timeout
+    while packed_numba._other_threads_running():
+        assert time.monotonic() < end, f"another thread of the test process ran for {timeout} s"
+        time.sleep(0.05)
+
+
 def random_lengths(rng, T, B, allow_zero=True):
     lengths = rng.integers(0 if allow_zero else 1, T + 1, size=B)
     lengths[rng.integers(B)] = T  # at least one full sequence, as torch's packing requires

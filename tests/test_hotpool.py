@@ -11,8 +11,9 @@ import time
 import numba
 import numpy as np
 import pytest
+from conftest import wait_until_no_other_thread_runs
 
-from fastrnn.backends import _hotpool, packed_numba as pk
+from fastrnn.backends import _hotpool
 
 
 @numba.njit(nogil=True)
@@ -111,10 +112,7 @@ def test_spinning_workers_are_not_other_running_threads(monkeypatch):
     monkeypatch.setattr(_hotpool, "spin_us", 60e6)
     _hotpool.run([lambda: None], lambda go, gen: None)
     w = _hotpool.worker(0)
-    end = time.monotonic() + 10
-    while pk._other_threads_running():          # an earlier test's BLAS pool may spin
-        assert time.monotonic() < end
-        time.sleep(0.05)
+    wait_until_no_other_thread_runs()
     assert _hotpool.awake() >= 1 and not w.asleep   # still spinning, and not counted
     monkeypatch.setattr(_hotpool, "spin_us", 0.0)
     _hotpool.run([lambda: None], lambda go, gen: None)

@@ -9,7 +9,7 @@ and when the split yields to another running thread."""
 import numpy as np
 import pytest
 
-from conftest import random_lengths
+from conftest import random_lengths, wait_until_no_other_thread_runs
 
 pk = pytest.importorskip("fastrnn.backends.packed_numba")
 from fastrnn.backends import _hotpool  # noqa: E402
@@ -248,15 +248,6 @@ def _spinning_thread():
     return stop
 
 
-def _wait_until_no_other_thread_runs(timeout=10.0):
-    """An earlier test's BLAS call may have left OpenBLAS's pool spinning (~0.1 s)."""
-    import time
-    end = time.monotonic() + timeout
-    while pk._other_threads_running():
-        assert time.monotonic() < end, f"another thread of the test process ran for {timeout} s"
-        time.sleep(0.05)
-
-
 def test_the_split_yields_to_a_running_thread(monkeypatch):
     """Where another thread of the process runs (a spinning BLAS pool), a forward big
     enough to split runs the BLAS loops instead (0); alone, it splits; below the split
@@ -266,7 +257,7 @@ def test_the_split_yields_to_a_running_thread(monkeypatch):
     monkeypatch.setattr(pk, "MIN_SPLIT_STEP_WORK", 1000)
     H = 4 * pk.VW
     x = np.zeros((5, 8, 3), np.float32)
-    _wait_until_no_other_thread_runs()
+    wait_until_no_other_thread_runs()
     assert pk.threads_for(x, 4, H) == 2
     stop = _spinning_thread()
     try:
@@ -293,7 +284,7 @@ def test_the_projection_runs_ahead_only_on_an_idle_core(monkeypatch):
     small = dict(T=200, B=1, I=64, G=256, gates=4)                 # LSTM 200x1x64x64
     wide = dict(T=100, B=4, I=1024, G=512, gates=4)                # I = 8 H, 210M
     assert wide["T"] * wide["B"] * wide["G"] * wide["I"] > pk.PANELS_MAX_WORK
-    _wait_until_no_other_thread_runs()
+    wait_until_no_other_thread_runs()
     assert pk._projection(**small, training=False) == "ahead"
     assert pk._projection(**small, training=True) == "panels"
     assert pk._projection(**{**small, "T": 2}, training=False) == "panels"    # one chunk
@@ -689,7 +680,7 @@ def test_the_rows_split_only_where_it_pays(monkeypatch):
     monkeypatch.setattr(pk, "blas_get_threads", lambda: 2)
     monkeypatch.setattr(pk, "l2_bytes", lambda: 2 << 20)
     x = np.zeros((5, 2 * pk.ROWS_MIN, 128), np.float32)
-    _wait_until_no_other_thread_runs()
+    wait_until_no_other_thread_runs()
     assert pk._rows_for(x, 4, 128, True) == 2
     assert pk._rows_for(x, 3, 128, True) == 2
     assert pk._rows_for(x, 4, 128, True, training=True) == 0   # a training forward
@@ -767,13 +758,13 @@ def test_a_fused_inference_splits_the_rows_before_the_units(monkeypatch):
         h0 = np.zeros((16, H), np.float32)
         w = [(0.1 * rng.standard_normal(s)).astype(np.float32)
              for s in ((G, 256), (G, H), (G,), (G,))]
-        _wait_until_no_other_thread_runs()
+        wait_until_no_other_thread_runs()
         calls.clear()
         got = nb.lstm_forward(x, h0, h0, *w, training=False)[0]
         assert calls == [want], (H, calls)
         want_out = ref.lstm_forward(x.astype(np.float64), h0, h0, *w, training=False)[0]
         np.testing.assert_allclose(got, want_out, rtol=2e-5, atol=2e-5)
-        _wait_until_no_other_thread_runs()
+        wait_until_no_other_thread_runs()
         calls.clear()                           # training: fused, split by units, never rows
         got = nb.lstm_forward(x, h0, h0, *w, training=True)[0]
         assert calls == [(2, False, True)], (H, calls)

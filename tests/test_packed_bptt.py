@@ -20,6 +20,14 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 PU = pk.RNN_NV * pk.VW
 
 
+def _spy_pack_t(monkeypatch):
+    """The shapes of the arrays ``packed_numba.pack_t`` packs from now on."""
+    shapes = []
+    real = pk.pack_t
+    monkeypatch.setattr(pk, "pack_t", lambda w: shapes.append(w.shape) or real(w))
+    return shapes
+
+
 def _spy(monkeypatch):
     """The thread counts of every ``packed_bptt.run`` call from now on."""
     calls = []
@@ -109,9 +117,7 @@ def test_split_backward_input_gradients_from_the_micro_kernel(monkeypatch, kind,
     ``DX_ROWS``, split between threads anywhere), and every gradient matches the float64
     reference's."""
     monkeypatch.setattr(pk, "threads", threads)
-    packed_shapes = []
-    real_pack_t = pk.pack_t
-    monkeypatch.setattr(pk, "pack_t", lambda w: packed_shapes.append(w.shape) or real_pack_t(w))
+    packed_shapes = _spy_pack_t(monkeypatch)
     H = 3 * PU - 5
     _against_the_reference(kind, B, H, True, np.random.default_rng(B * 100 + I), 11, I, reverse)
     assert (GATES[kind] * H, I) in packed_shapes           # W_ih packed for d_x
@@ -137,9 +143,7 @@ def test_input_grads_flag_off_keeps_the_gemm(monkeypatch):
     for ``d_x``), with the same gradients."""
     monkeypatch.setattr(pk, "threads", 2)
     monkeypatch.setattr(pb, "micro_input_grads", False)
-    packed_shapes = []
-    real_pack_t = pk.pack_t
-    monkeypatch.setattr(pk, "pack_t", lambda w: packed_shapes.append(w.shape) or real_pack_t(w))
+    packed_shapes = _spy_pack_t(monkeypatch)
     H = 2 * PU
     _against_the_reference("lstm", 7, H, True, np.random.default_rng(3), 5, PU, False)
     assert packed_shapes == [(4 * H, H)]                    # W_hh only

@@ -170,9 +170,10 @@ def _input_grads(panels, d_a, d_x, r0, r1):
     of ``DX_ROWS`` rows."""
     TB, G = d_a.shape
     a3 = d_a.reshape(1, TB, G)
+    U = panels.shape[0]
+    PU, _, cv = pk._layout(U, 1)                  # (the RNN's panels)
     for c in range(r0, r1, DX_ROWS):
-        pk._recurrent(panels, a3, 0, d_x, pk._panel_units(1), pk.VW, 0, panels.shape[0], False,
-                      c, min(r1, c + DX_ROWS))
+        pk._recurrent(panels, a3, 0, d_x, PU, cv, 0, U, False, c, min(r1, c + DX_ROWS))
 
 
 @_jit

@@ -626,12 +626,11 @@ def _layout(U, gates):
 
 
 @_jit
-def _project_chunk(panels_ih, x2, t0, steps, B, xc, gates, u0, u1):
+def _project_chunk(panels_ih, x2, t0, steps, B, xc, PU, cv, u0, u1):
     """The projections of the ``steps`` steps from ``t0`` (rows of ``x2``) for the panels
     [u0, u1) of ``panels_ih`` (W_ih packed as W_hh), by the micro-kernel, into the chunk
-    slot ``xc`` in the layout of the scratch ``a``; its k loop never in halves, so that any
-    chunking gives the same bits (``by_batch`` False)."""
-    PU, _, cv = _layout(panels_ih.shape[0], gates)
+    slot ``xc`` in the layout of the scratch ``a`` (``PU``, ``cv``: :func:`_layout`); its k
+    loop never in halves, so that any chunking gives the same bits (``by_batch`` False)."""
     rows = x2[t0 * B:(t0 + steps) * B]
     _recurrent(panels_ih, rows.reshape(1, rows.shape[0], rows.shape[1]), 0,
                xc.reshape(xc.shape[0] * B, xc.shape[2]), PU, cv, u0, u1, False, 0,
@@ -647,13 +646,14 @@ def project_ahead(panels_ih, x2, xw, T, reverse, flags, gates):
     chunk ``c`` as ``flags[0] = c + 1`` and reuses a slot once the loop has published
     ``flags[FLAG_STRIDE]`` (chunks done) past its last chunk."""
     S, Tc, B, _ = xw.shape
+    U = panels_ih.shape[0]
+    PU, _, cv = _layout(U, gates)
     c = 0
     for c0 in range(0, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0
         wait_for(flags, FLAG_STRIDE, c - S + 1)
-        _project_chunk(panels_ih, x2, t0, c1 - c0, B, xw[c % S], gates, 0,
-                       panels_ih.shape[0])
+        _project_chunk(panels_ih, x2, t0, c1 - c0, B, xw[c % S], PU, cv, 0, U)
         store_release(flags, 0, c + 1)
         c += 1
 
@@ -706,7 +706,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     fused = proj == PROJ_FUSED
     ahead = proj == PROJ_AHEAD
     # the projections in the layout of ``a`` (gate stride Hp), from the micro-kernel
-    xs = Hp if (fused or ahead or proj == PROJ_PANELS) and gates > 1 else 0
+    xs = Hp if proj != PROJ_BLAS and gates > 1 else 0
     x3 = x2.reshape(T, B, x2.shape[1])
     if by_rows:
         u0, u1, n0, n1 = 0, U, 0, H
@@ -727,7 +727,7 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         if ahead:
             wait_for(flags, 0, c + 1)
         elif proj == PROJ_PANELS:
-            _project_chunk(panels_ih, x2, t0, c1 - c0, B, xc, gates, u0, u1)
+            _project_chunk(panels_ih, x2, t0, c1 - c0, B, xc, PU, cv, u0, u1)
         elif not fused:                # (fused: one step a chunk, projected the step before)
             _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
                      xc.reshape(Tc * B, xw.shape[3])[:(c1 - c0) * B], gates, n0, n1)
@@ -905,13 +905,11 @@ def _projection_buffers(nthreads, mode, x, w_ih, panels, panels_ih, gates):
     G = w_ih.shape[0]
     if panels_ih is not None:
         return PROJ_FUSED, aligned_empty((1, 1, B, NR * U)), w_ih, panels_ih
-    if mode == "panels":              # a chunk's projections, in the layout of ``a``
-        return (PROJ_PANELS, aligned_empty((1, _chunk_steps(T, B, G), B, NR * U)), w_ih,
-                packed(w_ih, gates))
-    if mode == "ahead":               # a ring of chunks, in the layout of ``a``
-        Tc = _ahead_chunk(T, B, G)
-        return (PROJ_AHEAD, aligned_empty((min(-(-T // Tc), AHEAD_SLOTS), Tc, B, NR * U)),
-                w_ih, packed(w_ih, gates))
+    if mode in ("panels", "ahead"):   # a chunk (a ring of them, ahead) in the layout of ``a``
+        Tc = _ahead_chunk(T, B, G) if mode == "ahead" else _chunk_steps(T, B, G)
+        slots = min(-(-T // Tc), AHEAD_SLOTS) if mode == "ahead" else 1
+        return (PROJ_AHEAD if mode == "ahead" else PROJ_PANELS,
+                aligned_empty((slots, Tc, B, NR * U)), w_ih, packed(w_ih, gates))
     return (PROJ_BLAS,
             _workspace.empty((1, _chunk_steps(T, B, G), B, G), np.float32),
             _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads),
