@@ -43,6 +43,44 @@ def test_valid_call_matches_unchecked(backend, cell):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("cell", list(backends.CELLS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [False, True])
+def test_results_are_new_arrays(backend, cell, dtype, training):
+    """out, h_n (and c_n) share memory with nothing: each other, the arguments, the cache
+    (a one-layer module hands the kernel's final states on as they are)."""
+    fwd, _ = backends.get(backend).kernels(cell)
+    args = arguments(cell, dtype)
+    S = backends.CELLS[cell].states
+    result = call(fwd, args, training=training)
+    others = list(args.values()) + [v for v in _cache_arrays(result[-1])]
+    for i, a in enumerate(result[:1 + S]):
+        for b in list(result[:i]) + others:
+            assert not np.shares_memory(a, b)
+
+
+def _cache_arrays(cache):
+    inner = getattr(cache, "inner", cache)
+    values = inner.values() if isinstance(inner, dict) else inner or ()
+    return [v for v in values if isinstance(v, np.ndarray)]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_a_one_layer_modules_states_are_its_own(backend, cell):
+    """A one-layer module returns the kernel's final states as views: writing its output
+    or the next call leaves them as they were."""
+    m = fastrnn.make_layer(cell, I, H, backend=backend, seed=0, dtype=np.float32).eval()
+    x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+    out, states = m(x)
+    states = states if isinstance(states, tuple) else (states,)
+    kept = [s.copy() for s in states]
+    out[...] = 7
+    m(x[::-1].copy())
+    for s, k in zip(states, kept):
+        assert s.shape == (1, B, H)
+        np.testing.assert_array_equal(s, k)
+
+
 # x and h0 define T, B, I and H: a size wrong there is blamed on the first argument
 # that disagrees with them.
 BLAMED = {"x": "w_ih", "h0": "c0|w_ih"}

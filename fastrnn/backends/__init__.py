@@ -49,7 +49,9 @@ the ones the forward call was given. ``cache`` is ``None`` when ``training`` is 
 opaque to callers and holds what backward needs (post-activation gates and
 states), so backward never recomputes a pre-activation. ``d_b_*`` are
 ``None`` when the biases are. Gradients in ``d_out`` at padded steps are
-ignored.
+ignored. ``out``, ``h_n`` and ``c_n`` are new arrays, the caller's: no two share memory,
+nor with an argument or the cache (a layer of one layer and direction hands them on
+as they are).
 
 Masking (PyTorch's ``pack_padded_sequence(enforce_sorted=False)``): step
 ``t`` of sequence ``b`` is *active* when ``t < lengths[b]``. An inactive

@@ -492,24 +492,42 @@ def _blas_threads():
     return blas_get_threads() if blas_get_threads else 1
 
 
+#: ``/proc/loadavg``, kept open for :func:`_running_tasks` (None: not opened yet).
+_loadavg_fd = None
+
+
+def _running_tasks():
+    """The system's running tasks, the fourth field of ``/proc/loadavg``, read with
+    ``pread`` from a descriptor kept open: each read at offset 0 shows the count anew, in
+    1.7 us against 4.9 for opening, reading and closing the file at every call (a scratch
+    ``timeit`` on a 2-core KVM guest), on the path of every B = 1 call that projects ahead.
+    OSError where it cannot be read (not Linux; a descriptor that went bad is opened again
+    at the next call)."""
+    global _loadavg_fd
+    if _loadavg_fd is None:
+        _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY)     # (close-on-exec)
+    try:
+        data = os.pread(_loadavg_fd, 128, 0)
+    except OSError:
+        _loadavg_fd = None
+        raise
+    return int(data.split()[3].split(b"/")[0])
+
+
 def _other_threads_running():
     """Whether another thread of this process is running right now: state ``R`` in
     ``/proc/self/task/*/stat`` (Linux; elsewhere False). A BLAS or OpenMP pool spins for
     a while after each parallel call (OpenBLAS's for about 0.1 s): a split loop, whose
     threads meet at every step, then shares the cores with it and ran up to 4x slower
     than alone (docs/numba.md). First the count of running tasks of the whole system
-    (``/proc/loadavg``, one read: 5 us on a 2-core KVM guest): where it is this thread and
-    the loops' own workers awake (:func:`._hotpool.awake`), nothing else runs; else each
+    (:func:`_running_tasks`, 1.7 us on a 2-core KVM guest): where it is this thread and the
+    loops' own workers awake (:func:`._hotpool.awake`), nothing else runs; else each
     thread's state, 15 us with four threads (``python bench/packed_parts.py --parts
     overhead``)."""
     try:
         ours = _hotpool.awake()        # before and after the read: the smaller count, so
-        fd = os.open("/proc/loadavg", os.O_RDONLY)   # that a worker woken meanwhile (by
-        try:                                         # another caller) hides nothing
-            running = int(os.read(fd, 128).split()[3].split(b"/")[0])
-        finally:
-            os.close(fd)
-        if running <= 1 + min(ours, _hotpool.awake()):
+        running = _running_tasks()     # that a worker woken meanwhile (by another caller)
+        if running <= 1 + min(ours, _hotpool.awake()):   # hides nothing
             return False
     except (OSError, ValueError, IndexError):
         pass
@@ -644,12 +662,14 @@ def project_ahead(panels_ih, x2, xw, T, reverse, flags, gates):
     from ``panels_ih`` (W_ih packed as W_hh) into the ring of ``xw.shape[0]`` slots (chunk
     ``c`` into slot ``c % slots``, in the layout of the loop's scratch ``a``). It publishes
     chunk ``c`` as ``flags[0] = c + 1`` and reuses a slot once the loop has published
-    ``flags[FLAG_STRIDE]`` (chunks done) past its last chunk."""
+    ``flags[FLAG_STRIDE]`` (chunks done) past its last chunk. It starts from the second
+    chunk: the loop projects the first itself, so that it need not wait for this worker
+    to start (a few microseconds of Python between its wake-up and this loop)."""
     S, Tc, B, _ = xw.shape
     U = panels_ih.shape[0]
     PU, _, cv = _layout(U, gates)
-    c = 0
-    for c0 in range(0, T, Tc):
+    c = 1
+    for c0 in range(Tc, T, Tc):
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0
         wait_for(flags, FLAG_STRIDE, c - S + 1)
@@ -688,10 +708,10 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
     ``[B tid / nthreads, B (tid + 1) / nthreads)`` instead, every unit of them, and no
     barrier at all: rows never meet (the micro-kernel's sums do not depend on where a
     thread's rows start, :func:`._simd.split_k`, so the bits are the one-thread loop's).
-    With ``PROJ_AHEAD`` (one thread), :func:`project_ahead` computes the chunks on another core
-    into the ring ``xw`` instead, and ``flags`` counts the chunks it and this loop have
-    done (one thread only: the counters sit where the split's barrier keeps thread 1's
-    step). ``hs``/``cs``
+    With ``PROJ_AHEAD`` (one thread), :func:`project_ahead` computes the chunks but the first
+    on another core into the ring ``xw`` instead (the first as ``PROJ_PANELS`` does), and
+    ``flags`` counts the chunks it and this loop have done (one thread only: the counters
+    sit where the split's barrier keeps thread 1's step). ``hs``/``cs``
     are the state buffers of :func:`.numba_cpu._state_buffers` ((2, B, H) ping-pong in
     inference, (T + 1, B, H) in training); ``gates_out`` (and ``hns``) the cache in
     training (unused in inference); ``a`` the shared (B, gates Hp) scratch; ``w_proj``
@@ -724,9 +744,9 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
         c1 = min(T, c0 + Tc)
         t0 = T - c1 if reverse else c0        # the chunk's steps cover times [t0, t0 + c1 - c0)
         xc = xw[c % S]
-        if ahead:
+        if ahead and c > 0:
             wait_for(flags, 0, c + 1)
-        elif proj == PROJ_PANELS:
+        elif proj == PROJ_PANELS or ahead:    # (ahead: the first chunk, see project_ahead)
             _project_chunk(panels_ih, x2, t0, c1 - c0, B, xc, PU, cv, u0, u1)
         elif not fused:                # (fused: one step a chunk, projected the step before)
             _project(gemm, x2[t0 * B:(t0 + c1 - c0) * B], w_proj,
