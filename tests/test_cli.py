@@ -210,3 +210,27 @@ def test_bench_workers_warm_up_for_a_time_after_their_pause():
     assert len(samples) == 3 and calls[-3] - calls[0] >= 0.0099 and len(calls) > 5
     calls.clear()
     assert len(time_runs(lambda: calls.append(0), 2, None, warmup=2)) == 2 and len(calls) == 4
+
+
+def test_a_row_whose_samples_run_at_two_speeds_is_marked_noisy():
+    """The quartiles of a row's samples: where the middle half spans more than NOISY_IQR of
+    the median, the table marks the row, says why, and the summary names its worst point
+    as noisy; steady samples are not marked."""
+    from fastrnn.bench import report, runner
+    from fastrnn.bench.cases import Case
+    case = Case("lstm", 4, 2, 3, 5)
+    steady = runner._row("numba", case, "inference", [1.0, 1.01, 0.99, 1.02, 1.0, 0.98], None)
+    two_speeds = runner._row("numba", case, "inference", [1.0, 1.0, 1.0, 1.7, 1.7, 1.7], None)
+    assert not steady["noisy"] and two_speeds["noisy"]
+    assert steady["q1_ms"] <= steady["median_ms"] <= steady["q3_ms"]
+    lines = []
+    peer = runner._row("onnxruntime", case, "inference", [1.1] * 6, None)
+    for ours in (steady, two_speeds):
+        ours["speedup_vs"] = {"onnxruntime": peer["median_ms"] / ours["median_ms"]}
+        peer["speedup_vs"] = {}
+        lines.clear()
+        report.print_table([ours, peer], ["onnxruntime"], out=lines.append)
+        marked = ours["noisy"]
+        assert (lines[1].split()[7].endswith("~")) == marked
+        assert any(line.startswith("~ noisy") for line in lines) == marked
+        assert ("noisy)" in report.summarize([ours, peer], "numba", ["onnxruntime"])) == marked

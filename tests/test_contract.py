@@ -65,19 +65,34 @@ def _cache_arrays(cache):
     return [v for v in values if isinstance(v, np.ndarray)]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_a_one_layer_modules_states_are_its_own(backend, cell):
+def _one_layer(kind, backend):
+    if kind == "layernorm_lstm":
+        return fastrnn.LayerNormLSTM(I, H, backend=backend, dtype=np.float32)
+    return fastrnn.make_layer(kind, I, H, backend=backend, seed=0, dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "layernorm_lstm"])
+@pytest.mark.parametrize("how", ["eval", "train", "chunked", "large"])
+def test_a_one_layer_modules_states_are_its_own(backend, kind, how):
     """A one-layer module returns the kernel's final states as views: writing its output
-    or the next call leaves them as they were."""
-    m = fastrnn.make_layer(cell, I, H, backend=backend, seed=0, dtype=np.float32).eval()
-    x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+    or calling it again (a training step's backward included) leaves them as they were;
+    in eval mode, in training, over chunks of steps (``eval_chunk``), and with buffers
+    from the pool of large blocks (``_workspace``: 1 MiB and more)."""
+    m = _one_layer(kind, backend)
+    m.train() if how == "train" else m.eval()
+    if how == "chunked":
+        m.eval_chunk = 2
+    steps, rows = (700, 64) if how == "large" else (T, B)   # large: a 1.1 MB output
+    x = np.random.default_rng(0).standard_normal((steps, rows, I)).astype(np.float32)
     out, states = m(x)
     states = states if isinstance(states, tuple) else (states,)
     kept = [s.copy() for s in states]
     out[...] = 7
+    if how == "train":
+        m.backward(np.ones_like(out))
     m(x[::-1].copy())
     for s, k in zip(states, kept):
-        assert s.shape == (1, B, H)
+        assert s.shape == (1, rows, H)
         np.testing.assert_array_equal(s, k)
 
 

@@ -581,7 +581,8 @@ def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="pool thread failed"):
         pk._releasing(counters, fail)
     assert (counters == pk.RELEASE).all()
-    # end to end: the projector of a loop that projects ahead fails on its first chunk
+    # end to end: the projector of a loop that projects ahead fails on the first chunk it
+    # computes (the loop's second: the loop projects the first itself)
     monkeypatch.setattr(pk, "ahead", True)
     monkeypatch.setattr(pk, "threads", 1)
     monkeypatch.setattr(pk, "project_ahead", lambda *args: fail())
@@ -592,6 +593,49 @@ def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
     w_ih, w_hh = (rng.standard_normal((4 * H, n)).astype(np.float32) for n in (I, H))
     with pytest.raises(RuntimeError, match="pool thread failed"):
         nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)
+
+
+def test_a_loop_that_projects_ahead_projects_its_first_chunk_itself(monkeypatch):
+    """The loop computes its first chunk of projections before its steps (it never waits
+    for the worker to start): with a worker that computes nothing, a one-chunk sequence
+    projected ahead still gives the loop's own result (before, it waited forever)."""
+    import threading
+    monkeypatch.setattr(pk, "ahead", True)
+    monkeypatch.setattr(pk, "threads", 1)
+    monkeypatch.setattr(pk, "project_ahead", lambda *args: None)
+    rng = np.random.default_rng(0)
+    T, B, I, H = 5, 1, 4, 16
+    assert pk._ahead_chunk(T, B, 4 * H) >= T            # one chunk: the loop's own
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    w_ih, w_hh = (rng.standard_normal((4 * H, n)).astype(np.float32) for n in (I, H))
+    got = []
+    t = threading.Thread(target=lambda: got.append(
+        nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)), daemon=True)
+    t.start()
+    t.join(60)
+    assert got, "the loop waited for a worker that never projects"
+    monkeypatch.setattr(pk, "ahead", False)
+    monkeypatch.setattr(pk, "panel_chunks", True)
+    want = nb.lstm_forward(x, h0, h0, w_ih, w_hh, None, None, training=False)
+    for a, b in zip(got[0][:3], want[:3]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_running_task_count_survives_a_closed_descriptor():
+    """``/proc/loadavg`` is read from a descriptor kept open; closed behind the module's
+    back, the read fails once (the caller then looks at the threads themselves) and the
+    next call opens it again."""
+    import os
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc/loadavg here")
+    assert pk._running_tasks() >= 1
+    os.close(pk._loadavg_fd)
+    with pytest.raises(OSError):
+        pk._running_tasks()
+    assert pk._loadavg_fd is None
+    assert pk._running_tasks() >= 1 and pk._loadavg_fd is not None
+    assert pk._other_threads_running() in (False, True)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -35,7 +35,8 @@ gates:
   are at most ``AHEAD_MAX_INPUTS`` times its hidden units or its projection is small
   (``PANELS_MAX_WORK``), the micro-kernel projects from W_ih's panels, on another core
   while the loop runs the steps (:func:`project_ahead`, a worker of :mod:`._hotpool`, into
-  a ring: an inference of ``AHEAD_MIN_WORK`` or more next to no running thread), else a
+  a ring, every chunk but the first, which the loop projects itself: an inference of
+  ``AHEAD_MIN_WORK`` or more next to no running thread), else a
   chunk of steps at a time before them on the loop's thread (``PROJ_PANELS``), with the
   same bits; wider inputs are projected with a GEMM. :data:`PROJ_BLAS` and the other three
   name these ways for :func:`cell_thread`.
@@ -494,6 +495,7 @@ def _blas_threads():
 
 #: ``/proc/loadavg``, kept open for :func:`_running_tasks` (None: not opened yet).
 _loadavg_fd = None
+_loadavg_lock = threading.Lock()
 
 
 def _running_tasks():
@@ -501,17 +503,22 @@ def _running_tasks():
     ``pread`` from a descriptor kept open: each read at offset 0 shows the count anew, in
     1.7 us against 4.9 for opening, reading and closing the file at every call (a scratch
     ``timeit`` on a 2-core KVM guest), on the path of every B = 1 call that projects ahead.
-    OSError where it cannot be read (not Linux; a descriptor that went bad is opened again
-    at the next call)."""
+    OSError, ValueError or IndexError where it cannot be read or parsed (not Linux; a
+    descriptor closed behind this module's back, whose number may now be another file's):
+    the descriptor is then forgotten, never closed (it may be someone else's now), and
+    opened again at the next call."""
     global _loadavg_fd
-    if _loadavg_fd is None:
-        _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY)     # (close-on-exec)
+    fd = _loadavg_fd
+    if fd is None:
+        with _loadavg_lock:        # one descriptor, whichever thread comes first
+            if _loadavg_fd is None:
+                _loadavg_fd = os.open("/proc/loadavg", os.O_RDONLY)   # (close-on-exec)
+            fd = _loadavg_fd
     try:
-        data = os.pread(_loadavg_fd, 128, 0)
-    except OSError:
+        return int(os.pread(fd, 128, 0).split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
         _loadavg_fd = None
         raise
-    return int(data.split()[3].split(b"/")[0])
 
 
 def _other_threads_running():
@@ -783,8 +790,8 @@ def cell_thread(gemm, x2, w_proj, panels, cell, bias, b_hn, lengths, reverse, tr
 
 
 #: Chunks of a one-thread loop whose projection runs ahead on another core
-#: (:func:`_projection`): about this many per call, so that the loop waits only for the
-#: first (a short one), and at least ``AHEAD_MIN_ROWS`` rows each (the micro-kernel's tiles
+#: (:func:`_projection`): about this many per call, so that the first, which the loop
+#: projects itself before its steps, is short, and at least ``AHEAD_MIN_ROWS`` rows each (the micro-kernel's tiles
 #: full). 64 against 16: LSTM 50x16x128x128 1.36 against 1.43 ms (session 13, scratch).
 AHEAD_CHUNKS, AHEAD_MIN_ROWS = 64, 8
 #: Multiply-adds of the input projection (T B G I) from which it runs ahead: below, the
@@ -820,7 +827,8 @@ def _projection(T, B, I, G, gates, training):
     where the inputs are at most ``AHEAD_MAX_INPUTS`` times the hidden units or the
     projection is small (``PANELS_MAX_WORK``; :data:`panel_chunks` forces it either way),
     else from OpenBLAS's GEMM. From the micro-kernel: ``"ahead"``, a worker computes the
-    chunks on another core while the loop runs the steps (:func:`project_ahead`), in an
+    chunks but the first on another core while the loop runs the steps
+    (:func:`project_ahead`), in an
     inference of ``AHEAD_MIN_WORK`` multiply-adds of projection or more, where the BLAS has
     two threads or more (the cores are there), the sequence makes two chunks or more, and
     no other thread runs (:func:`_other_threads_running`: a

@@ -9,16 +9,23 @@ import numpy as np
 
 
 def print_table(rows, peers=("torch",), out=print):
+    """The rows, a line each; a ``~`` after the median marks a noisy row
+    (:data:`.runner.NOISY_IQR`), explained under the table."""
     head = (f"{'backend':<13} {'cell':<14} {'mode':<9} {'T':>5} {'B':>4} {'I':>5} {'H':>5} "
-            f"{'median ms':>10} {'GFLOP/s':>8} {'%peak':>6}")
+            f"{'median ms':>10}  {'GFLOP/s':>8} {'%peak':>6}")
     out(head + "".join(f" {'vs ' + p:>14}" for p in peers))
     for r in rows:
         speed = "".join(f" {r['speedup_vs'][p]:>13.2f}x" if p in r.get("speedup_vs", {})
                         else f" {'-':>14}" for p in peers)
         frac = r.get("peak_fraction")
         out(f"{r['backend']:<13} {r.get('kind', r['cell']):<14} {r['mode']:<9} {r['T']:>5} {r['B']:>4} "
-            f"{r['I']:>5} {r['H']:>5} {r['median_ms']:>10.3f} {r['gflops']:>8.1f} "
-            f"{'-' if frac is None else f'{100 * frac:.0f}%':>6}{speed}")
+            f"{r['I']:>5} {r['H']:>5} {r['median_ms']:>10.3f}{'~' if r.get('noisy') else ' '} "
+            f"{r['gflops']:>8.1f} {'-' if frac is None else f'{100 * frac:.0f}%':>6}{speed}")
+    if any(r.get("noisy") for r in rows):
+        from .runner import NOISY_IQR
+        out(f"~ noisy: the middle half of the row's samples spans more than {NOISY_IQR:.0%} of "
+            "its median (the machine ran at two speeds during the point); its ratios are "
+            "less certain (q1_ms, q3_ms in the JSON)")
 
 
 def geomean(values) -> float:
@@ -36,10 +43,16 @@ def summarize(rows, backend="numba", peers=("torch",)) -> str:
                 worst = min(range(len(s)), key=s.__getitem__)
                 where = [r for r in rows if r["backend"] == backend and r["mode"] == mode and
                          peer in r.get("speedup_vs", {})][worst]
+                point = (where.get("kind", where["cell"]), mode,
+                         where["T"], where["B"], where["I"], where["H"])
+                noisy = any(r.get("noisy") for r in rows if r["backend"] in (backend, peer)
+                            and (r.get("kind", r["cell"]), r["mode"],
+                                 r["T"], r["B"], r["I"], r["H"]) == point)
                 lines.append(f"{backend} {mode} vs {peer}: geometric mean {geomean(s):.2f}x, "
                              f"min {min(s):.2f}x ({where.get('kind', where['cell'])} "
                              f"{where['T']}x{where['B']}x"
-                             f"{where['I']}x{where['H']}), {len(s)} points")
+                             f"{where['I']}x{where['H']}{', noisy' if noisy else ''}), "
+                             f"{len(s)} points")
     return "\n".join(lines)
 
 

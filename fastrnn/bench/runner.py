@@ -246,13 +246,21 @@ def _verify_fastrnn(w, name, cells, dtype, protocol, threads):
     return answer["ok"], answer["err"]
 
 
+#: A row is *noisy* where the middle half of its samples (first to third quartile) spans
+#: more than this fraction of its median: the machine ran at two speeds during the point
+#: (this guest's slow stretches, README), and the row's ratios are less certain.
+NOISY_IQR = 0.2
+
+
 def _row(name, case, mode, samples, precision):
     seconds = float(np.median(samples))
+    q1, q3 = (float(q) for q in np.percentile(samples, [25, 75]))
     return {"backend": name, "precision": precision, "cell": case.cell, "kind": case.kind,
             "variant": case.variant, "mode": mode,
             "T": case.T, "B": case.B, "I": case.I, "H": case.H, "dtype": case.dtype,
             "median_ms": seconds * 1e3, "samples": len(samples),
             "spread": float((np.max(samples) - np.min(samples)) / seconds) if samples else 0.0,
+            "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "noisy": (q3 - q1) / seconds > NOISY_IQR,
             "gflops": case.flops(mode) / seconds / 1e9}
 
 
