@@ -132,11 +132,14 @@ class Worker:
     def __init__(self, index):
         self.state = np.zeros(3 * FLAG_STRIDE, np.int64)
         self.lock = threading.Lock()
-        self.next = (0, None, None)                    # (generation, job, caller's CPU)
+        self.next = (0, None)                          # (generation, job)
         self.error = (0, None)                         # (generation, its job's error)
         self.asleep = self.stopping = False
         self.wake = threading.Event()
-        self.off = self.allowed = None     # the CPU out of its affinity, and the rest
+        # the CPU out of its affinity, and the CPUs it may use (the creator's, which a new
+        # thread inherits; None: affinity unknown or unsettable, left alone)
+        self.off = None
+        self.allowed = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
         self.thread = threading.Thread(target=self._main, name=f"fastrnn-packed-{index}",
                                        daemon=True)
         self.thread.start()
@@ -144,8 +147,9 @@ class Worker:
     def assign(self, gen, job, cpu):
         """Run ``job()`` once generation ``gen`` is published, off ``cpu`` (the caller's,
         None: anywhere)."""
+        self._pin_off(cpu)
         with self.lock:
-            self.next = (gen, job, cpu)
+            self.next = (gen, job)
         write(self.state, ASSIGNED, gen)   # after the job (release)
         if self.asleep:                # (_main: it sets ``asleep``, then looks again)
             self.wake.set()
@@ -161,21 +165,27 @@ class Worker:
         return error if failed == gen else None
 
     def _pin_off(self, cpu):
-        """Keep this thread off ``cpu`` (the caller's): the loops' threads wait on each
+        """Keep this worker off ``cpu`` (the caller's): the loops' threads wait on each
         other, and a pool thread woken onto its caller's CPU shared it for the whole call
         (:func:`.packed_numba.with_pool`). Set once and kept while the callers stay on that
-        CPU: setting and restoring it at every job cost 7 us of a B = 1 call (a scratch probe)."""
+        CPU: setting and restoring it at every job cost 7 us of a B = 1 call (a scratch
+        probe). Set by the caller, as it assigns the job, not by the worker as it starts
+        it: a caller that had moved onto the worker's CPU (the scheduler moves a thread
+        between calls, after a pause most of all) otherwise shared that CPU with the worker
+        spinning there for its job, until the worker got to run and moved itself; in
+        ``fastrnn bench``'s workers, LSTM 50x16x128x128 calls took 3-7 ms instead of 1.2
+        in the turns' first calls, and nearly every slow call was one whose caller changed
+        CPUs (session 15, a probe logging each call's CPUs; README)."""
         if cpu is None or cpu == self.off or self.allowed is None:
             return
         if self.allowed - {cpu}:
             try:
-                os.sched_setaffinity(0, self.allowed - {cpu})
+                os.sched_setaffinity(self.thread.native_id, self.allowed - {cpu})
                 self.off = cpu
             except OSError:            # (the CPUs allowed changed): run wherever it is
                 self.allowed = None
 
     def _main(self):
-        self.allowed = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
         done = 0
         while not self.stopping:
             gen = wait_job(tickets, self.state, done, _spin_ns())
@@ -191,12 +201,11 @@ class Worker:
                 self.asleep = False
                 continue
             with self.lock:
-                assigned, job, cpu = self.next
+                assigned, job = self.next
                 if assigned != gen:            # a later assignment (a join skipped):
                     continue                   # it waits for its own publication
-                self.next = (0, None, None)
+                self.next = (0, None)
             try:
-                self._pin_off(cpu)
                 job()
             except BaseException as exc:       # the caller's join() returns it
                 with self.lock:
