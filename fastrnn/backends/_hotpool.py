@@ -138,15 +138,20 @@ class Worker:
         self.wake = threading.Event()
         # the CPU out of its affinity, and the CPUs it may use (the creator's, which a new
         # thread inherits; None: affinity unknown or unsettable, left alone)
-        self.off = None
-        self.allowed = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+        self.off = self.allowed = None
+        if hasattr(os, "sched_setaffinity"):
+            try:
+                self.allowed = os.sched_getaffinity(0)
+            except OSError:            # (a sandbox that hides it): run wherever it is
+                pass
         self.thread = threading.Thread(target=self._main, name=f"fastrnn-packed-{index}",
                                        daemon=True)
         self.thread.start()
 
     def assign(self, gen, job, cpu):
         """Run ``job()`` once generation ``gen`` is published, off ``cpu`` (the caller's,
-        None: anywhere)."""
+        None: anywhere). Callers hold ``_run_lock`` (:func:`run`): the affinity and ``off``
+        are theirs to set."""
         self._pin_off(cpu)
         with self.lock:
             self.next = (gen, job)
