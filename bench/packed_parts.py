@@ -304,9 +304,11 @@ def overhead():
         names = [k for k in med if k != "frozen layer"]
         steps = ", ".join(f"{a} - {b} {med[a] - med[b]:.1f}" for a, b in zip(names, names[1:]))
         probe = float(np.median(time_runs(pk._other_threads_running, 3000, None))) * 1e6
+        tasks = float(np.median(time_runs(pk._running_tasks, 3000, None))) * 1e6
         print(f"overhead {cell} {T}x{B}x{I}x{H} inference, us: "
               + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f"; differences: {steps}; "
-              f"(split sizes and fused calls also look for running threads: {probe:.1f})",
+              f"(split sizes and fused calls also look for running threads: {probe:.1f}, of which "
+              f"the /proc/loadavg read {tasks:.1f})",
               flush=True)
 
 

@@ -179,8 +179,9 @@ class Worker:
         between calls, after a pause most of all) otherwise shared that CPU with the worker
         spinning there for its job, until the worker got to run and moved itself; in
         ``fastrnn bench``'s workers, LSTM 50x16x128x128 calls took 3-7 ms instead of 1.2
-        in the turns' first calls, and nearly every slow call was one whose caller changed
-        CPUs (session 15, a probe logging each call's CPUs; README)."""
+        in the turns' first calls, most of them (21 of 32 in one worker) calls whose caller
+        changed CPUs (session 15, ``bench/probe_cpus``;
+        ``bench/results/2026-12-06-probe-cpus-session15.txt``)."""
         if cpu is None or cpu == self.off or self.allowed is None:
             return
         if self.allowed - {cpu}:

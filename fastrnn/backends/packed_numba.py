@@ -493,6 +493,9 @@ def _blas_threads():
     return blas_get_threads() if blas_get_threads else 1
 
 
+#: The placeholder for W_ih's panels where no micro-kernel projects (an empty array of
+#: the panels' compiled type, shared: nothing reads or writes it).
+NO_PANELS = np.empty((0, 0, 0), dtype=np.float32)
 #: ``/proc/loadavg``, kept open for :func:`_running_tasks` (None: not opened yet).
 _loadavg_fd = None
 _loadavg_lock = threading.Lock()
@@ -941,7 +944,7 @@ def _projection_buffers(nthreads, mode, x, w_ih, panels, panels_ih, gates):
     return (PROJ_BLAS,
             _workspace.empty((1, _chunk_steps(T, B, G), B, G), np.float32),
             _rows_by_thread(w_ih, gates, U, _panel_units(gates), nthreads),
-            np.empty((1, 0, NR), dtype=np.float32))
+            NO_PANELS)
 
 
 def _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args):

@@ -28,6 +28,11 @@ def print_table(rows, peers=("torch",), out=print):
             "less certain (q1_ms, q3_ms in the JSON)")
 
 
+def point(r) -> tuple:
+    """The grid point of a row: (kind, mode, T, B, I, H)."""
+    return (r.get("kind", r["cell"]), r["mode"], r["T"], r["B"], r["I"], r["H"])
+
+
 def geomean(values) -> float:
     return float(np.exp(np.mean(np.log(values))))
 
@@ -43,11 +48,8 @@ def summarize(rows, backend="numba", peers=("torch",)) -> str:
                 worst = min(range(len(s)), key=s.__getitem__)
                 where = [r for r in rows if r["backend"] == backend and r["mode"] == mode and
                          peer in r.get("speedup_vs", {})][worst]
-                point = (where.get("kind", where["cell"]), mode,
-                         where["T"], where["B"], where["I"], where["H"])
                 noisy = any(r.get("noisy") for r in rows if r["backend"] in (backend, peer)
-                            and (r.get("kind", r["cell"]), r["mode"],
-                                 r["T"], r["B"], r["I"], r["H"]) == point)
+                            and point(r) == point(where))
                 lines.append(f"{backend} {mode} vs {peer}: geometric mean {geomean(s):.2f}x, "
                              f"min {min(s):.2f}x ({where.get('kind', where['cell'])} "
                              f"{where['T']}x{where['B']}x"

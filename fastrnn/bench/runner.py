@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import engines, worker
+from . import engines, report, worker
 from .cases import Case
 
 
@@ -277,10 +277,9 @@ def _relate(result: Result):
         r["peak_fraction"] = r["gflops"] / result.peak if result.peak else None
     by_point = {}
     for r in result.rows:
-        by_point.setdefault((r["kind"], r["mode"], r["T"], r["B"], r["I"], r["H"]), {})[
-            r["backend"]] = r["median_ms"]
+        by_point.setdefault(report.point(r), {})[r["backend"]] = r["median_ms"]
     for r in result.rows:
-        times = by_point[(r["kind"], r["mode"], r["T"], r["B"], r["I"], r["H"])]
+        times = by_point[report.point(r)]
         # speedups of fastrnn's engines over the peers (above 1: fastrnn is faster)
         r["speedup_vs"] = {peer: times[peer] / r["median_ms"] for peer in times
                            if peer not in engines.OURS} \
