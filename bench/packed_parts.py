@@ -61,11 +61,14 @@ behind session 7's choices:
   (``packed_bptt.micro_input_grads``), the backward timed call by call in one process,
   the two alternating ABBA (both see the same noise), with the thread counts the backwards
   ran on: LSTM, GRU, RNN at 100x64x256x256 and 100x64x512x512; and the product alone at
-  the LSTM's shapes, one thread's half of the rows, in GFLOP/s a core.
+  the LSTM's shapes, one thread's half of the rows, in GFLOP/s a core;
+* ``dw``: the same for a split backward's ``d_W_ih`` and ``d_W_hh`` by the strided
+  micro-kernel against OpenBLAS (``packed_bptt.micro_weight_grads``), and the products
+  alone on two threads, each its half of the rows (gates), at the LSTM's and GRU's shapes.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
         [--parts pointwise product gc split overhead malloc projection worker pool
-         training epochs dx]
+         training epochs dx dw]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -542,11 +545,12 @@ def epochs():
               flush=True)
 
 
-def dx():
-    from threadpoolctl import threadpool_limits
-
+def _abba_backward(flag, what, sizes=((100, 64, 256, 256, 40), (100, 64, 512, 512, 16))):
+    """A training step's backward timed call by call in one process, ``packed_bptt``'s
+    ``flag`` off (OpenBLAS) and on (the micro-kernel) alternating ABBA, so that both see
+    the same noise; the thread counts the backwards ran on."""
     from fastrnn.backends import packed_bptt as pb
-    for T, B, I, H, calls in ((100, 64, 256, 256, 40), (100, 64, 512, 512, 16)):
+    for T, B, I, H, calls in sizes:
         for cell in ("lstm", "gru", "rnn_tanh"):
             model, x, d_out = _training_model(cell, T, B, I, H)
             for _ in range(2):
@@ -563,20 +567,29 @@ def dx():
             pb.run = spy
             try:
                 for i in range(calls):          # ABBA: neither way always runs first
-                    pb.micro_input_grads = micro = i % 4 in (0, 3)
+                    micro = i % 4 in (0, 3)
+                    setattr(pb, flag, micro)
                     model(x)
                     t0 = time.perf_counter()
                     model.backward(d_out)
                     times[micro].append(time.perf_counter() - t0)
             finally:
-                pb.micro_input_grads = True
+                setattr(pb, flag, True)
                 pb.run = real_run
             blas, micro = np.array(times[False]), np.array(times[True])
             pairs = blas / micro
-            print(f"dx {cell} {T}x{B}x{I}x{H} backward on {sorted(set(threads))} threads, ms: "
-                  f"d_x by OpenBLAS {np.median(blas) * 1e3:.2f}, by the micro-kernel "
+            print(f"{what} {cell} {T}x{B}x{I}x{H} backward on {sorted(set(threads))} threads, "
+                  f"ms: {what} by OpenBLAS {np.median(blas) * 1e3:.2f}, by the micro-kernel "
                   f"{np.median(micro) * 1e3:.2f}; speed-up, median of the pairs "
                   f"{np.median(pairs):.3f}", flush=True)
+
+
+def dx():
+    from threadpoolctl import threadpool_limits
+
+    from fastrnn.backends import packed_bptt as pb
+    _abba_backward("micro_input_grads", "d_x")
+    for T, B, I, H in ((100, 64, 256, 256), (100, 64, 512, 512)):
         # the product alone, one thread's half of the rows: d_a (T B, G) times W_ih (G, I)
         G = 4 * H
         rng = np.random.default_rng(0)
@@ -594,10 +607,53 @@ def dx():
               f"{flop / blas_s / 1e9:.0f}", flush=True)
 
 
+def dw():
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    from fastrnn.backends import packed_bptt as pb
+    _abba_backward("micro_weight_grads", "d_W")
+    for T, B, I, H, gates in ((100, 64, 256, 256, 4), (100, 64, 256, 256, 3),
+                              (100, 64, 512, 512, 4), (100, 64, 512, 512, 3)):
+        # the products alone, both matrices, each thread its half of the rows (gates)
+        G = gates * H
+        rng = np.random.default_rng(0)
+        d_a = rng.standard_normal((T * B, G)).astype(np.float32)
+        x = rng.standard_normal((T * B, I)).astype(np.float32)
+        h = rng.standard_normal((T * B, H)).astype(np.float32)
+        d_wi, d_wh = np.empty((G, I), np.float32), np.empty((G, H), np.float32)
+
+        def micro(tid):
+            c0, c1 = G * tid // 2, G * (tid + 1) // 2
+            pb._weight_grads(d_a, x, d_wi, c0, c1)
+            pb._weight_grads(d_a, h, d_wh, c0, c1)
+
+        def blas(tid):
+            c0, c1 = G * tid // 2, G * (tid + 1) // 2
+            np.matmul(d_a[:, c0:c1].T, x, out=d_wi[c0:c1])
+            np.matmul(d_a[:, c0:c1].T, h, out=d_wh[c0:c1])
+
+        def both(fn):
+            threads = [threading.Thread(target=fn, args=(tid,)) for tid in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        with threadpool_limits(1, user_api="blas"):
+            micro_s = _median_s(lambda: both(micro), 9)
+            blas_s = _median_s(lambda: both(blas), 9)
+        flop = 2 * T * B * G * (I + H)
+        print(f"dw products {G}x{T * B}x({I}+{H}) (d_W_ih and d_W_hh, two threads), ms: "
+              f"micro-kernel {micro_s * 1e3:.2f} ({flop / micro_s / 1e9:.0f} GFLOP/s), OpenBLAS "
+              f"on one thread each {blas_s * 1e3:.2f} ({flop / blas_s / 1e9:.0f})", flush=True)
+
+
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
          "overhead": overhead, "malloc": malloc, "projection": projection,
          "worker": worker, "pool": pool, "training": training, "epochs": epochs,
-         "dx": dx}
+         "dx": dx, "dw": dw}
 
 
 def main():

@@ -513,16 +513,16 @@ def test_the_per_step_passes_keep_no_reference_counts():
     gates, hns = np.zeros((T, B, 4 * H), f32), np.zeros((T, B, H), f32)
     lengths = np.full(B, T, np.int64)
     d_out, d_h, d_c = np.zeros((T, B, H), f32), np.zeros((B, H), f32), np.zeros((B, H), f32)
-    d_a = np.zeros((T, B, 4 * H), f32)
+    d_a, d_b = np.zeros((T, B, 4 * H), f32), np.zeros(4 * H, f32)   # (biases summed)
     calls = {
         pk._lstm_block: (a, Hp, xw, 0, 0, bias, cs, hs, 0, 1, out, 0, lengths, 0, H, 0, B),
         pk._gru_block: (a, Hp, xw, 0, 0, bias, bias, hs, 0, 1, out, 0, lengths, 0, H, 0, B),
         pk._rnn_block: (a, xw, 0, bias, hs, 0, 1, out, 0, lengths, 0, H, 0, B, False),
         pk._lstm_gates: (a, Hp, xw, 0, 0, bias, 0, lengths, 0, H, 0, B, gates),
         pk._gru_gates: (a, Hp, xw, 0, 0, bias, bias, 0, lengths, 0, H, 0, B, gates, hns),
-        pb._lstm_units: (gates, hs, 1, 0, d_out, d_h, d_c, d_a, lengths, 0, H),
-        pb._gru_units: (gates, hns, hs, 1, 0, d_out, d_h, d_a, d_a, lengths, 0, H),
-        pb._rnn_units: (hs, 1, 0, d_out, d_h, d_a, lengths, False, 0, H),
+        pb._lstm_units: (gates, hs, 1, 0, d_out, d_h, d_c, d_a, d_b, lengths, 0, H),
+        pb._gru_units: (gates, hns, hs, 1, 0, d_out, d_h, d_a, d_a, d_b, d_b, lengths, 0, H),
+        pb._rnn_units: (hs, 1, 0, d_out, d_h, d_a, d_b, lengths, False, 0, H),
     }
     for dispatcher, args in calls.items():
         f = _fresh(dispatcher)

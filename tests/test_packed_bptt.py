@@ -149,6 +149,52 @@ def test_input_grads_flag_off_keeps_the_gemm(monkeypatch):
     assert packed_shapes == [(4 * H, H)]                    # W_hh only
 
 
+@pytest.mark.parametrize("R,c0,c1", [(300, 0, 37), (130, 5, 23), (77, 9, 10), (40, 12, 12)])
+@pytest.mark.parametrize("N", [PU, 2 * PU])
+def test_weight_grads_product_writes_its_rows_only(R, c0, c1, N):
+    """``_weight_grads`` alone: rows [c0, c1) of ``d_a^T x`` (``d_a`` and ``x`` read in
+    place, rows past and short of ``DW_ROWS``, partial tiles, a start off the tiles),
+    every other row of ``d_w`` untouched."""
+    rng = np.random.default_rng(R + c0 + N)
+    G = 3 * pk.MR_LSTM + 5 + c1
+    d_a = rng.standard_normal((R, G)).astype(np.float32)
+    x = rng.standard_normal((R, N)).astype(np.float32)
+    d_w = np.full((G, N), np.nan, np.float32)
+    pb._weight_grads(d_a, x, d_w, c0, c1)
+    want = d_a[:, c0:c1].T.astype(np.float64) @ x
+    np.testing.assert_allclose(d_w[c0:c1], want, rtol=1e-5, atol=1e-4)
+    assert np.isnan(d_w[:c0]).all() and np.isnan(d_w[c1:]).all()
+
+
+@pytest.mark.parametrize("kind", list(GATES))
+@pytest.mark.parametrize("micro", [True, False])
+def test_split_backward_weight_gradients_from_the_micro_kernel(monkeypatch, kind, micro):
+    """Inputs and hidden units of whole panels, split over two and three threads: ``d_W_ih``
+    and ``d_W_hh`` from the strided micro-kernel (``micro_weight_grads``, as shipped) or
+    OpenBLAS's GEMM match the float64 reference's; the micro-kernel's are the same bits
+    whichever thread has a row (each element summed in one order), and so are the biases'
+    (summed by the passes, each thread its units')."""
+    monkeypatch.setattr(pb, "micro_weight_grads", micro)
+    calls = _spy(monkeypatch)
+    H, I, B, T = 3 * PU, PU, 9, 15
+    monkeypatch.setattr(pk, "threads", 2)
+    _against_the_reference(kind, B, H, True, np.random.default_rng(21), 7, I, True)
+    x, states, w = _case(kind, B, H, True, np.random.default_rng(4), T, I)
+    rng = np.random.default_rng(5)
+    d_out = rng.standard_normal((T, B, H)).astype(np.float32)
+    d_states = [rng.standard_normal((B, H)).astype(np.float32) for _ in states]
+    f32 = [a.astype(np.float32) for a in [x] + states + w]
+    grads = []
+    for threads in (2, 3):
+        monkeypatch.setattr(pk, "threads", threads)
+        res = getattr(nb, f"{kind}_forward")(*f32, training=True)
+        grads.append(getattr(nb, f"{kind}_backward")(d_out, *d_states, res[-1])[-4:])
+    assert calls == [2, 2, 3], calls
+    for a, b in zip(*grads):
+        if micro or a.ndim == 1:
+            np.testing.assert_array_equal(a, b)
+
+
 def test_which_backwards_take_the_packed_loop(monkeypatch):
     """float32 only, from one panel's units (H < PU: numba_cpu's loops), not disabled,
     not with the LSTM's projection or the reset-before GRU, and numba_cpu's loops while

@@ -52,7 +52,7 @@ def _i64(value):
 
 
 def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv, acc, pf, pf_n,
-                 S):
+                 S, lak=None, ldp=None):
     """The m-row kernel: accumulators in allocas (promoted to registers by LLVM's
     mem2reg), per k NV vector loads of the panel and m broadcasts of A.
 
@@ -64,7 +64,10 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
     can be split between threads anywhere and give the same bits.
 
     ``pf``: a float pointer, from which the loop's i-th step prefetches the i-th 64-byte
-    line into L2 while i < ``pf_n``; None: no prefetch code in the loop."""
+    line into L2 while i < ``pf_n``; None: no prefetch code in the loop.
+
+    ``lak`` and ``ldp`` (int64 values): A's and the panel's strides along k; None: A's
+    rows run along k (stride 1) and the panel is packed (stride ``NV VW``)."""
     vec = ir.VectorType(ir.FloatType(), VW)
     i32 = ir.IntType(32)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
@@ -99,12 +102,15 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
             builder.call(prefetch, [line, ir.Constant(i32, 0), ir.Constant(i32, 2),
                                     ir.Constant(i32, 1)])
 
+    ldp = _i64(NV * VW) if ldp is None else ldp
+
     def step(k, acc):
-        pk = builder.gep(panel, [builder.mul(k, _i64(NV * VW))])
+        pk = builder.gep(panel, [builder.mul(k, ldp)])
+        ka = k if lak is None else builder.mul(k, lak)
         bv = [builder.load(builder.bitcast(builder.gep(pk, [_i64(v * VW)]), vec.as_pointer()),
                            align=4) for v in range(NV)]
         for r in range(m):
-            s = builder.load(builder.gep(rows[r], [k]))
+            s = builder.load(builder.gep(rows[r], [ka]))
             sv = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
                                         undef, splat)
             for v in range(NV):
@@ -196,6 +202,50 @@ def microkernel(MR, NV, VW):
                                         kernel(prefetch_from, pf_n64, 1)
                             else:
                                 kernel(prefetch_from, pf_n64, 1)
+                builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+def strided_microkernel(MR, NV, VW):
+    """An intrinsic ``mk(mr, a, a_off, lda, lak, p, p_off, ldp, K, c, c_off, ldc, cv, acc)``:
+    :func:`microkernel`'s product over operands that are not packed,
+
+    ``c[c_off + r ldc + v cv + j] (+)= sum_k a[a_off + r lda + k lak] p[p_off + k ldp + v VW + j]``
+
+    (rows ``r < mr <= MR``): A read at any strides (a transposed matrix: ``lda`` 1), the
+    panel any ``NV VW`` contiguous columns of a row-major matrix (``ldp`` its row
+    stride). The weights' gradients ``d_W = d_a^T x`` (:mod:`.packed_bptt`) read ``d_a``
+    and ``x`` this way, where they lie. No halves, no prefetch."""
+
+    @intrinsic
+    def mk(typingctx, mr, a, a_off, lda, lak, p, p_off, ldp, K, c, c_off, ldc, cv, acc):
+        if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in (a, p, c)):
+            return None
+        sig = types.void(mr, a, a_off, lda, lak, p, p_off, ldp, K, c, c_off, ldc, cv, acc)
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            ap = context.make_array(tys[1])(context, builder, args[1]).data
+            bpp = context.make_array(tys[5])(context, builder, args[5]).data
+            cp = context.make_array(tys[9])(context, builder, args[9]).data
+            m64, a_off64, lda64, lak64, p_off64, ldp64, K64, c_off64, ldc64, cv64 = [
+                context.cast(builder, args[i], tys[i], types.int64)
+                for i in (0, 2, 3, 4, 6, 7, 8, 10, 11, 12)]
+            cp = builder.gep(cp, [c_off64])
+            accb = context.cast(builder, args[13], tys[13], types.boolean)
+            done = builder.append_basic_block("mk.done")
+            switch = builder.switch(m64, done)
+            for m in range(1, MR + 1):
+                block = builder.append_basic_block(f"mk.rows{m}")
+                switch.add_case(_i64(m), block)
+                builder.position_at_end(block)
+                _emit_kernel(builder, m, NV, VW, ap, a_off64, lda64, bpp, p_off64, K64, cp,
+                             ldc64, cv64, accb, None, None, 1, lak64, ldp64)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()

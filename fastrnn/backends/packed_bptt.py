@@ -16,7 +16,8 @@ step, between the pointwise pass and the product. The weights' and inputs' gradi
 come from whole-sequence GEMMs, also on these threads (one BLAS thread each, so that
 OpenBLAS's own pool stays asleep for the next forward: :func:`_grads`): after the last
 barrier, each thread forms its share of the rows of ``d_W_ih``, ``d_W_hh`` and ``d_x``
-(the last step's barrier is that barrier: every ``d_a`` is final there).
+(the last step's barrier is that barrier: every ``d_a`` is final there). The biases'
+gradients are summed by the passes, each thread its units', row by row as it writes them.
 
 What it replaces: :mod:`.numba_cpu`'s backward loops, whose per-step GEMM OpenBLAS
 packed anew at every step (W_hh is 4 MB at the LSTM's H = 512), with the pointwise pass
@@ -36,7 +37,7 @@ from . import packed_numba as pk
 from ._cblas import gemm_for
 from ._numba_math import FASTMATH, tanh
 from ._simd import arrive, wait_all, wide_vectors
-from .numba_cpu import _bias_grads, _mm, _single_threaded_blas
+from .numba_cpu import _mm, _single_threaded_blas
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
                          error_model="numpy")
@@ -47,6 +48,10 @@ enabled = True
 #: Whether a split backward computes ``d_x`` with the micro-kernel (where the inputs are
 #: whole panels of units) rather than OpenBLAS's GEMM: False for A/B timings.
 micro_input_grads = True
+#: Whether a split backward computes ``d_W_ih`` and ``d_W_hh`` with the strided
+#: micro-kernel (:func:`_weight_grads`, where the inputs, the hidden units, are whole panels)
+#: rather than OpenBLAS's GEMM: False for A/B timings.
+micro_weight_grads = True
 
 
 def threads_for(x, gates, H):
@@ -62,9 +67,23 @@ def threads_for(x, gates, H):
     return min(n, -(-H // pk._panel_units(1))) if n else 0
 
 
+@_jit(inline="always")
+def _sum_gates(d_b, d_a, t, b, gates, H, n0, n1):
+    """``d_b[g H + j] += d_a[t, b, g H + j]`` for the ``gates`` gates and the units j of
+    [n0, n1): the biases' gradients, summed as the passes leave each row of ``d_a`` in L1
+    (a pass over the whole of ``d_a`` afterwards read it from memory again: 1.2 ms a thread
+    at the LSTM's 100x64x256x256, 2.4 at 512). Inlined, as ``packed_numba._carry``."""
+    wide_vectors()
+    for g in range(gates):
+        G0 = np.uint64(g) * np.uint64(H)
+        for j in range(np.uint64(n0), np.uint64(n1)):
+            d_b[G0 + j] += d_a[t, b, G0 + j]
+
+
 @_jit
-def _rnn_units(hs, t, r, d_out, d_h, d_a, lengths, relu, n0, n1):
-    """The RNN's pass for the units [n0, n1) of every row."""
+def _rnn_units(hs, t, r, d_out, d_h, d_a, d_b, lengths, relu, n0, n1):
+    """The RNN's pass for the units [n0, n1) of every row (``d_b``: the bias gradient's
+    sums, or empty)."""
     wide_vectors()
     for b in range(d_out.shape[1]):
         if t < lengths[b]:
@@ -78,16 +97,18 @@ def _rnn_units(hs, t, r, d_out, d_h, d_a, lengths, relu, n0, n1):
                     d_a[t, b, j] = (d_out[t, b, j] + d_h[b, j]) * (1 - hv * hv)
             for j in range(np.uint64(n0), np.uint64(n1)):
                 d_h[b, j] = 0
+            if d_b.shape[0] > 0:
+                _sum_gates(d_b, d_a, t, b, 1, d_h.shape[1], n0, n1)
         else:
             for j in range(np.uint64(n0), np.uint64(n1)):
                 d_a[t, b, j] = 0
 
 
 @_jit
-def _lstm_units(gates, cs, t, r, d_out, d_h, d_c, d_a, lengths, n0, n1):
+def _lstm_units(gates, cs, t, r, d_out, d_h, d_c, d_a, d_b, lengths, n0, n1):
     """The LSTM's pass for the units [n0, n1) of every row: a pass per stored array, as
     numba_cpu's ``_lstm_backward_block`` (which says why), ``d_c`` becoming the gradient
-    before the forget gate first."""
+    before the forget gate first; ``d_b`` the bias gradient's sums (or empty)."""
     wide_vectors()
     H1 = np.uint64(d_c.shape[1])
     H2, H3 = H1 + H1, H1 + H1 + H1
@@ -114,6 +135,8 @@ def _lstm_units(gates, cs, t, r, d_out, d_h, d_c, d_a, lengths, n0, n1):
                 d_c[b, j] = d_c[b, j] * gates[t, b, H1 + j]
             for j in range(np.uint64(n0), np.uint64(n1)):
                 d_h[b, j] = 0
+            if d_b.shape[0] > 0:
+                _sum_gates(d_b, d_a, t, b, 4, H1, n0, n1)
         else:
             for g in range(4):
                 G0 = np.uint64(g) * H1
@@ -122,9 +145,10 @@ def _lstm_units(gates, cs, t, r, d_out, d_h, d_c, d_a, lengths, n0, n1):
 
 
 @_jit
-def _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, lengths, n0, n1):
+def _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, d_bx, d_bh, lengths, n0, n1):
     """The reset-after GRU's pass for the units [n0, n1) of every row (numba_cpu's
-    ``_gru_backward_block``): ``d_h`` becomes its direct part ``dh * z``, last."""
+    ``_gru_backward_block``): ``d_h`` becomes its direct part ``dh * z``, last; ``d_bx``
+    and ``d_bh`` the biases' gradients' sums (or empty)."""
     wide_vectors()
     H1 = np.uint64(hns.shape[2])
     H2 = H1 + H1
@@ -150,6 +174,12 @@ def _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, lengths, n0, n1):
                 d_ah[t, b, j] = d_ax[t, b, j]
             for j in range(np.uint64(n0), np.uint64(n1)):
                 d_h[b, j] = (d_out[t, b, j] + d_h[b, j]) * gates[t, b, H1 + j]
+            if d_bx.shape[0] > 0:     # (written out: two inlined calls kept the arrays'
+                for g in range(3):     # reference counts, tests/test_packed.py)
+                    G0 = np.uint64(g) * H1
+                    for j in range(np.uint64(n0), np.uint64(n1)):
+                        d_bx[G0 + j] += d_ax[t, b, G0 + j]
+                        d_bh[G0 + j] += d_ah[t, b, G0 + j]
         else:
             for g in range(3):
                 G0 = np.uint64(g) * H1
@@ -176,33 +206,69 @@ def _input_grads(panels, d_a, d_x, r0, r1):
         pk._recurrent(panels, a3, 0, d_x, PU, cv, 0, U, False, c, min(r1, c + DX_ROWS))
 
 
+#: Rows of ``d_a`` and ``x`` (steps times batch rows) per block of :func:`_weight_grads`:
+#: the block of ``x``'s panel (32 KB) and of ``d_a``'s columns stay in L2 while every tile of
+#: rows passes over them (scratch timings, session 16: 128 and 256 best of 32-1024).
+DW_ROWS = 128
+
+
+@_jit
+def _weight_grads(d_a, x, d_w, c0, c1):
+    """``d_w[c0:c1] = d_a[:, c0:c1]^T x`` by the strided micro-kernel, where ``x``'s
+    columns are whole panels (``RNN_NV VW`` each): rows of ``d_w`` (gates) are the
+    kernel's rows, read down ``d_a``'s columns, and ``x``'s rows its panel, read where
+    they lie; no transposed or packed copy of either. The sums run over blocks of
+    ``DW_ROWS`` rows in order, every element's the same whichever thread has it. At
+    100x64x256x256 (LSTM, both matrices, two threads) 34.4 ms against OpenBLAS's 36.6
+    (``python bench/packed_parts.py --parts dw``)."""
+    R, G = d_a.shape
+    N = x.shape[1]
+    NR = pk._panel_units(1)
+    MR = pk.MR_LSTM
+    for k0 in range(0, R, DW_ROWS):
+        kn = min(DW_ROWS, R - k0)
+        for g0 in range(c0, c1, MR):
+            for u in range(N // NR):
+                pk._MK_STRIDED(min(MR, c1 - g0), d_a, k0 * G + g0, 1, G, x, k0 * N + u * NR, N, kn,
+                       d_w, g0 * N + u * NR, N, pk.VW, k0 > 0)
+
+
 @_jit
 def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, panels_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh,
-           has_bias, tid, nthreads):
+           has_bias, micro_w, tid, nthreads):
     """The thread's share of the whole-sequence GEMMs (numba_cpu's ``_param_grads``): the
-    rows ``[G tid / nthreads, G (tid + 1) / nthreads)`` of ``d_w_ih``, ``d_w_hh`` and the
-    biases, and its share of the rows of ``d_x`` (from ``panels_ih``, ``W_ih`` packed for
+    rows ``[G tid / nthreads, G (tid + 1) / nthreads)`` of ``d_w_ih`` and ``d_w_hh`` (and
+    of ``d_b_hh``, a copy of ``d_b_ih`` where one array holds both gate gradients: the
+    passes summed the biases' gradients), and its share of the rows of ``d_x`` (from ``panels_ih``, ``W_ih`` packed for
     the micro-kernel, where given: a split backward whose inputs are whole panels of units;
-    else OpenBLAS's GEMM). Every column of ``d_ax`` and ``d_ah`` is
+    else OpenBLAS's GEMM), and with ``micro_w`` the weights' by :func:`_weight_grads` where
+    their inputs are whole panels. Every column of ``d_ax`` and ``d_ah`` is
     final once the threads have passed the last step's barrier (the last product writes
     ``d_h`` alone)."""
     G, R = d_w_ih.shape[0], x2.shape[0]
     c0, c1 = G * tid // nthreads, G * (tid + 1) // nthreads
     r0, r1 = R * tid // nthreads, R * (tid + 1) // nthreads
-    _mm(gemm, d_ax[:, c0:c1], True, x2, False, d_w_ih[c0:c1], 0.0)
-    _mm(gemm, d_ah[:, c0:c1], True, h2, False, d_w_hh[c0:c1], 0.0)
+    NR = pk._panel_units(1)
+    if micro_w and x2.shape[1] % NR == 0:
+        _weight_grads(d_ax, x2, d_w_ih, c0, c1)
+    else:
+        _mm(gemm, d_ax[:, c0:c1], True, x2, False, d_w_ih[c0:c1], 0.0)
+    if micro_w and h2.shape[1] % NR == 0:
+        _weight_grads(d_ah, h2, d_w_hh, c0, c1)
+    else:
+        _mm(gemm, d_ah[:, c0:c1], True, h2, False, d_w_hh[c0:c1], 0.0)
     if panels_ih.shape[0] > 0:        # the micro-kernel (faster: packed_parts.py --parts dx)
         _input_grads(panels_ih, d_ax, d_x, r0, r1)
     else:
         _mm(gemm, d_ax[r0:r1], False, w_ih, False, d_x[r0:r1], 0.0)
-    if has_bias:
-        _bias_grads(d_ax[:, c0:c1], d_ah[:, c0:c1], d_b_ih[c0:c1], d_b_hh[c0:c1])
+    if has_bias and d_ah.ctypes.data == d_ax.ctypes.data:   # one array: one sum (the passes')
+        d_b_hh[c0:c1] = d_b_ih[c0:c1]
 
 
 @_jit
 def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates, hns,
                 d_ax, d_ah, x, w_ih, panels_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias,
-                flags, tid, nthreads, go, gen):
+                micro_w, flags, tid, nthreads, go, gen):
     """The backward of ``cell`` (:data:`.packed_numba.LSTM`, ``GRU``, ``RNN_TANH``,
     ``RNN_RELU``), thread ``tid`` of ``nthreads``: the panels ``[U tid / nthreads,
     U (tid + 1) / nthreads)`` of ``panels`` (W_hh^T packed as the RNN's panels) and their
@@ -221,11 +287,13 @@ def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, g
     for k in range(T):
         t = k if reverse else T - 1 - k
         if gates_n == 4:
-            _lstm_units(gates, cs, t, r, d_out, d_h, d_c, d_ax, lengths, n0, n1)
+            _lstm_units(gates, cs, t, r, d_out, d_h, d_c, d_ax, d_b_ih, lengths, n0, n1)
         elif gates_n == 3:
-            _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, lengths, n0, n1)
+            _gru_units(gates, hns, hs, t, r, d_out, d_h, d_ax, d_ah, d_b_ih, d_b_hh, lengths,
+                       n0, n1)
         else:
-            _rnn_units(hs, t, r, d_out, d_h, d_ax, lengths, cell == pk.RNN_RELU, n0, n1)
+            _rnn_units(hs, t, r, d_out, d_h, d_ax, d_b_ih, lengths, cell == pk.RNN_RELU, n0,
+                       n1)
         if nthreads > 1:              # every unit's d_a[t] is out
             arrive(flags, tid, k + 1)
             wait_all(flags, nthreads, k + 1)
@@ -233,7 +301,8 @@ def bptt_thread(gemm, cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, g
     TB = T * B
     _grads(gemm, d_ax.reshape(TB, d_ax.shape[2]), d_ah.reshape(TB, d_ah.shape[2]),
            x.reshape(TB, x.shape[2]), hs[r:T + r].reshape(TB, hs.shape[2]), w_ih, panels_ih,
-           d_x.reshape(TB, x.shape[2]), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, tid, nthreads)
+           d_x.reshape(TB, x.shape[2]), d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, micro_w, tid,
+           nthreads)
 
 
 def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, reverse, hs,
@@ -256,21 +325,22 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     dtype = np.float32
     d_x = _workspace.empty((T, B, I), dtype)
     d_w_ih, d_w_hh = np.empty((G, I), dtype), np.empty((G, H), dtype)
-    d_b_ih = np.empty(G if has_bias else 0, dtype)
-    d_b_hh = np.empty(G if has_bias else 0, dtype)
+    d_b_ih = np.zeros(G if has_bias else 0, dtype)      # (summed by the passes)
+    d_b_hh = np.zeros(G if has_bias else 0, dtype)
     fl = pk.flags(max(nthreads, 2))
     head = (gemm_for(x.dtype), cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates,
             hns, d_ax, d_ah, x, w_ih)
-    tail = (d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias, fl)
+    tail = (d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias)
     if nthreads == 1 or not _hotpool.take():      # (the GEMMs on the BLAS's threads)
-        bptt_thread(*head, pk.NO_PANELS, *tail, 0, 1, _hotpool.tickets, 0)
+        bptt_thread(*head, pk.NO_PANELS, *tail, False, fl, 0, 1, _hotpool.tickets, 0)
     else:
         try:                          # (from here on the pool is this call's: released below)
             # d_x by the micro-kernel (``python bench/packed_parts.py --parts dx``) where
             # the inputs are whole panels of units; its last bits differ from the GEMM's,
             # which a one-thread backward uses
             micro = micro_input_grads and I % pk._panel_units(1) == 0
-            call = head + (pk.pack_t(w_ih) if micro else pk.NO_PANELS,) + tail
+            call = head + (pk.pack_t(w_ih) if micro else pk.NO_PANELS,) + tail + (
+                micro_weight_grads, fl)
             with _single_threaded_blas():
                 pk.with_pool(fl, ((bptt_thread, *call, tid, nthreads, _hotpool.tickets, 0)
                                   for tid in range(1, nthreads)),

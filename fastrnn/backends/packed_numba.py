@@ -64,8 +64,8 @@ from .._immutable import immutable
 from . import _hotpool, _workspace
 from ._cblas import blas_get_threads, gemm_for
 from ._numba_math import FASTMATH, sigmoid, tanh
-from ._simd import (FLAG_STRIDE, arrive, microkernel, split_k, store_release, vector_width,
-                    wait_all, wait_for, wide_vectors)
+from ._simd import (FLAG_STRIDE, arrive, microkernel, split_k, store_release,
+                    strided_microkernel, vector_width, wait_all, wait_for, wide_vectors)
 from .numba_cpu import _mm, _single_threaded_blas, _slots
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
@@ -89,6 +89,9 @@ RNN_MIN_H = RNN_NV * VW // 2 + 1
 RNN_TANH, RNN_RELU, GRU, LSTM = 1, -1, 3, 4
 _MK_LSTM = microkernel(MR_LSTM, 4, VW)
 _MK_GRU = microkernel(MR_GRU, 3, VW)
+#: The LSTM's tile over operands read in place (:func:`._simd.strided_microkernel`): the
+#: backward's weight gradients (:func:`.packed_bptt._weight_grads`).
+_MK_STRIDED = strided_microkernel(MR_LSTM, RNN_NV, VW)
 
 
 @_jit
