@@ -218,9 +218,11 @@ def _weight_grads(d_a, x, d_w, c0, c1):
     columns are whole panels (``RNN_NV VW`` each): rows of ``d_w`` (gates) are the
     kernel's rows, read down ``d_a``'s columns, and ``x``'s rows its panel, read where
     they lie; no transposed or packed copy of either. The sums run over blocks of
-    ``DW_ROWS`` rows in order, every element's the same whichever thread has it. At
-    100x64x256x256 (LSTM, both matrices, two threads) 34.4 ms against OpenBLAS's 36.6
-    (``python bench/packed_parts.py --parts dw``)."""
+    ``DW_ROWS`` rows in order, every element's the same whichever thread has it. At the
+    LSTM's 100x64x256x256 (both matrices, two threads) 32.4 ms (207 GFLOP/s) against
+    OpenBLAS's 36.4 on one thread each, the backward 1.05x; 1.03x at 512
+    (``python bench/packed_parts.py --parts dw``,
+    ``bench/results/2026-12-06-packed-parts-dw-session16.txt``)."""
     R, G = d_a.shape
     N = x.shape[1]
     NR = pk._panel_units(1)
