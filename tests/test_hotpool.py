@@ -261,3 +261,49 @@ def test_a_forked_child_starts_its_own_workers(held):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_pooled_runs_split_with_the_workers_or_alone_without_them():
+    """``pooled(split, alone)``: ``split`` while this loop has the workers (taken, and given
+    back after, even when it fails); ``alone`` where another loop has them."""
+    seen = []
+
+    def split():
+        seen.append(("split", _hotpool._loop_lock.locked()))
+        return "split"
+
+    assert _hotpool.pooled(split, lambda: "alone") == "split"
+    assert seen == [("split", True)] and not _hotpool._loop_lock.locked()
+    with _hotpool._loop_lock:                      # another loop has the workers
+        assert _hotpool.pooled(split, lambda: "alone") == "alone"
+    assert len(seen) == 1
+
+    def failing():
+        raise RuntimeError("split failed")
+
+    with pytest.raises(RuntimeError, match="split failed"):
+        _hotpool.pooled(failing, lambda: "alone")
+    assert not _hotpool._loop_lock.locked()
+
+
+def test_a_failing_job_calls_on_error_from_its_worker():
+    """``run``'s ``on_error`` is called by the job that fails, in its worker, while the
+    caller's ``here`` still runs (a loop's thread waiting on the failed one), and the
+    job's error is raised."""
+    released = threading.Event()
+    where = []
+
+    def fail():
+        raise RuntimeError("job failed")
+
+    def on_error():
+        where.append(threading.get_native_id())
+        released.set()
+
+    def here(go, gen):
+        _hotpool.publish(go, gen)
+        assert released.wait(10)                     # let go by the failing job
+
+    with pytest.raises(RuntimeError, match="job failed"):
+        _hotpool.run([fail], here, None, on_error)
+    assert where and where[0] != threading.get_native_id()

@@ -578,8 +578,13 @@ def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
     def fail():
         raise RuntimeError("pool thread failed")
 
+    def here(go, gen):                 # the loop's own thread, waiting on the job's
+        _hotpool.publish(go, gen)
+        while counters[0] != pk.RELEASE:
+            pass
+
     with pytest.raises(RuntimeError, match="pool thread failed"):
-        pk._releasing(counters, fail)
+        pk.with_pool(counters, [(fail,)], here)
     assert (counters == pk.RELEASE).all()
     # end to end: the projector of a loop that projects ahead fails on the first chunk it
     # computes (the loop's second: the loop projects the first itself)

@@ -25,6 +25,7 @@ workers out.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 
@@ -259,6 +260,18 @@ def release():
     _loop_lock.release()
 
 
+def pooled(split, alone):
+    """``split()`` with the workers this loop's (:func:`take`, then :func:`release`), or
+    ``alone()`` on the caller's thread where another loop has them or they have stopped:
+    how a loop that would use the workers is entered."""
+    if not take():
+        return alone()
+    try:
+        return split()
+    finally:
+        release()
+
+
 def worker(i):
     """The ``i``-th worker, started on first use (again, where its thread has died)."""
     with _lock:
@@ -286,8 +299,9 @@ def run(jobs, here, cpu=None, on_error=None):
     released, so that the workers, taking the GIL to start their jobs, never wait for it
     (a thread that waits for the GIL sleeps, and wakes tens of microseconds late); where it
     has not, it is published after ``here`` returns. Every job is waited for; a job's
-    error, or ``here``'s, is raised (``on_error()`` called first, for ``here``'s: it must
-    let the jobs end)."""
+    error, or ``here``'s, is raised. ``on_error()`` is called by the thread that fails
+    first, a job's worker or this one, before anything else: it must let the other threads
+    end (the loops' threads wait on each other at every step)."""
     with _run_lock:
         _run(jobs, here, cpu, on_error)
 
@@ -298,6 +312,8 @@ def _run(jobs, here, cpu, on_error):
         raise RuntimeError("fastrnn's worker pool has stopped (the interpreter is exiting)")
     _generation += 1
     gen = _generation
+    if on_error is not None:
+        jobs = [functools.partial(_failing_calls, on_error, job) for job in jobs]
     assigned = []
     try:
         for job in jobs:
@@ -316,6 +332,16 @@ def _run(jobs, here, cpu, on_error):
     errors = [e for e in [w.join(gen) for w in assigned] if e is not None]
     if errors:
         raise errors[0]
+
+
+def _failing_calls(on_error, job):
+    """``job()``, and ``on_error()`` first if it fails (in the worker: the threads waiting
+    on this job must be let go now, not when the caller joins it)."""
+    try:
+        job()
+    except BaseException:
+        on_error()
+        raise
 
 
 def _forget_workers():

@@ -333,21 +333,25 @@ def run(nthreads, cell, x, w_ih, w_hh, has_bias, d_out, d_h_n, d_c_n, lengths, r
     head = (gemm_for(x.dtype), cell, panels, d_out, d_h, d_c, lengths, reverse, hs, cs, gates,
             hns, d_ax, d_ah, x, w_ih)
     tail = (d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh, has_bias)
-    if nthreads == 1 or not _hotpool.take():      # (the GEMMs on the BLAS's threads)
+
+    def alone():                      # (the GEMMs on the BLAS's threads)
         bptt_thread(*head, pk.NO_PANELS, *tail, False, fl, 0, 1, _hotpool.tickets, 0)
+
+    def split():
+        # d_x by the micro-kernel (``python bench/packed_parts.py --parts dx``) where the
+        # inputs are whole panels of units; its last bits differ from the GEMM's, which a
+        # one-thread backward uses
+        micro = micro_input_grads and I % pk._panel_units(1) == 0
+        call = head + (pk.pack_t(w_ih) if micro else pk.NO_PANELS,) + tail + (
+            micro_weight_grads, fl)
+        with _single_threaded_blas():
+            pk.with_pool(fl, ((bptt_thread, *call, tid, nthreads, _hotpool.tickets, 0)
+                              for tid in range(1, nthreads)),
+                         lambda go, gen: bptt_thread(*call, 0, nthreads, go, gen))
+
+    if nthreads == 1:
+        alone()
     else:
-        try:                          # (from here on the pool is this call's: released below)
-            # d_x by the micro-kernel (``python bench/packed_parts.py --parts dx``) where
-            # the inputs are whole panels of units; its last bits differ from the GEMM's,
-            # which a one-thread backward uses
-            micro = micro_input_grads and I % pk._panel_units(1) == 0
-            call = head + (pk.pack_t(w_ih) if micro else pk.NO_PANELS,) + tail + (
-                micro_weight_grads, fl)
-            with _single_threaded_blas():
-                pk.with_pool(fl, ((bptt_thread, *call, tid, nthreads, _hotpool.tickets, 0)
-                                  for tid in range(1, nthreads)),
-                             lambda go, gen: bptt_thread(*call, 0, nthreads, go, gen))
-        finally:
-            _hotpool.release()
+        _hotpool.pooled(split, alone)
     return (d_x, d_h[:, :H].copy(), d_c if d_c_n is not None else None, d_w_ih, d_w_hh,
             d_b_ih if has_bias else None, d_b_hh if has_bias else None)

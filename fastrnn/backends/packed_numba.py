@@ -876,16 +876,6 @@ def _current_cpu():
     return cpu if cpu >= 0 else None
 
 
-def _releasing(counters, fn, *args):
-    """``fn(*args)``; if it fails, the loop's ``counters`` are set to ``RELEASE`` (so that
-    the threads waiting on this one run out) before the error goes on."""
-    try:
-        fn(*args)
-    except BaseException:
-        counters[:] = RELEASE
-        raise
-
-
 def _chunk_steps(T, B, G):
     """Steps per chunk of input projection: ``CHUNK_FLOATS`` floats (at least one step,
     at most T)."""
@@ -908,7 +898,7 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
     (:func:`_projection`); with more, split by hidden units,
     each thread projects its share with a single-threaded BLAS (an idle BLAS
     pool would spin on the cores the loop needs). A loop that would use the pool while
-    another thread's loop has it runs alone (:func:`._hotpool.take`). A thread that fails
+    another thread's loop has it runs alone (:func:`._hotpool.pooled`). A thread that fails
     releases the others (``RELEASE``) and its error is raised here."""
     T, B, I = x.shape
     if by_rows:
@@ -920,13 +910,10 @@ def _run(nthreads, x, w_ih, panels, *args, by_rows=False, panels_ih=None):
         mode = "split"
     if mode in ("blas", "alone", "fused", "panels"):
         return _loop(1, mode, x, w_ih, panels, panels_ih, *args)
-    if not _hotpool.take():               # alone, with the chosen mode's bits
-        alone = "fused" if panels_ih is not None else "panels" if mode == "ahead" else "alone"
-        return _loop(1, alone, x, w_ih, panels, panels_ih, *args)
-    try:
-        return _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args)
-    finally:
-        _hotpool.release()
+    alone = "fused" if panels_ih is not None else "panels" if mode == "ahead" else "alone"
+    return _hotpool.pooled(                # alone: with the chosen mode's bits
+        lambda: _loop(nthreads, mode, x, w_ih, panels, panels_ih, *args),
+        lambda: _loop(1, alone, x, w_ih, panels, panels_ih, *args))
 
 
 def _projection_buffers(nthreads, mode, x, w_ih, panels, panels_ih, gates):
@@ -1001,8 +988,7 @@ def with_pool(counters, jobs, here):
     def release():
         counters[:] = RELEASE
 
-    _hotpool.run([functools.partial(_releasing, counters, *job) for job in jobs], here,
-                 _current_cpu(), release)
+    _hotpool.run([functools.partial(*job) for job in jobs], here, _current_cpu(), release)
 
 
 #: Whether fused loops split the batch rows over threads (:func:`cell_thread` with
