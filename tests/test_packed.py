@@ -6,6 +6,8 @@ NumPy reference, on one thread and split over threads by hidden units (forced on
 problems), with lengths, both directions, sizes that leave partial tiles, and no biases;
 and when the split yields to another running thread."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -415,7 +417,30 @@ for kind, gates, H in (("lstm", 4, 37), ("gru", 3, 37), ("rnn_tanh", 1, 70),
     want = getattr(ref, kind + "_backward")(d_out, *d_states, want[-1])
     grad_errs[kind] = max(float(np.abs(g - e).max() / (1 + np.abs(e).max()))
                           for g, e in zip(got, want))
+# split over two threads, inputs and units of whole 32-unit panels: d_x, d_W_ih and d_W_hh
+# from the micro-kernels (the strided one: tiles of 2 rows), forced (off by default with
+# AVX2), biases summed in the passes
+micro_default = [pb.micro_input_grads, pb.micro_weight_grads]
+pb.micro_input_grads = pb.micro_weight_grads = True
+pk.threads = 2
+for kind, gates in (("lstm", 4), ("gru", 3)):
+    T, B, I, H = 6, 9, 32, 64
+    x = rng.standard_normal((T, B, I))
+    states = [0.5 * rng.standard_normal((B, H)) for _ in range(2 if kind == "lstm" else 1)]
+    w = [rng.uniform(-0.3, 0.3, s) for s in ((gates * H, I), (gates * H, H), (gates * H,),
+                                              (gates * H,))]
+    lengths = np.array([6, 3, 0, 6, 1, 4, 2, 5, 6])
+    f32 = lambda a: a.astype(np.float32)
+    d_out, d_states = rng.standard_normal((T, B, H)), [np.ones((B, H)) for _ in states]
+    got = getattr(nb, kind + "_forward")(f32(x), *map(f32, states), *map(f32, w),
+                                         lengths=lengths, training=True)
+    want = getattr(ref, kind + "_forward")(x, *states, *w, lengths=lengths, training=True)
+    got = getattr(nb, kind + "_backward")(f32(d_out), *map(f32, d_states), got[-1])
+    want = getattr(ref, kind + "_backward")(d_out, *d_states, want[-1])
+    grad_errs[kind + " split"] = max(float(np.abs(g - e).max() / (1 + np.abs(e).max()))
+                                     for g, e in zip(got, want))
 print(json.dumps({"VW": pk.VW, "MR": [pk.MR_LSTM, pk.MR_GRU], "errs": errs,
+                  "micro_default": micro_default,
                   "grad_errs": grad_errs, "packed_backwards": packed_backwards}))
 """
 
@@ -424,8 +449,9 @@ print(json.dumps({"VW": pk.VW, "MR": [pk.MR_LSTM, pk.MR_GRU], "errs": errs,
 def test_the_avx2_configuration_end_to_end(tmp_path):
     """The packed loops as an AVX2-only CPU gets them (8-lane vectors, tiles of 2 and 3
     rows; the RNN at H = 70 over three 32-unit panels), forward and backward
-    (:mod:`.packed_bptt`, 32-unit panels of W_hh^T): Numba compiling for Haswell on this
-    host, in a process with its own cache."""
+    (:mod:`.packed_bptt`, 32-unit panels of W_hh^T; split over two threads, ``d_x`` and the
+    weights' gradients from the micro-kernels, forced: by default OpenBLAS's GEMMs with
+    AVX2): Numba compiling for Haswell on this host, in a process with its own cache."""
     import json
     import os
     import subprocess
@@ -438,10 +464,13 @@ def test_the_avx2_configuration_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["VW"] == 8 and result["MR"] == [2, 3], result
+    assert result["micro_default"] == [False, False], result   # OpenBLAS's GEMMs there
     assert set(result["errs"]) == {"lstm", "gru", "rnn_tanh", "rnn_relu"}, result
     for kind, err in result["errs"].items():
         assert err < 2e-5, (kind, result)
-    assert len(result["packed_backwards"]) == 4, result      # (packed_bptt, 32-unit panels)
+    # packed_bptt, 32-unit panels: one thread each, then the two split backwards
+    assert result["packed_backwards"] == [1, 1, 1, 1, 2, 2], result
+    assert {"lstm split", "gru split"} <= set(result["grad_errs"]), result
     for kind, err in result["grad_errs"].items():
         assert err < 1e-5, (kind, result)
 
@@ -580,8 +609,9 @@ def test_a_failing_thread_releases_the_loop_and_raises(monkeypatch):
 
     def here(go, gen):                 # the loop's own thread, waiting on the job's
         _hotpool.publish(go, gen)
+        deadline = time.monotonic() + 10
         while counters[0] != pk.RELEASE:
-            pass
+            assert time.monotonic() < deadline, "the failed job did not release the loop"
 
     with pytest.raises(RuntimeError, match="pool thread failed"):
         pk.with_pool(counters, [(fail,)], here)

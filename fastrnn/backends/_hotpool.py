@@ -16,8 +16,8 @@ about 0.1 s, OpenMP's and ONNX Runtime's by default) takes a core from whatever 
 in the process (docs/numba.md). Set :data:`spin_us` (or ``FASTRNN_SPIN_US`` before the
 import) to 0 for workers that sleep at once.
 
-A worker runs one job at a time, posted by one caller at a time (the packed loops take
-:func:`take` first); :func:`thread_ids` lets the loops' check for
+A worker runs one job at a time, posted by one caller at a time (the packed loops enter
+through :func:`pooled`, which takes the workers first); :func:`thread_ids` lets the loops' check for
 other running threads (:func:`.packed_numba._other_threads_running`) leave its spinning
 workers out.
 """
@@ -232,7 +232,7 @@ def _spin_ns():
 
 _workers: list[Worker] = []
 _lock = threading.Lock()
-#: One caller of :func:`run` at a time (the loops take the workers first, :func:`take`:
+#: One caller of :func:`run` at a time (the loops take the workers first, :func:`pooled`:
 #: this one makes the generations and their publication safe for any caller).
 _run_lock = threading.Lock()
 #: Held by the loop that has the workers (:func:`take`, :func:`release`).
@@ -299,9 +299,9 @@ def run(jobs, here, cpu=None, on_error=None):
     released, so that the workers, taking the GIL to start their jobs, never wait for it
     (a thread that waits for the GIL sleeps, and wakes tens of microseconds late); where it
     has not, it is published after ``here`` returns. Every job is waited for; a job's
-    error, or ``here``'s, is raised. ``on_error()`` is called by the thread that fails
-    first, a job's worker or this one, before anything else: it must let the other threads
-    end (the loops' threads wait on each other at every step)."""
+    error, or ``here``'s, is raised. ``on_error()`` is called by each thread that fails, a
+    job's worker or this one, before its error goes on: it must let the other threads end
+    (the loops' threads wait on each other at every step), and may run more than once."""
     with _run_lock:
         _run(jobs, here, cpu, on_error)
 

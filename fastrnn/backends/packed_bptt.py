@@ -13,10 +13,13 @@ zero to them.
 The threads split the panels (hidden units). A unit's gates need only its own ``d_h``
 and ``d_c``, but the product for a unit reads every gate of ``d_a[t]``: one barrier per
 step, between the pointwise pass and the product. The weights' and inputs' gradients then
-come from whole-sequence GEMMs, also on these threads (one BLAS thread each, so that
-OpenBLAS's own pool stays asleep for the next forward: :func:`_grads`): after the last
+come from whole-sequence products, also on these threads (:func:`_grads`): after the last
 barrier, each thread forms its share of the rows of ``d_W_ih``, ``d_W_hh`` and ``d_x``
-(the last step's barrier is that barrier: every ``d_a`` is final there). The biases'
+(the last step's barrier is that barrier: every ``d_a`` is final there), by the
+micro-kernels where the inputs and hidden units are whole panels (``d_x`` from ``W_ih``
+packed, :func:`_input_grads`; the weights' reading ``d_a`` and the inputs in place,
+:func:`_weight_grads`), else by OpenBLAS's GEMMs on one BLAS thread each, so that
+OpenBLAS's own pool stays asleep for the next forward. The biases'
 gradients are summed by the passes, each thread its units', row by row as it writes them.
 
 What it replaces: :mod:`.numba_cpu`'s backward loops, whose per-step GEMM OpenBLAS
@@ -36,7 +39,7 @@ from . import _hotpool, _workspace
 from . import packed_numba as pk
 from ._cblas import gemm_for
 from ._numba_math import FASTMATH, tanh
-from ._simd import arrive, wait_all, wide_vectors
+from ._simd import arrive, vector_width, wait_all, wide_vectors
 from .numba_cpu import _mm, _single_threaded_blas
 
 _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
@@ -46,12 +49,15 @@ _jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, nogil=True,
 #: False sends them to numba_cpu's BLAS loops (for A/B timings).
 enabled = True
 #: Whether a split backward computes ``d_x`` with the micro-kernel (where the inputs are
-#: whole panels of units) rather than OpenBLAS's GEMM: False for A/B timings.
-micro_input_grads = True
-#: Whether a split backward computes ``d_W_ih`` and ``d_W_hh`` with the strided
-#: micro-kernel (:func:`_weight_grads`, where the inputs, the hidden units, are whole panels)
-#: rather than OpenBLAS's GEMM: False for A/B timings.
-micro_weight_grads = True
+#: whole panels of units) rather than OpenBLAS's GEMM, and ``d_W_ih`` and ``d_W_hh`` with
+#: the strided micro-kernel (:func:`_weight_grads`, where the inputs, the hidden units, are
+#: whole panels): where the host has AVX-512. With AVX2's tiles (2 rows, 8 accumulators)
+#: the kernels ran at 63 (d_x) and 41-56 (d_W) GFLOP/s a core against OpenBLAS's AVX2
+#: kernels' 83-106, the backward 0.85-0.91x (d_x) and 0.70-0.79x (d_W) (Numba compiling
+#: for Haswell on a Zen 4 host, OpenBLAS on its Haswell kernels: ``python
+#: bench/packed_parts.py --parts dx dw`` under that setting,
+#: ``bench/results/2026-12-06-packed-parts-dw-dx-avx2-session16.txt``). Set for A/B timings.
+micro_input_grads = micro_weight_grads = vector_width() == 16
 
 
 def threads_for(x, gates, H):
@@ -98,7 +104,7 @@ def _rnn_units(hs, t, r, d_out, d_h, d_a, d_b, lengths, relu, n0, n1):
             for j in range(np.uint64(n0), np.uint64(n1)):
                 d_h[b, j] = 0
             if d_b.shape[0] > 0:
-                _sum_gates(d_b, d_a, t, b, 1, d_h.shape[1], n0, n1)
+                _sum_gates(d_b, d_a, t, b, 1, d_out.shape[2], n0, n1)
         else:
             for j in range(np.uint64(n0), np.uint64(n1)):
                 d_a[t, b, j] = 0
@@ -207,8 +213,9 @@ def _input_grads(panels, d_a, d_x, r0, r1):
 
 
 #: Rows of ``d_a`` and ``x`` (steps times batch rows) per block of :func:`_weight_grads`:
-#: the block of ``x``'s panel (32 KB) and of ``d_a``'s columns stay in L2 while every tile of
-#: rows passes over them (scratch timings, session 16: 128 and 256 best of 32-1024).
+#: the block of ``x``'s panel (32 KB with AVX-512, 16 with AVX2) and of ``d_a``'s columns
+#: stay in L2 while every tile of rows passes over them (scratch timings, session 16: 128
+#: and 256 best of 32-1024).
 DW_ROWS = 128
 
 
@@ -231,22 +238,23 @@ def _weight_grads(d_a, x, d_w, c0, c1):
         kn = min(DW_ROWS, R - k0)
         for g0 in range(c0, c1, MR):
             for u in range(N // NR):
-                pk._MK_STRIDED(min(MR, c1 - g0), d_a, k0 * G + g0, 1, G, x, k0 * N + u * NR, N, kn,
-                       d_w, g0 * N + u * NR, N, pk.VW, k0 > 0)
+                pk._MK_STRIDED(min(MR, c1 - g0), d_a, k0 * G + g0, 1, G,
+                               x, k0 * N + u * NR, N, kn, d_w, g0 * N + u * NR, N, pk.VW,
+                               k0 > 0)
 
 
 @_jit
 def _grads(gemm, d_ax, d_ah, x2, h2, w_ih, panels_ih, d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh,
            has_bias, micro_w, tid, nthreads):
-    """The thread's share of the whole-sequence GEMMs (numba_cpu's ``_param_grads``): the
-    rows ``[G tid / nthreads, G (tid + 1) / nthreads)`` of ``d_w_ih`` and ``d_w_hh`` (and
-    of ``d_b_hh``, a copy of ``d_b_ih`` where one array holds both gate gradients: the
-    passes summed the biases' gradients), and its share of the rows of ``d_x`` (from ``panels_ih``, ``W_ih`` packed for
-    the micro-kernel, where given: a split backward whose inputs are whole panels of units;
-    else OpenBLAS's GEMM), and with ``micro_w`` the weights' by :func:`_weight_grads` where
-    their inputs are whole panels. Every column of ``d_ax`` and ``d_ah`` is
-    final once the threads have passed the last step's barrier (the last product writes
-    ``d_h`` alone)."""
+    """The thread's share of the whole-sequence products (numba_cpu's ``_param_grads``):
+    the rows ``[G tid / nthreads, G (tid + 1) / nthreads)`` of ``d_w_ih`` and ``d_w_hh``
+    (and of ``d_b_hh``, a copy of ``d_b_ih`` where one array holds both gate gradients:
+    the passes summed the biases' gradients), and its share of the rows of ``d_x`` (from
+    ``panels_ih``, ``W_ih`` packed for the micro-kernel, where given: a split backward
+    whose inputs are whole panels of units; else OpenBLAS's GEMM), and with ``micro_w``
+    the weights' by :func:`_weight_grads` where their inputs are whole panels. Every
+    column of ``d_ax`` and ``d_ah`` is final once the threads have passed the last step's
+    barrier (the last product writes ``d_h`` alone)."""
     G, R = d_w_ih.shape[0], x2.shape[0]
     c0, c1 = G * tid // nthreads, G * (tid + 1) // nthreads
     r0, r1 = R * tid // nthreads, R * (tid + 1) // nthreads

@@ -460,7 +460,7 @@ threads = None
 #: Workers a loop may use of the packed loops' own pool (:mod:`._hotpool`; the calling
 #: thread is one more). Every thread of a loop must run at once (they meet at every
 #: step), and the pool is not shared with work that could hold a worker. One loop of the
-#: process uses the pool at a time (:func:`._hotpool.take`): another such loop started
+#: process uses the pool at a time (:func:`._hotpool.pooled`): another such loop started
 #: meanwhile, from another thread of the caller's, runs on its caller's thread alone:
 #: two loops whose threads wait on each other could each hold part of the pool's workers
 #: and wait forever for the rest, and two splits over the same cores would only take
