@@ -421,6 +421,9 @@ for kind, gates, H in (("lstm", 4, 37), ("gru", 3, 37), ("rnn_tanh", 1, 70),
 # from the micro-kernels (the strided one: tiles of 2 rows), forced (off by default with
 # AVX2), biases summed in the passes
 micro_default = [pb.micro_input_grads, pb.micro_weight_grads]
+# k in halves only where twice the tile's accumulators still fit 16 registers (_simd.split_k)
+halves = {"lstm": [bool(pk.split_k(B, 4, pk.MR_LSTM)) for B in (1, 2, 64)],
+          "gru": [bool(pk.split_k(B, 3, pk.MR_GRU)) for B in (1, 2, 3, 64)]}
 pb.micro_input_grads = pb.micro_weight_grads = True
 pk.threads = 2
 for kind, gates in (("lstm", 4), ("gru", 3)):
@@ -440,7 +443,7 @@ for kind, gates in (("lstm", 4), ("gru", 3)):
     grad_errs[kind + " split"] = max(float(np.abs(g - e).max() / (1 + np.abs(e).max()))
                                      for g, e in zip(got, want))
 print(json.dumps({"VW": pk.VW, "MR": [pk.MR_LSTM, pk.MR_GRU], "errs": errs,
-                  "micro_default": micro_default,
+                  "micro_default": micro_default, "halves": halves,
                   "grad_errs": grad_errs, "packed_backwards": packed_backwards}))
 """
 
@@ -465,6 +468,9 @@ def test_the_avx2_configuration_end_to_end(tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["VW"] == 8 and result["MR"] == [2, 3], result
     assert result["micro_default"] == [False, False], result   # OpenBLAS's GEMMs there
+    # the LSTM's 2-row tile in halves would keep 16 accumulators: spilled, 4x slower
+    assert result["halves"] == {"lstm": [True, False, False],
+                                "gru": [True, True, False, False]}, result
     assert set(result["errs"]) == {"lstm", "gru", "rnn_tanh", "rnn_relu"}, result
     for kind, err in result["errs"].items():
         assert err < 2e-5, (kind, result)
@@ -890,8 +896,8 @@ def test_threads_do_not_change_the_bits(monkeypatch, kind, B, I):
         for got, want in zip(outs[name], outs["one"]):
             np.testing.assert_array_equal(got, want)
     # The micro-kernel's projections: the GEMM's sums with I < 512, where its tiles do not
-    # split k (_simd.split_k: with AVX-512, never at these rows; with AVX2's tiles of 2 and
-    # 3 rows, always, and the last bits may differ)
+    # split k (_simd.split_k: with AVX-512, never at these rows; with AVX2's tiles, at B = 1
+    # for the LSTM and B <= 2 for the GRU, and the last bits may differ)
     for name in ("panels", "fused", "fused3", "rows", "rows2"):
         for got, want in zip(outs[name], outs["one"]):
             if pk.split_k(B, 4, pk.MR_LSTM) or pk.split_k(B, 3, pk.MR_GRU):

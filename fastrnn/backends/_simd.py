@@ -255,15 +255,26 @@ def strided_microkernel(MR, NV, VW):
     return mk
 
 
+#: Vector registers of the host's widest kind: 32 zmm with AVX-512, 16 ymm with AVX2.
+VECTOR_REGISTERS = 32 if vector_width() == 16 else 16
+
+
 @numba.njit(cache=True)
 def split_k(B, NV, MR):
     """Whether a product over ``B`` batch rows, in tiles of up to ``MR`` rows, runs its
     small tiles' k loops in halves (``halves`` of :func:`microkernel`): where the batch's
-    fullest tile makes fewer than 12 accumulator chains (min(B, MR) NV < 12: B <= 2 for
-    the LSTM and B <= 3 for the GRU with AVX-512, every batch with AVX2's tiles of 2 and 3
-    rows). One choice per product, so that a tile's sums never depend on where its rows
-    start (a thread's share of them)."""
-    return min(B, MR) * NV < 12
+    fullest tile makes fewer than 12 accumulator chains (min(B, MR) NV < 12) and twice its
+    accumulators, with the NV panel vectors and a broadcast, still fit the vector registers
+    (:data:`VECTOR_REGISTERS`). With AVX-512: B <= 2 for the LSTM, B <= 3 for the GRU.
+    With AVX2 (tiles of 2 and 3 rows, 16 registers): B = 1 for the LSTM, B <= 2 for the
+    GRU; until session 16 every batch there, and the halves' 16 accumulators of the LSTM's
+    2-row tile spilled: its product ran at 17 GFLOP/s a core instead of 77 (Numba compiling
+    for Haswell on a Zen 4 host, B = 64, a scratch probe), and a split LSTM
+    100x64x256x256 inference took 238 ms against 45 for the BLAS loops. One choice per
+    product, so that a tile's sums never depend on where its rows start (a thread's share
+    of them)."""
+    m = min(B, MR)
+    return m * NV < 12 and 2 * m * NV + NV + 1 <= VECTOR_REGISTERS
 
 
 # ------------------------------------------------------------------ atomics
