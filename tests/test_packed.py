@@ -396,6 +396,19 @@ rng = np.random.default_rng(7)
 errs, grad_errs, packed_backwards = {}, {}, []
 real = pb.run
 pb.run = lambda *args: packed_backwards.append(args[0]) or real(*args)
+f32 = lambda a: a.astype(np.float32)
+
+
+def grad_err(kind, x, states, w, lengths, d_out, d_states):
+    # a training step's largest gradient error against the float64 reference's
+    got = getattr(nb, kind + "_forward")(f32(x), *map(f32, states), *map(f32, w),
+                                         lengths=lengths, training=True)
+    want = getattr(ref, kind + "_forward")(x, *states, *w, lengths=lengths, training=True)
+    got = getattr(nb, kind + "_backward")(f32(d_out), *map(f32, d_states), got[-1])
+    want = getattr(ref, kind + "_backward")(d_out, *d_states, want[-1])
+    return max(float(np.abs(g - e).max() / (1 + np.abs(e).max())) for g, e in zip(got, want))
+
+
 for kind, gates, H in (("lstm", 4, 37), ("gru", 3, 37), ("rnn_tanh", 1, 70),
                       ("rnn_relu", 1, 37)):
     T, B, I = 5, 7, 6
@@ -404,19 +417,12 @@ for kind, gates, H in (("lstm", 4, 37), ("gru", 3, 37), ("rnn_tanh", 1, 70),
     w = [rng.uniform(-0.5, 0.5, s) / (1 + (gates == 1) * H ** 0.5)
          for s in ((gates * H, I), (gates * H, H), (gates * H,), (gates * H,))]
     lengths = np.array([5, 3, 0, 5, 1, 4, 2])
-    f32 = lambda a: a.astype(np.float32)
     got = getattr(nb, kind + "_forward")(f32(x), *map(f32, states), *map(f32, w),
                                          lengths=lengths, training=False)
     want = getattr(ref, kind + "_forward")(x, *states, *w, lengths=lengths, training=False)
     errs[kind] = max(float(np.abs(g - e).max()) for g, e in zip(got[:-1], want[:-1]))
     d_out, d_states = rng.standard_normal((T, B, H)), [np.ones((B, H)) for _ in states]
-    got = getattr(nb, kind + "_forward")(f32(x), *map(f32, states), *map(f32, w),
-                                         lengths=lengths, training=True)
-    want = getattr(ref, kind + "_forward")(x, *states, *w, lengths=lengths, training=True)
-    got = getattr(nb, kind + "_backward")(f32(d_out), *map(f32, d_states), got[-1])
-    want = getattr(ref, kind + "_backward")(d_out, *d_states, want[-1])
-    grad_errs[kind] = max(float(np.abs(g - e).max() / (1 + np.abs(e).max()))
-                          for g, e in zip(got, want))
+    grad_errs[kind] = grad_err(kind, x, states, w, lengths, d_out, d_states)
 # split over two threads, inputs and units of whole 32-unit panels: d_x, d_W_ih and d_W_hh
 # from the micro-kernels (the strided one: tiles of 2 rows), forced (off by default with
 # AVX2), biases summed in the passes
@@ -433,15 +439,8 @@ for kind, gates in (("lstm", 4), ("gru", 3)):
     w = [rng.uniform(-0.3, 0.3, s) for s in ((gates * H, I), (gates * H, H), (gates * H,),
                                               (gates * H,))]
     lengths = np.array([6, 3, 0, 6, 1, 4, 2, 5, 6])
-    f32 = lambda a: a.astype(np.float32)
     d_out, d_states = rng.standard_normal((T, B, H)), [np.ones((B, H)) for _ in states]
-    got = getattr(nb, kind + "_forward")(f32(x), *map(f32, states), *map(f32, w),
-                                         lengths=lengths, training=True)
-    want = getattr(ref, kind + "_forward")(x, *states, *w, lengths=lengths, training=True)
-    got = getattr(nb, kind + "_backward")(f32(d_out), *map(f32, d_states), got[-1])
-    want = getattr(ref, kind + "_backward")(d_out, *d_states, want[-1])
-    grad_errs[kind + " split"] = max(float(np.abs(g - e).max() / (1 + np.abs(e).max()))
-                                     for g, e in zip(got, want))
+    grad_errs[kind + " split"] = grad_err(kind, x, states, w, lengths, d_out, d_states)
 print(json.dumps({"VW": pk.VW, "MR": [pk.MR_LSTM, pk.MR_GRU], "errs": errs,
                   "micro_default": micro_default, "halves": halves,
                   "grad_errs": grad_errs, "packed_backwards": packed_backwards}))

@@ -138,6 +138,20 @@ def _emit_kernel(builder, m, NV, VW, ap, a_off, lda, bpp, b_off, K, cp, ldc, cv,
             builder.store(builder.load(accs[0][r][v]), cptrs[r][v], align=4)
 
 
+def _switch_rows(builder, m64, MR, rows):
+    """A switch on the row count ``m64`` (1 to ``MR``), each case's code from ``rows(m)``:
+    one specialized kernel per row count."""
+    done = builder.append_basic_block("mk.done")
+    switch = builder.switch(m64, done)
+    for m in range(1, MR + 1):
+        block = builder.append_basic_block(f"mk.rows{m}")
+        switch.add_case(_i64(m), block)
+        builder.position_at_end(block)
+        rows(m)
+        builder.branch(done)
+    builder.position_at_end(done)
+
+
 @functools.lru_cache(maxsize=None)
 def microkernel(MR, NV, VW):
     """An intrinsic ``mk(mr, a, a_off, lda, p, p_off, K, c, c_off, ldc, cv, acc, halves, pf_off,
@@ -180,12 +194,7 @@ def microkernel(MR, NV, VW):
             cp = builder.gep(cp, [c_off64])
             accb = context.cast(builder, acc_, tys[11], types.boolean)
             halvesb = context.cast(builder, halves_, tys[12], types.boolean)
-            done = builder.append_basic_block("mk.done")
-            switch = builder.switch(m64, done)
-            for m in range(1, MR + 1):
-                block = builder.append_basic_block(f"mk.rows{m}")
-                switch.add_case(_i64(m), block)
-                builder.position_at_end(block)
+            def rows(m):
                 kernel = functools.partial(_emit_kernel, builder, m, NV, VW, ap, a_off64, lda64,
                                            bpp, p_off64, K64, cp, ldc64, cv64, accb)
                 # A loop that prefetches and one without: a compare in every k step cost
@@ -202,8 +211,8 @@ def microkernel(MR, NV, VW):
                                         kernel(prefetch_from, pf_n64, 1)
                             else:
                                 kernel(prefetch_from, pf_n64, 1)
-                builder.branch(done)
-            builder.position_at_end(done)
+
+            _switch_rows(builder, m64, MR, rows)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -238,16 +247,9 @@ def strided_microkernel(MR, NV, VW):
                 for i in (0, 2, 3, 4, 6, 7, 8, 10, 11, 12)]
             cp = builder.gep(cp, [c_off64])
             accb = context.cast(builder, args[13], tys[13], types.boolean)
-            done = builder.append_basic_block("mk.done")
-            switch = builder.switch(m64, done)
-            for m in range(1, MR + 1):
-                block = builder.append_basic_block(f"mk.rows{m}")
-                switch.add_case(_i64(m), block)
-                builder.position_at_end(block)
-                _emit_kernel(builder, m, NV, VW, ap, a_off64, lda64, bpp, p_off64, K64, cp,
-                             ldc64, cv64, accb, None, None, 1, lak64, ldp64)
-                builder.branch(done)
-            builder.position_at_end(done)
+            _switch_rows(builder, m64, MR, lambda m: _emit_kernel(
+                builder, m, NV, VW, ap, a_off64, lda64, bpp, p_off64, K64, cp, ldc64, cv64,
+                accb, None, None, 1, lak64, ldp64))
             return context.get_dummy_value()
 
         return sig, codegen
