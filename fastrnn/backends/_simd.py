@@ -194,6 +194,7 @@ def microkernel(MR, NV, VW):
             cp = builder.gep(cp, [c_off64])
             accb = context.cast(builder, acc_, tys[11], types.boolean)
             halvesb = context.cast(builder, halves_, tys[12], types.boolean)
+
             def rows(m):
                 kernel = functools.partial(_emit_kernel, builder, m, NV, VW, ap, a_off64, lda64,
                                            bpp, p_off64, K64, cp, ldc64, cv64, accb)
@@ -272,7 +273,7 @@ def split_k(B, NV, MR):
     GRU; until session 16 every batch there, and the halves' 16 accumulators of the LSTM's
     2-row tile spilled: its product ran at 17 GFLOP/s a core instead of 77 (Numba compiling
     for Haswell on a Zen 4 host, B = 64, a scratch probe), and a split LSTM
-    100x64x256x256 inference took 238 ms against 45 for the BLAS loops. One choice per
+    100x64x256x256 inference took 236 ms against 45 for the BLAS loops. One choice per
     product, so that a tile's sums never depend on where its rows start (a thread's share
     of them)."""
     m = min(B, MR)

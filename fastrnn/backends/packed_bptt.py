@@ -52,8 +52,8 @@ enabled = True
 #: whole panels of units) rather than OpenBLAS's GEMM, and ``d_W_ih`` and ``d_W_hh`` with
 #: the strided micro-kernel (:func:`_weight_grads`, where the inputs, the hidden units, are
 #: whole panels): where the host has AVX-512. With AVX2's tiles (2 rows, 8 accumulators)
-#: the kernels ran at 63 (d_x) and 41-56 (d_W) GFLOP/s a core against OpenBLAS's AVX2
-#: kernels' 83-106, the backward 0.85-0.91x (d_x) and 0.70-0.79x (d_W) (Numba compiling
+#: the kernels ran at 97 (d_x) and 41-56 (d_W) GFLOP/s a core against OpenBLAS's AVX2
+#: kernels' 84-106, the backward 0.95-0.99x (d_x) and 0.70-0.79x (d_W) (Numba compiling
 #: for Haswell on a Zen 4 host, OpenBLAS on its Haswell kernels: ``python
 #: bench/packed_parts.py --parts dx dw`` under that setting,
 #: ``bench/results/2026-12-06-packed-parts-dw-dx-avx2-session16.txt``). Set for A/B timings.
