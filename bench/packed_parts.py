@@ -64,11 +64,19 @@ behind session 7's choices:
   the LSTM's shapes, one thread's half of the rows, in GFLOP/s a core;
 * ``dw``: the same for a split backward's ``d_W_ih`` and ``d_W_hh`` by the strided
   micro-kernel against OpenBLAS (``packed_bptt.micro_weight_grads``), and the products
-  alone on two threads, each its half of the rows (gates), at the LSTM's and GRU's shapes.
+  alone on two threads, each its half of the rows (gates), at the LSTM's and GRU's shapes;
+* ``bwdpass``: the LSTM's backward pointwise pass (``packed_bptt._lstm_units``) over one
+  thread's half of the units at 100x64 and H = 256, 512, its arrays from memory (100
+  steps) and in cache (4), with the biases' sums and without; and the column-sum pass over
+  one thread's block of ``d_a`` that the sums replaced (session 16);
+* ``halves``: the LSTM's micro-kernel product at B = 64 with its k loop in halves and in
+  one loop, in GFLOP/s a core, and what ``_simd.split_k`` chooses there: with Numba
+  compiling for Haswell (``NUMBA_CPU_NAME=haswell``, ``NUMBA_CPU_FEATURES`` without
+  AVX-512), the halves' spill that session 16 fixed.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/packed_parts.py \
         [--parts pointwise product gc split overhead malloc projection worker pool
-         training epochs dx dw]
+         training epochs dx dw bwdpass halves]
 
 Medians of 30 timed loops (pointwise, product). Numbers go to stdout; session 7's run is
 ``bench/results/2026-12-04-packed-parts-session7.txt``.
@@ -545,7 +553,11 @@ def epochs():
               flush=True)
 
 
-def _abba_backward(flag, what, sizes=((100, 64, 256, 256, 40), (100, 64, 512, 512, 16))):
+#: The backward A/Bs' sizes (T, B, I, H) and calls per cell (``dx``, ``dw``).
+BACKWARD_SIZES = ((100, 64, 256, 256, 40), (100, 64, 512, 512, 16))
+
+
+def _abba_backward(flag, what, sizes=BACKWARD_SIZES):
     """A training step's backward timed call by call in one process, ``packed_bptt``'s
     ``flag`` off (OpenBLAS) and on (the micro-kernel) alternating ABBA, so that both see
     the same noise; the thread counts the backwards ran on."""
@@ -589,7 +601,7 @@ def dx():
 
     from fastrnn.backends import packed_bptt as pb
     _abba_backward("micro_input_grads", "d_x")
-    for T, B, I, H in ((100, 64, 256, 256), (100, 64, 512, 512)):
+    for T, B, I, H, _ in BACKWARD_SIZES:
         # the product alone, one thread's half of the rows: d_a (T B, G) times W_ih (G, I)
         G = 4 * H
         rng = np.random.default_rng(0)
@@ -650,10 +662,74 @@ def dw():
               f"on one thread each {blas_s * 1e3:.2f} ({flop / blas_s / 1e9:.0f})", flush=True)
 
 
+def bwdpass():
+    from fastrnn.backends import packed_bptt as pb
+    from fastrnn.backends.numba_cpu import _bias_grads
+
+    @numba.njit(nogil=True)
+    def passes(gates, cs, d_out, d_h, d_c, d_a, d_b, lengths, n0, n1):
+        T = d_out.shape[0]
+        for k in range(T):
+            pb._lstm_units(gates, cs, T - 1 - k, 0, d_out, d_h, d_c, d_a, d_b, lengths, n0, n1)
+
+    rng = np.random.default_rng(0)
+    for H in (256, 512):
+        B, G = 64, 4 * H
+        for T, where in ((100, "from memory"), (4, "in cache")):
+            gates = rng.uniform(0, 1, (T, B, G)).astype(np.float32)
+            cs = rng.standard_normal((T + 1, B, H)).astype(np.float32)
+            d_out = rng.standard_normal((T, B, H)).astype(np.float32)
+            d_h, d_c = np.zeros((B, H), np.float32), np.zeros((B, H), np.float32)
+            d_a, lengths = np.empty((T, B, G), np.float32), np.full(B, T, np.int64)
+            ns = {}
+            for name, d_b in (("no bias sums", np.zeros(0, np.float32)),
+                              ("bias sums", np.zeros(G, np.float32))):
+                s = _median_s(lambda: passes(gates, cs, d_out, d_h, d_c, d_a, d_b, lengths,
+                                             0, H // 2), 15)
+                ns[name] = s / (T * B * H // 2) * 1e9
+            print(f"bwdpass lstm 100x64 H={H}, half the units on one thread, arrays {where}, "
+                  f"ns per unit: " + ", ".join(f"{k} {v:.2f}" for k, v in ns.items())
+                  + f"; the pass over 100 steps {ns['bias sums'] * 100 * B * H / 2e6:.2f} ms"
+                  if T == 100 else f"bwdpass lstm 100x64 H={H}, arrays {where}, ns per unit: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in ns.items()), flush=True)
+        # the pass the sums replaced: one thread's column block of the whole d_a
+        d_a = rng.standard_normal((100 * B, G)).astype(np.float32)
+        d_b = np.empty(G // 2, np.float32)
+        s = _median_s(lambda: _bias_grads(d_a[:, :G // 2], d_a[:, :G // 2], d_b, d_b), 15)
+        print(f"bwdpass lstm 100x64 H={H}: the biases' column sums over one thread's block "
+              f"of d_a afterwards, ms: {s * 1e3:.2f}", flush=True)
+
+
+def halves():
+    VW, MR, NR = pk.VW, pk.MR_LSTM, 4 * pk.VW
+    K, B, U, reps = 256, 64, 8, 50
+    rng = np.random.default_rng(0)
+    hs = rng.standard_normal((1, B, K)).astype(np.float32)
+    panels = pk.aligned_empty((U, K, NR))
+    panels[:] = rng.standard_normal(panels.shape)
+    a = pk.aligned_empty((B, U * NR))
+
+    @numba.njit(nogil=True)
+    def products(hs, panels, a, halves):
+        for _ in range(reps):
+            for u in range(U):
+                for b0 in range(0, B, MR):
+                    pk._MK_LSTM(min(MR, B - b0), hs, b0 * K, K, panels, u * K * NR, K, a,
+                                b0 * a.shape[1] + u * NR, a.shape[1], VW, False, halves, 0, 0)
+
+    rates = {}
+    for on in (True, False):
+        s = _median_s(lambda: products(hs, panels, a, on), 7)
+        rates[on] = 2 * B * K * U * NR * reps / s / 1e9
+    print(f"halves lstm product B={B} K={K}, {VW}-lane vectors, tiles of {MR} rows, GFLOP/s "
+          f"a core: k in halves {rates[True]:.0f}, in one loop {rates[False]:.0f} (split_k "
+          f"chooses halves here: {bool(pk.split_k(B, 4, MR))})", flush=True)
+
+
 PARTS = {"pointwise": pointwise, "product": product, "gc": collector, "split": split,
          "overhead": overhead, "malloc": malloc, "projection": projection,
          "worker": worker, "pool": pool, "training": training, "epochs": epochs,
-         "dx": dx, "dw": dw}
+         "dx": dx, "dw": dw, "bwdpass": bwdpass, "halves": halves}
 
 
 def main():

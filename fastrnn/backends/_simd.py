@@ -271,9 +271,10 @@ def split_k(B, NV, MR):
     (:data:`VECTOR_REGISTERS`). With AVX-512: B <= 2 for the LSTM, B <= 3 for the GRU.
     With AVX2 (tiles of 2 and 3 rows, 16 registers): B = 1 for the LSTM, B <= 2 for the
     GRU; until session 16 every batch there, and the halves' 16 accumulators of the LSTM's
-    2-row tile spilled: its product ran at 17 GFLOP/s a core instead of 77 (Numba compiling
-    for Haswell on a Zen 4 host, B = 64, a scratch probe), and a split LSTM
-    100x64x256x256 inference took 236 ms against 45 for the BLAS loops. One choice per
+    2-row tile spilled: its product ran at 66 GFLOP/s a core instead of 108 (Numba compiling
+    for Haswell on a Zen 4 host, B = 64: ``python bench/packed_parts.py --parts halves``),
+    and a split LSTM 100x64x256x256 inference took 236 ms against 45 for the BLAS loops
+    (``bench/results/2026-12-06-packed-ab-avx2-session16.txt``). One choice per
     product, so that a tile's sums never depend on where its rows start (a thread's share
     of them)."""
     m = min(B, MR)

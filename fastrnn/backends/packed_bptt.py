@@ -77,8 +77,10 @@ def threads_for(x, gates, H):
 def _sum_gates(d_b, d_a, t, b, gates, H, n0, n1):
     """``d_b[g H + j] += d_a[t, b, g H + j]`` for the ``gates`` gates and the units j of
     [n0, n1): the biases' gradients, summed as the passes leave each row of ``d_a`` in L1
-    (a pass over the whole of ``d_a`` afterwards read it from memory again: 1.2 ms a thread
-    at the LSTM's 100x64x256x256, 2.4 at 512). Inlined, as ``packed_numba._carry``."""
+    (a pass over the whole of ``d_a`` afterwards read it from memory again: 1.4-3.1 ms a
+    thread at the LSTM's 100x64x256x256, 4.3-4.4 at 512, where the sums add 0.1-0.7 ms to
+    the passes: ``python bench/packed_parts.py --parts bwdpass``). Inlined, as
+    ``packed_numba._carry``."""
     wide_vectors()
     for g in range(gates):
         G0 = np.uint64(g) * np.uint64(H)
